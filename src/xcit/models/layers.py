@@ -1,0 +1,284 @@
+"""Building blocks of XCiT, one small module per concept.
+
+Module and parameter names follow the official release (``local_mp``, ``gamma1/2/3``,
+``pos_embeder``...) so that official state dicts load without renaming.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LN_EPS = 1e-6
+
+
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch, rescaling the survivors."""
+    if rate == 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.rate, self.training)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class Mlp(nn.Module):
+    """Feed-forward network: Linear -> GELU -> Linear (keys ``fc1``, ``fc2``)."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ConvPatchEmbed(nn.Module):
+    """Convolutional stem: log2(patch_size) stride-2 3x3 conv + BN stages, GELU between stages.
+
+    Channels double towards ``embed_dim`` (patch 16: C/8, C/4, C/2, C). Modules sit at the even
+    indices of ``proj`` (GELUs at the odd ones), which is the official key layout.
+    Output grid: ceil(H / patch_size) x ceil(W / patch_size).
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
+        super().__init__()
+        if patch_size < 2 or patch_size & (patch_size - 1):
+            raise ValueError(f"patch_size must be a power of two >= 2, got {patch_size}")
+        stages = int(math.log2(patch_size))
+        if embed_dim % (2 ** (stages - 1)):
+            raise ValueError(
+                f"embed_dim {embed_dim} must be divisible by {2 ** (stages - 1)} for patch size {patch_size}"
+            )
+        self.patch_size = patch_size
+        channels = [in_chans] + [embed_dim // 2 ** (stages - 1 - i) for i in range(stages)]
+        layers: list[nn.Module] = []
+        for i in range(stages):
+            if i > 0:
+                layers.append(nn.GELU())
+            layers.append(
+                nn.Sequential(
+                    nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(channels[i + 1]),
+                )
+            )
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(x)
+        hp, wp = x.shape[-2:]
+        return x.flatten(2).transpose(1, 2), hp, wp
+
+
+class FourierPositionalEncoding(nn.Module):
+    """Sine/cosine encoding of normalised (row, column) positions, projected to ``dim`` by a 1x1 conv.
+
+    Computed for whatever grid the stem produced, so every input size has an encoding.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int = 32, temperature: float = 10000.0) -> None:
+        super().__init__()
+        self.token_projection = nn.Conv2d(hidden_dim * 2, dim, kernel_size=1)
+        self.hidden_dim = hidden_dim
+        self.temperature = temperature
+        self.scale = 2 * math.pi
+        self.eps = 1e-6
+
+    def _embed_axis(self, positions: torch.Tensor) -> torch.Tensor:
+        dim_t = torch.arange(self.hidden_dim, dtype=torch.float32, device=positions.device)
+        dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.hidden_dim)
+        pos = positions[..., None] / dim_t
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
+
+    def forward(self, hp: int, wp: int) -> torch.Tensor:
+        """Encoding of an ``hp`` x ``wp`` grid as (1, hp * wp, dim) tokens."""
+        device = self.token_projection.weight.device
+        rows = torch.arange(1, hp + 1, dtype=torch.float32, device=device)
+        cols = torch.arange(1, wp + 1, dtype=torch.float32, device=device)
+        y = (rows / (hp + self.eps) * self.scale)[:, None].expand(hp, wp)
+        x = (cols / (wp + self.eps) * self.scale)[None, :].expand(hp, wp)
+        pos = torch.cat((self._embed_axis(y), self._embed_axis(x)), dim=-1)  # (hp, wp, 2 * hidden)
+        pos = pos.permute(2, 0, 1).unsqueeze(0).to(self.token_projection.weight.dtype)
+        return self.token_projection(pos).flatten(2).transpose(1, 2)
+
+
+class XCA(nn.Module):
+    """Cross-covariance attention: a d x d softmax attention between channels per head.
+
+    Queries and keys are L2-normalised along the token axis, so the attention logits are
+    cosine similarities scaled by a learnable per-head ``temperature``; cost is O(N d^2).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, h, d, d) channel attention and the values viewed as (B, h, d, N)."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        return attn.softmax(dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        attn, v = self.attention(x)
+        x = (self.attn_drop(attn) @ v).permute(0, 3, 1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+
+class LPI(nn.Module):
+    """Local patch interaction: depthwise 3x3 conv -> GELU -> BN -> depthwise 3x3 conv on the grid."""
+
+    def __init__(self, dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+        self.act = nn.GELU()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+
+    def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        b, n, c = x.shape
+        x = x.transpose(1, 2).reshape(b, c, hp, wp)
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return x.reshape(b, c, n).transpose(1, 2)
+
+
+class XCABlock(nn.Module):
+    """Pre-norm block: XCA, LPI and FFN residual branches, each scaled by a LayerScale gamma.
+
+    ``norm3`` (for LPI) is registered before ``norm2`` (for the FFN), as in the official code.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path_rate: float = 0.0,
+        eta: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.gamma1 = nn.Parameter(torch.full((dim,), float(eta)))
+        self.gamma3 = nn.Parameter(torch.full((dim,), float(eta)))
+        self.gamma2 = nn.Parameter(torch.full((dim,), float(eta)))
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = XCA(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path_rate)
+        self.norm3 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.local_mp = LPI(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), hp, wp))
+        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        return x
+
+
+class ClassAttention(nn.Module):
+    """CaiT class attention: only the cls token queries; patch tokens pass through (as given).
+
+    Returns ``cat([proj(attn @ v), x[:, 1:]])`` where ``x`` is this module's (normalised) input,
+    which is what the official block adds back to its residual.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cls-to-all attention (B, h, N) over all tokens (cls first) and values (B, h, N, d)."""
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        logits = (q[:, :, :1] * k).sum(dim=-1) * self.scale
+        return logits.softmax(dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, c = x.shape
+        attn, v = self.attention(x)
+        cls = (self.attn_drop(attn).unsqueeze(2) @ v).transpose(1, 2).reshape(b, 1, c)
+        cls = self.proj_drop(self.proj(cls))
+        return torch.cat([cls, x[:, 1:]], dim=1)
+
+
+class ClassAttentionBlock(nn.Module):
+    """Class-attention block with the official residual arithmetic, quirks included.
+
+    Patch tokens gain ``gamma1 * norm1(x)`` from the attention branch and are doubled by the
+    final residual; ``tokens_norm`` decides whether ``norm2`` also applies to patch tokens.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        eta: float = 1.0,
+        tokens_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.gamma1 = nn.Parameter(torch.full((dim,), float(eta)))
+        self.gamma2 = nn.Parameter(torch.full((dim,), float(eta)))
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.tokens_norm = tokens_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.gamma1 * self.attn(self.norm1(x))
+        if self.tokens_norm:
+            x = self.norm2(x)
+        else:
+            x = torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
+        cls = x[:, :1] + self.gamma2 * self.mlp(x[:, :1])
+        return torch.cat([cls, 2 * x[:, 1:]], dim=1)

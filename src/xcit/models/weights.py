@@ -1,0 +1,255 @@
+"""Reading and writing XCiT weights: official release files, timm state dicts, safetensors.
+
+Files are read with ``torch.load(weights_only=True)`` (never arbitrary unpickling) or with
+safetensors. The format is detected from the content; everything is converted to the official
+layout (``pos_embeder.*``, fused class-attention ``qkv``) before loading.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .registry import MODELS, release_url, resolve_name
+
+PathLike = str | os.PathLike
+_WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_CA_QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.([qkv])\.(weight|bias)$")
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be read, or that does not fit the model."""
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in ``path``, in the official key layout, whatever format the file uses."""
+    return _read(path)[0]
+
+
+def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(official-layout state dict, architecture metadata saved by :func:`save_checkpoint` or {})."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if _is_safetensors(path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = {k: f.get_tensor(k) for k in f.keys()}
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+        arch = json.loads(meta["arch"]) if "arch" in meta else {}
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: refused to load, the file holds Python objects beyond tensors and plain "
+                "containers, and unpickling them could run arbitrary code. Re-save just the state "
+                "dict (torch.save({'model': model.state_dict()}, path)) from a trusted environment."
+            ) from err
+        except (RuntimeError, EOFError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+        arch = raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), dict) else {}
+    return to_official_layout(_unwrap(raw, path)), arch
+
+
+def _is_safetensors(path: Path) -> bool:
+    if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then a JSON object.
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and not _looks_like_state_dict(obj):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not _looks_like_state_dict(obj):
+        keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: no state dict found (expected tensors, or one under 'model'); found {keys}")
+    state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _looks_like_state_dict(obj: dict) -> bool:
+    return bool(obj) and any(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def to_official_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename timm keys to the official ones: ``pos_embed.`` -> ``pos_embeder.``, q/k/v -> fused qkv."""
+    out: dict[str, torch.Tensor] = {}
+    split: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        if key.startswith("pos_embed."):
+            key = "pos_embeder." + key[len("pos_embed."):]
+        m = _CA_QKV.match(key)
+        if m:
+            split.setdefault((m[1], m[3]), {})[m[2]] = value
+            continue
+        out[key] = value
+    for (prefix, kind), parts in split.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise CheckpointError(f"{prefix}: found only {sorted(parts)} of the separate q/k/v {kind}s")
+        out[f"{prefix}.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def infer_architecture(state: dict[str, torch.Tensor]) -> dict:
+    """Architecture hyper-parameters read off the tensor shapes of an official-layout state dict."""
+    arch: dict = {}
+    if "cls_token" in state:
+        arch["embed_dim"] = state["cls_token"].shape[-1]
+    stem = sorted(int(k.split(".")[2]) for k in state if re.match(r"^patch_embed\.proj\.\d+\.0\.weight$", k))
+    if stem:
+        arch["patch_size"] = 2 ** len(stem)
+        arch["in_chans"] = state[f"patch_embed.proj.{stem[0]}.0.weight"].shape[1]
+        arch.setdefault("embed_dim", state[f"patch_embed.proj.{stem[-1]}.0.weight"].shape[0])
+    blocks = {int(m[1]) for k in state if (m := _BLOCK.match(k))}
+    if blocks:
+        arch["depth"] = max(blocks) + 1
+    if "blocks.0.attn.temperature" in state:
+        arch["num_heads"] = state["blocks.0.attn.temperature"].shape[0]
+    if "head.weight" in state:
+        arch["num_classes"] = state["head.weight"].shape[0]
+    elif arch:
+        arch["num_classes"] = 0
+    name = next(
+        (
+            n for n, s in MODELS.items()
+            if (s.embed_dim, s.depth, s.num_heads, s.patch_size)
+            == (arch.get("embed_dim"), arch.get("depth"), arch.get("num_heads"), arch.get("patch_size"))
+        ),
+        None,
+    )
+    if name:
+        arch["name"] = name
+        arch["tokens_norm"] = MODELS[name].tokens_norm
+    return arch
+
+
+def inspect_checkpoint(path: PathLike) -> dict:
+    """The architecture a checkpoint holds: saved metadata where present, else read off its shapes."""
+    state, saved = _read(path)
+    return {**infer_architecture(state), **saved}
+
+
+def _describe(arch: dict) -> str:
+    if not arch:
+        return "no recognisable XCiT weights"
+    shape = ", ".join(f"{k}={arch[k]}" for k in ("embed_dim", "depth", "num_heads", "patch_size", "in_chans", "num_classes") if k in arch)
+    return f"{arch['name']} ({shape})" if "name" in arch else f"an unnamed XCiT ({shape})"
+
+
+def load_checkpoint(
+    model: nn.Module, path: PathLike, *, skip_head: bool = False, strict: bool = True
+) -> dict[str, list[str]]:
+    """Load weights from ``path`` into an XCiT ``model``.
+
+    Args:
+        skip_head: leave the model's classifier head as it is (fine-tuning to other classes).
+        strict: raise on any missing, unexpected or mis-shaped key. With ``strict=False`` the
+            matching keys load and the others are reported in the returned dict.
+    Returns:
+        ``{"missing": [...], "unexpected": [...], "mismatched": [...]}``.
+    Raises:
+        CheckpointError: listing every problem and naming the architecture the file holds.
+    """
+    state = read_state_dict(path)
+    if skip_head:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    if skip_head:
+        own = {k: v for k, v in own.items() if not k.startswith("head.")}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own if k in state and state[k].shape != own[k].shape
+    ]
+    report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"{path} does not fit this model; the file holds {_describe(infer_architecture(state))}."]
+        for label, keys in report.items():
+            if keys:
+                shown = keys[:12] + ([f"... and {len(keys) - 12} more"] if len(keys) > 12 else [])
+                lines.append(f"{label} keys ({len(keys)}): " + "; ".join(shown))
+        only_head = not missing and not unexpected and all(m.startswith("head.") for m in mismatched)
+        if only_head:
+            lines.append("Only the classifier head differs: pass skip_head=True to fine-tune to new classes.")
+        raise CheckpointError("\n".join(lines))
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    return report
+
+
+def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = None) -> Path:
+    """Save ``model``'s weights in the official layout: ``{'model': state_dict}`` or ``.safetensors``.
+
+    ``.pth`` files load with the official code, timm's converter and :func:`load_checkpoint`;
+    ``extra`` (plain Python values) is stored beside ``'model'`` (or as safetensors metadata).
+    The file is written to a temporary name and renamed, so a crash never leaves half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    arch = getattr(model, "arch_config", None)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            meta = {str(k): json.dumps(v) for k, v in {**({"arch": arch} if arch else {}), **(extra or {})}.items()}
+            save_file(state, tmp, metadata=meta)
+        else:
+            payload = {"model": state, **({"arch": dict(arch)} if arch else {}), **(extra or {})}
+            torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def download_release(name: str, *, timeout: float = 15.0) -> Path:
+    """Fetch the official release file for ``name`` into the torch hub cache (once) and return it."""
+    url = release_url(name)
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        raise RuntimeError(
+            f"could not download the weights of {resolve_name(name).arch} from {url} ({err}). "
+            "Without network access, download the file elsewhere and pass checkpoint=PATH, "
+            f"or place it at {target}, or point XCIT_WEIGHTS_URL at a mirror."
+        ) from err
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
