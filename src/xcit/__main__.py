@@ -1,0 +1,7 @@
+"""``python -m xcit`` (also what ``torchrun -m xcit train`` runs)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
