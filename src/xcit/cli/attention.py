@@ -1,0 +1,67 @@
+"""`xcit attention`: per-head class-attention maps (and optionally XCA channel attention) as PNGs."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import add_config_option
+from .predict import add_model_options, load_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "attention", help="PNG per image: the input and each head's class attention overlaid",
+        description=(
+            "For each image, write OUT/<name>_attention.png: the input and, for each head of a class-attention "
+            "layer (the last by default), the cls-to-patch attention upsampled and overlaid. With --xca-block, "
+            "also OUT/<name>_xca<B>.png: the d x d channel attention of XCA block B per head. Any input size."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files")
+    add_model_options(p)
+    p.add_argument("--output-dir", "-o", default="attention_maps", metavar="DIR", help="where PNGs go (default attention_maps)")
+    p.add_argument("--img-size", type=int, default=None, metavar="PX",
+                   help="resize the short side to PX keeping the aspect ratio (0: native size; "
+                        "default: the checkpoint's eval size, else 224)")
+    p.add_argument("--layer", type=int, default=-1, help="class-attention layer index (default -1: the last)")
+    p.add_argument("--xca-block", type=int, action="append", default=[], metavar="B",
+                   help="also plot the channel attention of XCA block B (0-based, negative from the end); repeatable")
+    p.add_argument("--raw", action="store_true",
+                   help="plot the raw softmax weights (which also weigh the cls token) instead of maps renormalised over patches")
+    p.add_argument("--cmap", default="inferno", help="matplotlib colour map of the overlays (default inferno)")
+    p.add_argument("--alpha", type=float, default=0.6, help="overlay opacity (default 0.6)")
+    p.add_argument("--dpi", type=int, default=100)
+    p.add_argument("--palette", action="store_true", help="256-colour PNGs (about 3x smaller, for documentation)")
+    add_config_option(p)
+    p.set_defaults(func=run_attention)
+
+
+def run_attention(args: argparse.Namespace) -> int:
+    from ..viz.pipeline import render_attention
+
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
+    if args.img_size is not None and args.img_size < 0:
+        raise ValueError(f"expected --img-size >= 0, got {args.img_size}")
+    inf = load_model(args)
+    short_side = min(inf.img_size) if args.img_size is None else (args.img_size or None)
+    failed: list[str] = []
+
+    def on_error(path: str, message: str) -> None:
+        failed.append(path)
+        print(f"skipped {path}: {message}", file=sys.stderr)
+
+    done = 0
+    for result in render_attention(
+        inf, args.inputs, args.output_dir, short_side=short_side, cls_layer=args.layer, xca_blocks=args.xca_block,
+        renormalise=not args.raw, cmap=args.cmap, alpha=args.alpha, dpi=args.dpi, palette=args.palette,
+        device=next(inf.model.parameters()).device, on_error=on_error,
+    ):
+        done += 1
+        label, prob = result.top[0]
+        hp, wp = result.maps.grid
+        files = ", ".join(str(f) for f in result.figures)
+        print(f"{result.path}: {wp}x{hp} patches (W x H), top-1 {label} ({100 * prob:.1f}%) -> {files}")
+    if failed:
+        print(f"{len(failed)} of {len(args.inputs)} image(s) could not be read", file=sys.stderr)
+    return 0 if done else 1

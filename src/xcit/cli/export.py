@@ -1,0 +1,80 @@
+"""`xcit export`: ONNX and torch.export programs with dynamic batch, height and width, checked for parity."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import add_config_option
+from .predict import add_model_options, load_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="ONNX / torch.export (.pt2) with dynamic batch and image size, plus a preprocessing JSON",
+        description=(
+            "Write DIR/NAME.onnx and DIR/NAME.pt2 (dynamic batch, height and width; input 'image', output "
+            "'logits') and DIR/NAME.json (class names, input size, mean/std), then compare each with PyTorch "
+            "at three input sizes."
+        ),
+    )
+    add_model_options(p)
+    p.add_argument("--output-dir", "-o", default="exported", metavar="DIR", help="default: exported")
+    p.add_argument("--name", default=None, help="file stem (default: the checkpoint's or model's name)")
+    p.add_argument("--formats", nargs="+", choices=["onnx", "pt2"], default=["onnx", "pt2"], help="default: both")
+    p.add_argument("--fuse", action="store_true", help="export the re-parameterised inference model (model.fuse())")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
+                   help="ONNX exporter: dynamo (torch.export-based, needs onnxscript) or torchscript; auto prefers dynamo")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+                   help="example / check size H [W] (default: the checkpoint's eval size, else 224)")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check (onnxruntime / loaded program vs PyTorch)")
+    add_config_option(p)
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .. import export as ex
+
+    inf = load_model(args, img_size=args.img_size)
+    model = ex.prepare_for_export(inf.model, fuse=args.fuse)
+    if args.checkpoint is not None:
+        stem = args.name or Path(args.checkpoint).stem
+    else:
+        stem = args.name or inf.source.split(" ")[0]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    size = inf.img_size
+    sizes = ex.check_sizes(size, inf.model.patch_size)
+    sidecar = {
+        **inf.sidecar(), "fused": args.fuse, "input": ex.INPUT_NAME, "output": ex.OUTPUT_NAME,
+        "layout": "NCHW float32, normalised: (pixel / 255 - mean) / std", "min_size": inf.model.patch_size + 1,
+    }
+    ok = True
+    for fmt in args.formats:
+        if fmt == "onnx":
+            kind = ex.onnx_exporter(args.exporter)
+            path = ex.export_onnx(model, out / f"{stem}.onnx", example_size=size, opset=args.opset or ex.DEFAULT_OPSET, exporter=kind)
+            sidecar.update(onnx=path.name, onnx_exporter=kind, opset=args.opset or ex.DEFAULT_OPSET)
+            check = ex.check_onnx if not args.no_check else None
+        else:
+            path = ex.export_program(model, out / f"{stem}.pt2", example_size=size)
+            sidecar.update(pt2=path.name)
+            check = ex.check_program if not args.no_check else None
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if check is not None:
+            rows = check(model, path, sizes)
+            for r in rows:
+                good = r["max_abs_diff"] <= args.atol
+                ok &= good
+                print(f"  {fmt} vs PyTorch, batch {r['batch']} {r['height']}x{r['width']}: "
+                      f"max |diff| {r['max_abs_diff']:.2e} {'ok' if good else f'ABOVE {args.atol:g}'}")
+            sidecar.setdefault("parity", {})[fmt] = rows
+    meta = out / f"{stem}.json"
+    meta.write_text(json.dumps(sidecar, indent=1))
+    print(f"wrote {meta} (preprocessing and class names)")
+    if not ok:
+        print(f"parity check failed: some differences exceed {args.atol:g}", file=sys.stderr)
+    return 0 if ok else 1

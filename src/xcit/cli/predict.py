@@ -1,0 +1,101 @@
+"""`xcit predict`: top-k classes of image files or folders, batched, to a table, CSV or JSON Lines."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import add_config_option
+
+
+def add_model_options(p: argparse.ArgumentParser, img_size_help: str | None = None) -> None:
+    """--checkpoint / --model / --device (shared by predict, attention and export)."""
+    p.add_argument("--checkpoint", default=None, metavar="CKPT",
+                   help="weights file; the architecture, class names and preprocessing are read from it")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="architecture name (e.g. xcit_nano_12_p16); without --checkpoint it is randomly initialised")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"expected an available device, got {name!r} but CUDA is not available")
+    return device
+
+
+def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
+    """The :class:`InferenceModel` the options name; warns on stderr when it is randomly initialised."""
+    from ..inference import load_for_inference
+
+    if args.checkpoint is None and args.model is None:
+        raise ValueError("expected --checkpoint CKPT or --model NAME (random weights), got neither")
+    inf = load_for_inference(args.checkpoint, args.model, img_size=img_size, crop_pct=crop_pct, device=resolve_device(args.device))
+    if inf.random_init:
+        from ..inference.loading import RANDOM_INIT_WARNING
+
+        print(RANDOM_INIT_WARNING.format(name=inf.source.split(" ")[0]), file=sys.stderr)
+    return inf
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="top-k classes of images, folders or image lists (table, CSV or JSONL)",
+        description="Classify image files in batches. Unreadable files are reported (error column) and skipped.",
+    )
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
+    p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
+                   help="text file of image paths, one per line ('-': stdin); repeatable")
+    add_model_options(p)
+    p.add_argument("--output", "-o", default=None, metavar="FILE", help="write predictions to FILE.csv or FILE.jsonl")
+    p.add_argument("--format", choices=["csv", "jsonl"], default=None, help="output format (default: from the extension)")
+    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the model and, when > 1, as many image-decoding workers")
+    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+                   help="eval size H [W] (default: the checkpoint's, else 224)")
+    p.add_argument("--crop-pct", type=float, default=None, help="centre-crop ratio (default: the checkpoint's, else 1.0)")
+    p.add_argument("--show", type=int, default=20,
+                   help="with --output, also print the table when there are at most this many images (default 20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_option(p)
+    p.set_defaults(func=run_predict)
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ..inference import PredictionWriter, Predictor, collect_images, format_table
+
+    paths = collect_images(args.inputs, args.lists)
+    if not paths:
+        raise ValueError("expected images: give files, folders or --list FILE, found none")
+    if args.top_k < 1:
+        raise ValueError(f"expected --top-k >= 1, got {args.top_k}")
+    inf = load_model(args, img_size=args.img_size, crop_pct=args.crop_pct)
+    predictor = Predictor(inf, next(inf.model.parameters()).device)
+    k = min(args.top_k, inf.num_classes)
+    writer = PredictionWriter(args.output, args.format, k) if args.output else None
+    keep_rows = writer is None or len(paths) <= args.show
+    rows, failed = [], 0
+    try:
+        for pred in predictor.predict(
+            paths, top_k=k, batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress
+        ):
+            failed += pred.error is not None
+            if writer is not None:
+                writer.write(pred)
+            if keep_rows:
+                rows.append(pred)
+    finally:
+        if writer is not None:
+            writer.close()
+    if rows:
+        print(format_table(rows, k))
+    summary = f"{len(paths)} image(s), {len(paths) - failed} classified, {failed} unreadable"
+    if writer is not None:
+        summary += f"; wrote {writer.format.upper()} to {writer.path}"
+    print(summary, file=sys.stderr)
+    return 1 if failed == len(paths) else 0

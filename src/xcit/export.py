@@ -1,0 +1,153 @@
+"""Deployment artefacts: ONNX and ``torch.export`` programs with dynamic batch, height and width.
+
+Both take float32 images (B, C, H, W), normalised as the model's sidecar JSON says, of any batch
+size and any H, W (not only multiples of the patch size), and return logits (B, num_classes).
+:func:`check_onnx` / :func:`check_program` compare them with the PyTorch model at several sizes.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+
+
+def _example(model: nn.Module, size: tuple[int, int], batch: int = 2) -> torch.Tensor:
+    ref = next(model.parameters())
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, model.in_chans, *size, generator=gen)
+    return x.to(ref.device, ref.dtype)
+
+
+def _dims(patch_size: int) -> dict[int, torch.export.Dim]:
+    """Dynamic batch, height and width. H, W > patch size: a grid of one row or column would be
+    specialised away by the tracer (sizes 0 and 1 are special-cased), so the least input is p + 1."""
+    dim = torch.export.Dim
+    least = patch_size + 1
+    return {0: dim("batch", min=1, max=65536), 2: dim("height", min=least, max=16384), 3: dim("width", min=least, max=16384)}
+
+
+def prepare_for_export(model: nn.Module, fuse: bool = False) -> nn.Module:
+    """The model in eval mode; with ``fuse`` its re-parameterised inference form (``model.fuse()``)."""
+    model = model.eval()
+    if fuse:
+        if not hasattr(model, "fuse"):
+            raise ValueError(
+                "expected a model with a fuse() method for --fuse; this version of XCiT has no inference "
+                "re-parameterisation yet (pending), export without --fuse"
+            )
+        fused = model.fuse()
+        model = (fused if isinstance(fused, nn.Module) else model).eval()
+    return model
+
+
+def onnx_exporter(exporter: str = "auto") -> str:
+    """``dynamo`` (torch.export-based, needs ``onnxscript``) or ``torchscript``; ``auto`` prefers dynamo."""
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ValueError(f"expected exporter 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    has_onnxscript = importlib.util.find_spec("onnxscript") is not None
+    if exporter == "dynamo" and not has_onnxscript:
+        raise ValueError("the dynamo ONNX exporter needs onnxscript: pip install onnxscript (or 'xcit[export]')")
+    if exporter == "auto":
+        return "dynamo" if has_onnxscript else "torchscript"
+    return exporter
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    example_size: tuple[int, int] = (224, 224),
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+) -> Path:
+    """Write ``model`` as ONNX with dynamic batch, height and width (input ``image``, output ``logits``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    x = _example(model, example_size)
+    kind = onnx_exporter(exporter)
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5e9  # ONNX protobuf limit is 2 GB
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        if kind == "dynamo":
+            torch.onnx.export(
+                model, (x,), path, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=(_dims(model.patch_size),), opset_version=opset, external_data=large, optimize=True, verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=opset, do_constant_folding=True,
+            )
+    return path
+
+
+def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: tuple[int, int] = (224, 224)) -> Path:
+    """Write a ``torch.export`` program (``.pt2``, load with ``torch.export.load``) with dynamic B, H, W."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (_example(model, example_size),), dynamic_shapes=(_dims(model.patch_size),))
+    torch.export.save(program, path)
+    return path
+
+
+def check_sizes(img_size: tuple[int, int], patch_size: int) -> list[tuple[int, int, int]]:
+    """Three (batch, H, W) test inputs: the eval size, a rectangular one, and one that is no multiple of the patch."""
+    h, w = img_size
+    p = patch_size
+    up = lambda v: max(p, math.ceil(v / p) * p)  # noqa: E731
+    odd_h, odd_w = h + p // 2 + 1, max(p + 1, w - p // 2 - 1)
+    if odd_h % p == 0:
+        odd_h += 1
+    if odd_w % p == 0:
+        odd_w += 1
+    return [(1, h, w), (2, up(h * 3 // 4), up(w * 5 // 4)), (3, odd_h, odd_w)]
+
+
+def _max_diffs(model: nn.Module, run, sizes: Sequence[tuple[int, int, int]]) -> list[dict]:
+    rows = []
+    for b, h, w in sizes:
+        x = _example(model, (h, w), batch=b)
+        with torch.no_grad():
+            ref = model(x).float().cpu()
+        out = torch.as_tensor(run(x)).float().cpu()
+        if out.shape != ref.shape:
+            raise AssertionError(f"exported model gave shape {tuple(out.shape)} for input {(b, h, w)}, expected {tuple(ref.shape)}")
+        rows.append({"batch": b, "height": h, "width": w, "max_abs_diff": float((out - ref).abs().max())})
+    return rows
+
+
+def check_onnx(model: nn.Module, path: str | os.PathLike, sizes: Sequence[tuple[int, int, int]], threads: int | None = None) -> list[dict]:
+    """Max |onnxruntime - PyTorch| of the logits at each (batch, H, W) in ``sizes``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    return _max_diffs(model, lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})[0], sizes)
+
+
+def check_program(model: nn.Module, path: str | os.PathLike, sizes: Sequence[tuple[int, int, int]]) -> list[dict]:
+    """Max |loaded torch.export program - PyTorch| of the logits at each (batch, H, W) in ``sizes``."""
+    program = torch.export.load(os.fspath(path)).module()
+
+    def run(x):
+        with torch.no_grad():
+            return program(x)
+
+    return _max_diffs(model, run, sizes)

@@ -1,0 +1,8 @@
+"""Inference: loading a classifier with its class names and preprocessing, batched prediction."""
+from .loading import InferenceModel, class_names, load_for_inference, read_metadata
+from .predict import Prediction, PredictionWriter, Predictor, collect_images, format_table
+
+__all__ = [
+    "InferenceModel", "Prediction", "PredictionWriter", "Predictor", "class_names", "collect_images",
+    "format_table", "load_for_inference", "read_metadata",
+]

@@ -1,0 +1,224 @@
+"""Batched top-k classification of image files, streamed to CSV or JSON Lines.
+
+Images of any size are brought to the model's evaluation size by its eval transform, so they batch;
+unreadable files become rows with an ``error`` and are skipped, never fatal.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.images import load_image
+from .loading import InferenceModel, load_for_inference
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+
+
+def collect_images(inputs: Iterable[str | os.PathLike] = (), lists: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Image paths from files, folders (searched recursively for image extensions, sorted) and list files.
+
+    A list file holds one path per line (blank lines and ``#`` comments skipped; ``-`` reads stdin);
+    relative paths in it are relative to the current directory. Files named explicitly are kept
+    even when missing or not images, so that they are reported as errors rather than dropped.
+    """
+    paths: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+            paths += [str(f) for f in found]
+        else:
+            paths.append(os.fspath(item))
+    for lst in lists:
+        if os.fspath(lst) == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            if not Path(lst).is_file():
+                raise FileNotFoundError(f"list file {os.fspath(lst)!r} does not exist")
+            lines = Path(lst).read_text().splitlines()
+        paths += [s for line in lines if (s := line.strip()) and not s.startswith("#")]
+    return paths
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image, best first; ``error`` is set (and the lists empty) if it was unreadable."""
+
+    path: str
+    labels: list[str] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+class ImageFiles(Dataset):
+    """(index, tensor or None, error or None) per path; never raises on a bad file."""
+
+    def __init__(self, paths: Sequence[str], transform, in_chans: int) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+        self.in_chans = in_chans
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, self.transform(load_image(self.paths[i], self.in_chans)), None
+        except ValueError as err:
+            return i, None, str(err)
+        except Exception as err:  # noqa: BLE001 - a decoder failure on one file must not end a batch job
+            return i, None, f"cannot read image {self.paths[i]!r}: {type(err).__name__}: {err}"
+
+
+def _collate(items):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    batch = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _, _ in items], [i for i, _ in good], batch, {i: e for i, _, e in items if e is not None}
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class Predictor:
+    """Top-k predictions of a classifier over image files, in input order, in batches."""
+
+    def __init__(self, inf: InferenceModel, device: str | torch.device = "cpu") -> None:
+        self.inf = inf
+        self.device = torch.device(device)
+        self.model = inf.model.eval().to(self.device)
+
+    @classmethod
+    def load(cls, checkpoint=None, model_name: str | None = None, device: str | torch.device = "cpu", **kwargs) -> Predictor:
+        """From a checkpoint (class names and preprocessing from its metadata) and/or a model name."""
+        return cls(load_for_inference(checkpoint, model_name, device=device, **kwargs), device)
+
+    @torch.inference_mode()
+    def predict_tensor(self, x: torch.Tensor, top_k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, class indices), each (B, k), for a preprocessed batch."""
+        probs = self.model(x.to(self.device)).float().softmax(dim=-1)
+        return probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+
+    def predict(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        top_k: int = 5,
+        batch_size: int = 32,
+        threads: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[Prediction]:
+        """Yield one :class:`Prediction` per path, in order, as batches complete.
+
+        ``threads`` sets torch's intra-op threads for the model and, when above 1, as many
+        DataLoader worker processes for decoding and resizing.
+        """
+        if top_k < 1:
+            raise ValueError(f"expected top_k >= 1, got {top_k}")
+        if batch_size < 1:
+            raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+        if threads is not None and threads < 1:
+            raise ValueError(f"expected threads >= 1, got {threads}")
+        paths = [os.fspath(p) for p in paths]
+        dataset = ImageFiles(paths, self.inf.transform(), self.inf.in_chans)
+        workers = threads if threads and threads > 1 else 0
+        loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        from tqdm.auto import tqdm
+
+        classes = self.inf.classes
+        unreadable = 0
+        with _torch_threads(threads), tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
+            for order, good, batch, errors in loader:
+                results: dict[int, Prediction] = {}
+                if batch is not None:
+                    probs, idx = self.predict_tensor(batch, top_k)
+                    for i, p, c in zip(good, probs.tolist(), idx.tolist()):
+                        results[i] = Prediction(paths[i], [classes[j] for j in c], c, p)
+                for i, err in errors.items():
+                    results[i] = Prediction(paths[i], error=err)
+                for i in order:
+                    yield results[i]
+                bar.update(len(order))
+                if errors:
+                    unreadable += len(errors)
+                    bar.set_postfix(unreadable=unreadable)
+
+
+class PredictionWriter:
+    """Streams predictions to CSV (``path, label_1, prob_1, ..., label_k, prob_k, error``) or JSON Lines."""
+
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None, top_k: int = 5) -> None:
+        self.path = Path(path)
+        fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(self.path.suffix.lower())
+        if fmt not in ("csv", "jsonl"):
+            raise ValueError(f"expected an output ending in .csv or .jsonl (or --format csv|jsonl), got {str(path)!r}")
+        self.format = fmt
+        self.top_k = top_k
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", newline="" if fmt == "csv" else None, encoding="utf-8")
+        self._csv = None
+        if fmt == "csv":
+            self._csv = csv.writer(self._file)
+            header = ["path"] + [f"{kind}_{r}" for r in range(1, top_k + 1) for kind in ("label", "prob")] + ["error"]
+            self._csv.writerow(header)
+
+    def write(self, pred: Prediction) -> None:
+        if self._csv is not None:
+            cells: list = [pred.path]
+            for r in range(self.top_k):
+                has = r < len(pred.labels)
+                cells += [pred.labels[r] if has else "", f"{pred.probs[r]:.6f}" if has else ""]
+            self._csv.writerow(cells + [pred.error or ""])
+        else:
+            row = asdict(pred)
+            row["probs"] = [round(p, 6) for p in pred.probs]
+            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> PredictionWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def format_table(preds: Sequence[Prediction], top_k: int = 5, max_path: int = 48) -> str:
+    """A human-readable table: one line per image with its top-k ``label (prob%)``."""
+    def short(p: str) -> str:
+        return p if len(p) <= max_path else "..." + p[-(max_path - 3):]
+
+    width = max([len(short(p.path)) for p in preds] + [5])
+    lines = [f"{'image'.ljust(width)}  top-{top_k} (probability)", f"{'-' * width}  {'-' * 40}"]
+    for p in preds:
+        if p.error:
+            body = f"ERROR {p.error}"
+        else:
+            body = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in zip(p.labels, p.probs))
+        lines.append(f"{short(p.path).ljust(width)}  {body}")
+    return "\n".join(lines)
