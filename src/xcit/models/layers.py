@@ -61,8 +61,8 @@ class ConvPatchEmbed(nn.Module):
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768) -> None:
         super().__init__()
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ValueError(f"patch_size must be a power of two >= 2, got {patch_size}")
+        if patch_size not in (2, 4, 8, 16):
+            raise ValueError(f"patch_size must be a power of two from 2 to 16, got {patch_size}")
         stages = int(math.log2(patch_size))
         if embed_dim % (2 ** (stages - 1)):
             raise ValueError(

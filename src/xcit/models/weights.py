@@ -54,6 +54,8 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
+            if "global" not in str(err).lower():  # corrupt data, not a forbidden object
+                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated)") from err
             raise CheckpointError(
                 f"{path}: refused to load, the file holds Python objects beyond tensors and plain "
                 "containers, and unpickling them could run arbitrary code. Re-save just the state "
@@ -187,7 +189,10 @@ def load_checkpoint(
     ]
     report = {"missing": missing, "unexpected": unexpected, "mismatched": mismatched}
     if strict and (missing or unexpected or mismatched):
-        lines = [f"{path} does not fit this model; the file holds {_describe(infer_architecture(state))}."]
+        lines = [
+            f"{path} does not fit this model: the file holds {_describe(infer_architecture(state))}, "
+            f"the model is {_describe(infer_architecture(model.state_dict()))}."
+        ]
         for label, keys in report.items():
             if keys:
                 shown = keys[:12] + ([f"... and {len(keys) - 12} more"] if len(keys) > 12 else [])

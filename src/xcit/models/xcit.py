@@ -116,13 +116,12 @@ class XCiTTrunk(nn.Module):
         """Un-normalised outputs of the XCA blocks ``indices`` (negative counts from the end) as maps."""
         wanted = self._resolve_indices(indices)
         x, hp, wp = self.embed(x)
-        last = max(wanted)
-        maps = []
-        for i, block in enumerate(self.blocks[: last + 1]):
+        maps = {}
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
             x = self._run_block(block, x, hp, wp)
             if i in wanted:
-                maps.append((wanted.index(i), x.transpose(1, 2).reshape(x.shape[0], -1, hp, wp)))
-        return [m for _, m in sorted(maps, key=lambda t: t[0])]
+                maps[i] = x.transpose(1, 2).reshape(x.shape[0], -1, hp, wp)
+        return [maps[i] for i in wanted]
 
     def _resolve_indices(self, indices: Sequence[int]) -> list[int]:
         if len(indices) == 0:

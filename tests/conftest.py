@@ -1,0 +1,51 @@
+"""Shared test helpers."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "official_state_dicts.json"
+if not REFERENCE.is_file():  # a checkout with shared/ inside it
+    REFERENCE = Path(__file__).resolve().parents[1] / "shared" / "reference" / "official_state_dicts.json"
+
+
+@pytest.fixture(scope="session")
+def official_layout() -> dict:
+    if not REFERENCE.is_file():
+        pytest.skip(f"reference file {REFERENCE} not available")
+    return json.loads(REFERENCE.read_text())
+
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Perturb every parameter and BatchNorm statistic so no layer is at its (often trivial) init.
+
+    LayerScale gammas of depth-24 models start at 1e-5, which would hide errors in the blocks.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name or "temperature" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model
+
+
+def tiny_model(**overrides):
+    """A small XCiT for fast tests (patch 4, 32 channels, 2 blocks)."""
+    from xcit import create_model
+
+    kwargs = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10, tokens_norm=True)
+    kwargs.update(overrides)
+    return create_model("xcit_nano_12_p16", **kwargs)
