@@ -40,15 +40,29 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; when the chosen subcommand got ``--config``, re-parse with the file's defaults."""
-    args = parser.parse_args(argv)
-    sub = getattr(args, "_parser", None)
-    if sub is not None and getattr(args, "config", None) is not None:
-        values = load_config(args.config, sub)
-        # Positional arguments given in the file are supplied only when absent from the command line.
+    """Parse ``argv``; a subcommand's ``--config FILE`` supplies defaults before the command line is read."""
+    sub = _chosen_subparser(parser, argv)
+    config = _config_path(argv)
+    if sub is not None and config is not None:
+        values = load_config(config, sub)
         sub.set_defaults(**values)
-        for action in sub._actions:
+        for action in sub._actions:  # positionals given in the file become optional on the command line
             if action.dest in values and not action.option_strings:
                 action.nargs = "*" if action.nargs in ("+", "*") else "?"
-        args = parser.parse_args(argv)
-    return args
+                action.default = values[action.dest]
+    return parser.parse_args(argv)
+
+
+def _chosen_subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+    command = next((tok for tok in argv if not tok.startswith("-")), None)
+    return choices.get(command)
+
+
+def _config_path(argv: list[str]) -> Path | None:
+    for i, tok in enumerate(argv):
+        if tok == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if tok.startswith("--config="):
+            return Path(tok.split("=", 1)[1])
+    return None
