@@ -54,9 +54,13 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 
 
 def _chosen_subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser | None:
+    """The innermost subcommand parser ``argv`` selects (``xcit segment train`` -> the ``train`` parser)."""
     choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
-    command = next((tok for tok in argv if not tok.startswith("-")), None)
-    return choices.get(command)
+    index = next((i for i, tok in enumerate(argv) if not tok.startswith("-")), None)
+    sub = choices.get(argv[index]) if index is not None else None
+    if sub is None:
+        return None
+    return _chosen_subparser(sub, argv[index + 1:]) or sub
 
 
 def _config_path(argv: list[str]) -> Path | None:

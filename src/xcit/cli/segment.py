@@ -1,0 +1,279 @@
+"""`xcit segment prepare | train | eval | predict`: semantic segmentation with Semantic FPN / UperNet."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .config import add_config_option
+
+
+def _size(values: list[int] | None, option: str) -> list[int] | None:
+    if values is None:
+        return None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise ValueError(f"expected {option} H [W] with positive sizes, got {values}")
+    return [values[0], values[-1]]
+
+
+def _scale(values) -> list[int] | None | str:
+    """'none' -> None (keep the image size); [L, S] -> [L, S]; absent -> 'default'."""
+    if values is None:
+        return "default"
+    if isinstance(values, str):
+        values = [values]
+    if [str(v).lower() for v in values] == ["none"]:
+        return None
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        raise ValueError(f"expected --scale LONG SHORT or 'none', got {values}") from None
+    if len(ints) != 2 or min(ints) < 1:
+        raise ValueError(f"expected --scale LONG SHORT (e.g. 2048 512) or 'none', got {values}")
+    return ints
+
+
+def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    g = p.add_argument_group("test-time inference")
+    g.add_argument(f"--{prefix}mode", choices=["whole", "slide"], default=None, help="whole image or sliding window")
+    g.add_argument(f"--{prefix}scale", nargs="+", default=None, metavar="PX",
+                   help="keep-ratio rescale before inference: LONG SHORT (ADE20k 2048 512) or 'none' for the native size")
+    g.add_argument(f"--{prefix}crop-size", type=int, nargs="+", default=None, metavar="PX", help="slide window H [W]")
+    g.add_argument(f"--{prefix}stride", type=int, nargs="+", default=None, metavar="PX", help="slide step H [W]")
+    g.add_argument(f"--{prefix}flip", action=argparse.BooleanOptionalAction, default=None, help="add the mirrored prediction")
+
+
+def _eval_settings(args: argparse.Namespace, base, prefix: str = ""):
+    from dataclasses import replace
+
+    get = lambda k: getattr(args, prefix + k)  # noqa: E731
+    changes = {}
+    if get("mode") is not None:
+        changes["mode"] = get("mode")
+    scale = _scale(get("scale"))
+    if scale != "default":
+        changes["scale"] = scale
+    if get("crop_size") is not None:
+        changes["crop_size"] = _size(get("crop_size"), "--crop-size")
+    if get("stride") is not None:
+        changes["stride"] = _size(get("stride"), "--stride")
+    if get("flip") is not None:
+        changes["flip"] = get("flip")
+    return replace(base, **changes)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    seg = sub.add_parser("segment", help="semantic segmentation (Semantic FPN / UperNet on the XCiT pyramid)",
+                         description="Semantic segmentation with XCiT backbones. See docs/segmentation.md.")
+    tasks = seg.add_subparsers(dest="segment_command", required=True, metavar="ACTION")
+
+    p = tasks.add_parser("prepare", help="write a real dataset (nuclei, trees) as image/mask folders")
+    p.add_argument("dataset", choices=["nuclei", "trees"])
+    p.add_argument("--out", required=True, help="output folder (ADE20k layout)")
+    p.add_argument("--source", default=None, metavar="PATH",
+                   help="the package's .whl file or unpacked folder (default: the installed stardist / deepforest)")
+    add_config_option(p)
+    p.set_defaults(func=run_prepare)
+
+    p = tasks.add_parser("train", help="train a segmenter (defaults: the paper's ADE20k recipe)",
+                         description="Train Semantic FPN or UperNet on an XCiT backbone. Distributed with torchrun. "
+                                     "Defaults follow the paper: AdamW lr 6e-5, wd 0.01, poly with warm-up, 512x512 crops.")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", required=False, default=None, help="dataset root (ROOT/images/SPLIT, ROOT/annotations/SPLIT)")
+    g.add_argument("--train-split", default=None, help="default training")
+    g.add_argument("--val-split", default=None, help="default validation")
+    g.add_argument("--num-classes", type=int, default=None, help="default: the classes in ROOT/dataset.yaml")
+    g.add_argument("--ignore-index", type=int, default=None, help="mask value to ignore (default 255)")
+    g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
+                   help="0 is 'other' (ignored) and k is class k-1, as in ADE20k")
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default=None, metavar="NAME", help="XCiT architecture, e.g. xcit_small_12_p16")
+    g.add_argument("--pretrained", default=None, metavar="CKPT", help="classification or DINO checkpoint for the backbone")
+    for name in ("patch-size", "embed-dim", "depth", "num-heads"):
+        g.add_argument(f"--{name}", type=int, default=None, help="custom backbone shape (overrides the named one)")
+    g.add_argument("--out-indices", type=int, nargs=4, default=None, metavar="I", help="XCA blocks feeding the pyramid")
+    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth (default: the model's dense-task rate)")
+    g.add_argument("--head", choices=["fpn", "upernet"], default=None, help="Semantic FPN or UperNet (default)")
+    g.add_argument("--channels", type=int, default=None, help="head width (UperNet 512, Semantic FPN 128)")
+    g.add_argument("--fpn-channels", type=int, default=None, help="Semantic FPN neck width (256)")
+    g.add_argument("--norm", choices=["bn", "gn"], default=None, help="head norm: BatchNorm (SyncBN when distributed) or GroupNorm")
+    g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None, help="auxiliary FCN head (default: UperNet only)")
+    g.add_argument("--aux-weight", type=float, default=None, help="auxiliary loss weight (0.4)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--iters", type=int, default=None, help="training iterations (80000)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per step over all processes (16)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (6e-5)")
+    g.add_argument("--weight-decay", type=float, default=None, help="(0.01)")
+    g.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up (1500)")
+    g.add_argument("--power", type=float, default=None, help="poly power (1.0)")
+    g.add_argument("--min-lr", type=float, default=None, help="(0)")
+    g.add_argument("--time-limit-min", type=float, default=None,
+                   help="stop after this many minutes; the poly schedule then runs on elapsed time")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None, help="mixed precision (fp16: CUDA only)")
+    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g = p.add_argument_group("augmentation")
+    g.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="PX", help="random crop H [W] (512)")
+    g.add_argument("--scale", nargs="+", default=None, metavar="PX",
+                   help="base rescale LONG SHORT (2048 512), or 'none' to use the images' own size")
+    g.add_argument("--ratio-range", type=float, nargs=2, default=None, metavar="R", help="random rescale range (0.5 2.0)")
+    g.add_argument("--cat-max-ratio", type=float, default=None, help="re-draw crops where one class exceeds this share (0.75)")
+    g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=None, help="photometric jitter (on)")
+    g.add_argument("--flip", type=float, default=None, help="horizontal flip probability (0.5)")
+    g = p.add_argument_group("evaluation and engine")
+    g.add_argument("--eval-interval", type=int, default=None, help="evaluate every N iterations (8000; 0: only at the end)")
+    _eval_options(p, prefix="eval-")
+    g.add_argument("--out", default=None, help="run folder: checkpoints, metrics.jsonl, curves.png (runs/segment)")
+    g.add_argument("--resume", default=None, metavar="CKPT", help="a last.pt to continue from, or 'auto' (OUT/last.pt if present)")
+    g.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
+    g.add_argument("--workers", type=int, default=None, help="data-loading processes (4)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--log-interval", type=int, default=None, help="(50)")
+    g.add_argument("--checkpoint-interval", type=int, default=None, help="write OUT/last.pt every N iterations (1000)")
+    add_config_option(p)
+    p.set_defaults(func=run_train)
+
+    p = tasks.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a split")
+    p.add_argument("--checkpoint", required=False, default=None, help="segmentation checkpoint (best.pt / last.pt)")
+    p.add_argument("--data", default=None, help="dataset root")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--ignore-index", type=int, default=None)
+    p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None)
+    _eval_options(p)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    add_config_option(p)
+    p.set_defaults(func=run_eval)
+
+    p = tasks.add_parser("predict", help="coloured PNG masks and overlays for images or folders")
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
+    p.add_argument("--checkpoint", default=None, help="segmentation checkpoint")
+    p.add_argument("--out", default="predictions", help="output folder (NAME_mask.png, NAME_overlay.png)")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
+    _eval_options(p)
+    p.add_argument("--device", default="auto")
+    add_config_option(p)
+    p.set_defaults(func=run_predict)
+
+
+def _require(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) in (None, []):
+            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from ..segment.prepare import prepare
+
+    out = prepare(args.dataset, args.out, args.source)
+    print(f"wrote {args.dataset} to {out} (training: 3 quadrants, validation: the held-out bottom-right quadrant)")
+    return 0
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """A :class:`TrainConfig`: the dataclass defaults, overridden by every option given."""
+    from ..segment.train import EvalSettings, TrainConfig
+
+    cfg = TrainConfig()
+    names = {f.name for f in fields(TrainConfig)} - {"eval", "crop_size", "scale"}
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.crop_size is not None:
+        cfg.crop_size = _size(args.crop_size, "--crop-size")
+    scale = _scale(args.scale)
+    if scale != "default":
+        cfg.scale = scale
+    base = EvalSettings(crop_size=list(cfg.crop_size), scale=cfg.scale,
+                        stride=[max(1, 2 * s // 3) for s in cfg.crop_size])
+    cfg.eval = _eval_settings(args, base, prefix="eval_")
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..segment.train import train
+
+    _require(args, "data")
+    if args.backbone is None and args.pretrained is None and args.embed_dim is None:
+        raise ValueError("expected --backbone NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/--num-heads)")
+    train(train_config_from_args(args))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..segment.metrics import format_metrics
+    from ..segment.model import load_segmenter
+    from ..segment.train import EvalSettings, evaluate_checkpoint
+
+    _require(args, "checkpoint", "data")
+    _, meta = load_segmenter(args.checkpoint)
+    settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
+    metrics, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, settings, args.device, args.amp,
+                                           args.num_classes, args.ignore_index, args.reduce_zero_label)
+    print(format_metrics(metrics, classes))
+    print(f"inference: {settings.mode}, scale {settings.scale or 'native'}"
+          + (f", window {settings.crop_size} stride {settings.stride}" if settings.mode == "slide" else "")
+          + (", flip" if settings.flip else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**metrics, "classes": classes, "split": args.split}, indent=2))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..segment.data import IMAGE_EXTS, colorize, infer, overlay, read_image
+    from ..segment.model import load_segmenter
+    from ..segment.train import EvalSettings
+    from .predict import resolve_device
+
+    _require(args, "checkpoint", "inputs")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
+    files: list[Path] = []
+    for item in args.inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"expected an image file or folder, got {item!r} which does not exist")
+    if not files:
+        raise ValueError(f"no images found in {', '.join(args.inputs)} (expected files ending in {', '.join(IMAGE_EXTS)})")
+    model, meta = load_segmenter(args.checkpoint)
+    device = resolve_device(args.device)
+    model.to(device)
+    settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
+    palette = meta.get("palette") or []
+    if len(palette) < model.num_classes:
+        from ..segment.data import default_palette
+
+        palette = default_palette(model.num_classes)
+    classes = meta.get("classes") or [f"class{i}" for i in range(model.num_classes)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in files:
+        try:
+            image = read_image(path)
+        except ValueError as err:
+            print(f"skipped: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        with torch.inference_mode():
+            pred = infer(model, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
+                         stride=settings.stride, flip=settings.flip).argmax(0)
+        mask = colorize(pred, palette)
+        mask.save(out / f"{path.stem}_mask.png")
+        overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.png")
+        counts = torch.bincount(pred.flatten(), minlength=model.num_classes).float() / pred.numel()
+        top = sorted(((c.item(), classes[i]) for i, c in enumerate(counts) if c > 0), reverse=True)[:3]
+        print(f"{path}: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name in top))
+    print(f"wrote {2 * (len(files) - failed)} files to {out} (NAME_mask.png: palette PNG whose pixel values are class indices)")
+    return 1 if failed else 0

@@ -1,0 +1,164 @@
+"""Building segmenters: the XCiT backbone (named, custom or from a classification / DINO checkpoint),
+the head, and saving / loading whole segmentation checkpoints."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..models import MODELS, XCiTPyramid, resolve_name
+from ..models.weights import CheckpointError, infer_architecture, read_state_dict, to_official_layout
+from .heads import Segmenter
+
+TRUNK_PREFIXES = ("patch_embed.", "pos_embeder.", "blocks.")
+_ARCH_KEYS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "eta", "use_pos_embed")
+FORMAT = "xcit-segmenter-1"
+
+
+def read_backbone_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The XCiT trunk weights in ``path``, official key layout.
+
+    Accepts what :func:`xcit.models.weights.read_state_dict` reads (official release, timm, bare
+    state dicts, safetensors, DINO's backbone-only ``*_pretrain.pth``) and also DINO training
+    checkpoints (``{'teacher': {'backbone.blocks...'}}``, teacher weights are used) and segmentation
+    checkpoints written here (``backbone.`` prefix).
+    """
+    try:
+        state = read_state_dict(path)
+    except CheckpointError as err:
+        state = _read_dino_training_checkpoint(path)
+        if state is None:
+            raise err
+    for prefix in ("module.", "backbone.", "encoder."):
+        if any(k.startswith(prefix + "blocks.") for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = to_official_layout(state)
+    trunk = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
+    if not any(k.startswith("blocks.") for k in trunk):
+        raise CheckpointError(f"{path}: no XCiT blocks found (expected keys like 'blocks.0.attn.qkv.weight')")
+    return trunk
+
+
+def _read_dino_training_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - the first reader's error is the one to report
+        return None
+    if not isinstance(raw, dict):
+        return None
+    for key in ("teacher", "student"):
+        inner = raw.get(key)
+        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
+    return None
+
+
+def build_backbone(
+    name: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    out_indices: list[int] | None = None,
+    drop_path_rate: float = 0.0,
+    **arch_overrides,
+) -> XCiTPyramid:
+    """An :class:`XCiTPyramid`: named (``xcit_small_12_p16``), customised (``patch_size=8, embed_dim=96``)
+    and/or initialised from the trunk of any XCiT classification or DINO ``checkpoint``.
+
+    With a checkpoint the architecture is read from its shapes (``name`` may be omitted); every
+    trunk weight must be present and fit, else :class:`CheckpointError` names the difference.
+    """
+    arch: dict = {}
+    state = None
+    if checkpoint is not None:
+        state = read_backbone_state(checkpoint)
+        found = infer_architecture(state)
+        arch = {k: found[k] for k in _ARCH_KEYS if k in found}
+    if name is not None:
+        spec = MODELS[resolve_name(name).arch].kwargs()
+        spec.pop("tokens_norm", None)
+        if state is not None:
+            clash = {k: (spec[k], arch[k]) for k in spec if k in arch and arch[k] != spec[k]}
+            if clash:
+                raise CheckpointError(
+                    f"{checkpoint} does not hold {name}: " + ", ".join(f"{k} {a} (name) vs {b} (file)" for k, (a, b) in clash.items())
+                )
+        arch = {**spec, **arch}
+    if not arch and not arch_overrides:
+        raise ValueError("expected a backbone name, a checkpoint or an architecture (patch_size, embed_dim, ...), got none")
+    arch.update({k: v for k, v in arch_overrides.items() if v is not None})
+    backbone = XCiTPyramid(out_indices=out_indices, drop_path_rate=drop_path_rate, **arch)
+    if state is not None:
+        own = {k: v for k, v in backbone.state_dict().items() if k.startswith(TRUNK_PREFIXES)}
+        missing = [k for k in own if k not in state]
+        bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+        if missing or bad:
+            raise CheckpointError(
+                f"{checkpoint} does not fit the backbone {arch}: "
+                + (f"missing {len(missing)} keys ({', '.join(missing[:5])}); " if missing else "")
+                + (f"mismatched: {'; '.join(bad[:5])}" if bad else "")
+            )
+        backbone.load_state_dict({k: state[k] for k in own}, strict=False)
+    backbone.model_name = name and resolve_name(name).arch
+    return backbone
+
+
+def build_segmenter(
+    num_classes: int,
+    backbone: str | None = None,
+    pretrained: str | os.PathLike | None = None,
+    *,
+    head: str = "upernet",
+    out_indices: list[int] | None = None,
+    drop_path_rate: float = 0.0,
+    arch: dict | None = None,
+    **head_kwargs,
+) -> Segmenter:
+    """Backbone (see :func:`build_backbone`) + head (``"fpn"`` or ``"upernet"``) for ``num_classes``."""
+    pyramid = build_backbone(backbone, pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate, **(arch or {}))
+    return Segmenter(pyramid, num_classes, head=head, **head_kwargs)
+
+
+def segmenter_config(model: Segmenter) -> dict:
+    """Everything needed to rebuild ``model`` (without weights)."""
+    bb = model.backbone
+    return dict(
+        num_classes=model.num_classes, arch=dict(bb.arch_config), out_indices=list(bb.out_indices),
+        backbone_name=getattr(bb, "model_name", None), **model.head_config,
+    )
+
+
+def segmenter_from_config(cfg: dict) -> Segmenter:
+    cfg = dict(cfg)
+    pyramid = XCiTPyramid(out_indices=cfg.pop("out_indices"), **cfg.pop("arch"))
+    pyramid.model_name = cfg.pop("backbone_name", None)
+    num_classes = cfg.pop("num_classes")
+    return Segmenter(pyramid, num_classes, **cfg)
+
+
+def save_segmenter(model: Segmenter, path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """Write ``{'format', 'config', 'model', 'meta'}`` atomically (temporary file + rename)."""
+    from .engine import atomic_save
+
+    model = getattr(model, "module", model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return atomic_save({"format": FORMAT, "config": segmenter_config(model), "model": state, "meta": meta or {}}, path)
+
+
+def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
+    """(model in eval mode, meta) from a checkpoint written by :func:`save_segmenter` or by training."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a segmentation checkpoint, got {str(path)!r} which is not a file")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a segmentation checkpoint (expected one written by `xcit segment train`; "
+            "to start from a classification or DINO checkpoint use `xcit segment train --pretrained`)"
+        )
+    model = segmenter_from_config(raw["config"])
+    model.load_state_dict(raw["model"])
+    return model.eval(), raw.get("meta", {})
