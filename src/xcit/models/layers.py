@@ -11,7 +11,55 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath as fp
+
 LN_EPS = 1e-6
+
+
+class _FusableMixin:
+    """Inference re-parameterisation state (see :mod:`xcit.models.fuse`).
+
+    ``fuse`` stores folded weights in non-persistent buffers and sets ``fused``; the parameters and
+    the state dict are untouched. Loading a state dict drops the folded copies (they would be stale),
+    so reloading weights always gives back the plain module.
+    """
+
+    fused: bool = False
+    _fused_names: tuple[str, ...] = ()
+
+    def _set_fused(self, **tensors: torch.Tensor) -> None:
+        self._clear_fused()
+        for name, value in tensors.items():
+            self.register_buffer("_f_" + name, value.detach().clone(), persistent=False)
+        self._fused_names = tuple(tensors)
+        self.fused = True
+
+    def _clear_fused(self) -> None:
+        for name in self._fused_names:
+            self._buffers.pop("_f_" + name, None)
+        self._fused_names = ()
+        self.fused = False
+
+    def _fz(self, name: str) -> torch.Tensor:
+        return self._buffers["_f_" + name]
+
+    def _check_fused_inference(self) -> None:
+        if self.training:
+            raise RuntimeError(
+                f"{type(self).__name__} was fused for inference (model.fuse()); call model.eval(), or reload the "
+                "weights (load_state_dict) / model.unfuse() before training"
+            )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._clear_fused()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def _add_branch(x: torch.Tensor, gamma: torch.Tensor, branch: torch.Tensor, drop: "DropPath") -> torch.Tensor:
+    """``x + drop_path(gamma * branch)``: one fused multiply-add unless drop path is active."""
+    if drop.training and drop.rate > 0.0:
+        return x + drop(gamma * branch)
+    return torch.addcmul(x, branch, gamma)
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
@@ -48,10 +96,16 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fp.config.enabled:
+            return self._forward_plain(x)
+        x = fp.linear(x, self.fc1.weight, self.fc1.bias, gelu=True)  # GELU fused at inference
+        return self.drop(fp.linear(self.drop(x), self.fc2.weight, self.fc2.bias))
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-class ConvPatchEmbed(nn.Module):
+class ConvPatchEmbed(_FusableMixin, nn.Module):
     """Convolutional stem: log2(patch_size) stride-2 3x3 conv + BN stages, GELU between stages.
 
     Channels double towards ``embed_dim`` (patch 16: C/8, C/4, C/2, C). Modules sit at the even
@@ -83,6 +137,26 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        if not fp.config.enabled:
+            return self._forward_plain(x)
+        # Channels-last: the last stage's output is then already (B, Hp, Wp, C) = token layout.
+        x = x.contiguous(memory_format=torch.channels_last)
+        stages = [m for m in self.proj if isinstance(m, nn.Sequential)]
+        if self.fused:
+            self._check_fused_inference()
+            for i, stage in enumerate(stages):
+                conv = stage[0]
+                x = fp.conv2d(x, self._fz(f"w{i}"), self._fz(f"b{i}"), conv.stride[0], conv.padding[0], conv.groups,
+                              gelu=i < len(stages) - 1)
+        else:
+            for i, stage in enumerate(stages):
+                x = stage(x)
+                if i < len(stages) - 1:
+                    x = F.gelu(x)
+        b, c, hp, wp = x.shape
+        return x.permute(0, 2, 3, 1).reshape(b, hp * wp, c), hp, wp
+
+    def _forward_plain(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)
         hp, wp = x.shape[-2:]
         return x.flatten(2).transpose(1, 2), hp, wp
@@ -116,7 +190,12 @@ class FourierPositionalEncoding(nn.Module):
         y = (rows / (hp + self.eps) * self.scale)[:, None].expand(hp, wp)
         x = (cols / (wp + self.eps) * self.scale)[None, :].expand(hp, wp)
         pos = torch.cat((self._embed_axis(y), self._embed_axis(x)), dim=-1)  # (hp, wp, 2 * hidden)
-        pos = pos.permute(2, 0, 1).unsqueeze(0).to(self.token_projection.weight.dtype)
+        weight = self.token_projection.weight
+        if fp.config.enabled:
+            # The 1x1 conv is a linear map on (hp * wp, 2 * hidden) tokens: contiguous (1, N, C) output.
+            pos = pos.reshape(1, hp * wp, -1).to(weight.dtype)
+            return fp.linear(pos, weight.reshape(weight.shape[0], -1), self.token_projection.bias)
+        pos = pos.permute(2, 0, 1).unsqueeze(0).to(weight.dtype)
         return self.token_projection(pos).flatten(2).transpose(1, 2)
 
 
@@ -151,13 +230,21 @@ class XCA(nn.Module):
         return attn.softmax(dim=-1), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fp.config.enabled:
+            return self._forward_plain(x)
+        attn_drop = self.attn_drop if self.attn_drop.p > 0 and self.training else None
+        y = fp.xca(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, self.temperature,
+                   self.num_heads, attn_drop)
+        return self.proj_drop(y)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         attn, v = self.attention(x)
         x = (self.attn_drop(attn) @ v).permute(0, 3, 1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(x))
 
 
-class LPI(nn.Module):
+class LPI(_FusableMixin, nn.Module):
     """Local patch interaction: depthwise 3x3 conv -> GELU -> BN -> depthwise 3x3 conv on the grid."""
 
     def __init__(self, dim: int, kernel_size: int = 3) -> None:
@@ -168,14 +255,36 @@ class LPI(nn.Module):
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
 
-    def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hp: int, wp: int, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """LPI of tokens ``x`` (B, N, C) on an ``hp`` x ``wp`` grid; fused models add ``residual``."""
+        if not fp.config.enabled:
+            out = self._forward_plain(x, hp, wp)
+            return out if residual is None else residual + out
+        b, n, c = x.shape
+        # Tokens (B, N, C) are a channels-last (B, C, Hp, Wp) image: no transposes.
+        x4 = x.reshape(b, hp, wp, c).permute(0, 3, 1, 2)
+        c1, c2 = self.conv1, self.conv2
+        z = fp.conv2d(x4, c1.weight, c1.bias, 1, c1.padding[0], c1.groups, gelu=True)
+        if self.fused:
+            self._check_fused_inference()
+            # BN and the block's LayerScale are folded into conv2; the BN shift's zero-padding border
+            # term is put back on the border rows and columns.
+            r4 = residual.reshape(b, hp, wp, c).permute(0, 3, 1, 2)
+            y = fp.conv2d_add(z, self._fz("w2"), self._fz("b2"), c2.padding[0], c2.groups, r4)
+            fp.subtract_border_taps(y, self._fz("taps"), c2.padding[0])
+        else:
+            y = F.conv2d(self.bn(z), c2.weight, c2.bias, 1, c2.padding, 1, c2.groups)
+        y = y.permute(0, 2, 3, 1).reshape(b, n, c)
+        return y if residual is None or self.fused else residual + y
+
+    def _forward_plain(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         b, n, c = x.shape
         x = x.transpose(1, 2).reshape(b, c, hp, wp)
         x = self.conv2(self.bn(self.act(self.conv1(x))))
         return x.reshape(b, c, n).transpose(1, 2)
 
 
-class XCABlock(nn.Module):
+class XCABlock(_FusableMixin, nn.Module):
     """Pre-norm block: XCA, LPI and FFN residual branches, each scaled by a LayerScale gamma.
 
     ``norm3`` (for LPI) is registered before ``norm2`` (for the FFN), as in the official code.
@@ -205,6 +314,27 @@ class XCABlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        if not fp.config.enabled:
+            return self._forward_plain(x, hp, wp)
+        if self.fused:
+            return self._forward_fused(x, hp, wp)
+        x = _add_branch(x, self.gamma1, self.attn(self.norm1(x)), self.drop_path)
+        x = _add_branch(x, self.gamma3, self.local_mp(self.norm3(x), hp, wp), self.drop_path)
+        x = _add_branch(x, self.gamma2, self.mlp(self.norm2(x)), self.drop_path)
+        return x
+
+    def _forward_fused(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        """Inference with LayerScale and norm1/norm2 affines folded into the projections (``fuse``)."""
+        self._check_fused_inference()
+        c = x.shape[-1]
+        fz = self._fz
+        x = fp.xca(F.layer_norm(x, (c,), None, None, self.norm1.eps), fz("qkv_w"), fz("qkv_b"), fz("proj_w"),
+                   fz("proj_b"), self.attn.temperature, self.attn.num_heads, residual=x)
+        x = self.local_mp(self.norm3(x), hp, wp, residual=x)
+        h = fp.linear(F.layer_norm(x, (c,), None, None, self.norm2.eps), fz("fc1_w"), fz("fc1_b"), gelu=True)
+        return fp.linear_add(h, fz("fc2_w"), fz("fc2_b"), x)
+
+    def _forward_plain(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), hp, wp))
         x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
@@ -240,6 +370,20 @@ class ClassAttention(nn.Module):
         return logits.softmax(dim=-1), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fp.config.enabled:
+            return self._forward_plain(x)
+        return torch.cat([self.forward_cls(x), x[:, 1:]], dim=1)
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention output of the cls token only, (B, 1, C)."""
+        if not fp.config.enabled:
+            return self._forward_plain(x)[:, :1]
+        attn_drop = self.attn_drop if self.attn_drop.p > 0 and self.training else None
+        cls = fp.class_attention(x, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias,
+                                 self.num_heads, self.scale, attn_drop)
+        return self.proj_drop(cls)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         b, _, c = x.shape
         attn, v = self.attention(x)
         cls = (self.attn_drop(attn).unsqueeze(2) @ v).transpose(1, 2).reshape(b, 1, c)
@@ -275,6 +419,20 @@ class ClassAttentionBlock(nn.Module):
         self.tokens_norm = tokens_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not fp.config.enabled:
+            return self._forward_plain(x)
+        # Same arithmetic, cls token and patch tokens handled separately (no full-size concatenations
+        # until the end): patches -> norm2?(x_p + gamma1 * norm1(x)_p) * 2.
+        xn = self.norm1(x)
+        cls = torch.addcmul(x[:, :1], self.attn.forward_cls(xn), self.gamma1)
+        patches = torch.addcmul(x[:, 1:], xn[:, 1:], self.gamma1)
+        cls = self.norm2(cls)
+        if self.tokens_norm:
+            patches = self.norm2(patches)
+        cls = torch.addcmul(cls, self.mlp(cls), self.gamma2)
+        return torch.cat([cls, patches * 2], dim=1)
+
+    def _forward_plain(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.gamma1 * self.attn(self.norm1(x))
         if self.tokens_norm:
             x = self.norm2(x)

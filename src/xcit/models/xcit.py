@@ -66,6 +66,23 @@ class XCiTTrunk(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
+    def fuse(self) -> "XCiTTrunk":
+        """Fold BatchNorm, LayerScale and LayerNorm affines into neighbouring weights for inference.
+
+        In place (folded copies live in non-persistent buffers: parameters and state dict are
+        unchanged); sets eval mode, and training raises until :meth:`unfuse` or ``load_state_dict``.
+        See :mod:`xcit.models.fuse`.
+        """
+        from .fuse import fuse_model
+
+        return fuse_model(self)
+
+    def unfuse(self) -> "XCiTTrunk":
+        """Undo :meth:`fuse`: compute from the parameters again."""
+        from .fuse import unfuse_model
+
+        return unfuse_model(self)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute XCA blocks in the backward pass to save activation memory (same results)."""
         self.grad_checkpointing = enable
