@@ -6,9 +6,12 @@ size and any H, W (not only multiples of the patch size), and return logits (B, 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +22,10 @@ from torch import nn
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
+
+
+class ExportError(ValueError):
+    """A model that could not be exported with dynamic batch, height and width."""
 
 
 def _example(model: nn.Module, size: tuple[int, int], batch: int = 2) -> torch.Tensor:
@@ -34,6 +41,29 @@ def _dims(patch_size: int) -> dict[int, torch.export.Dim]:
     dim = torch.export.Dim
     least = patch_size + 1
     return {0: dim("batch", min=1, max=65536), 2: dim("height", min=least, max=16384), 3: dim("width", min=least, max=16384)}
+
+
+def _is_fused(model: nn.Module) -> bool:
+    return any(getattr(m, "fused", False) for m in model.modules())
+
+
+@contextlib.contextmanager
+def export_mode(model: nn.Module):
+    """Trace with standard ATen operators only.
+
+    The layers' CPU fast path (``xcit.models.fastpath``, where present) may call oneDNN-specific
+    kernels (not in ONNX) and pick an XCA formulation by comparing the token count with the channels
+    (a branch on a dynamic size). An unfused model is traced on the plain reference path; a fused one
+    (its folded weights live on the fast path) on the fast path without oneDNN and without folding.
+    """
+    try:
+        from .models import fastpath
+    except ImportError:  # a version of the layers without a fast path
+        yield
+        return
+    fused = _is_fused(model)
+    with fastpath.settings(onednn=False, fold="never") if fused else fastpath.plain_path():
+        yield
 
 
 def prepare_for_export(model: nn.Module, fuse: bool = False) -> nn.Module:
@@ -77,21 +107,50 @@ def export_onnx(
     x = _example(model, example_size)
     kind = onnx_exporter(exporter)
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5e9  # ONNX protobuf limit is 2 GB
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        if kind == "dynamo":
-            torch.onnx.export(
-                model, (x,), path, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=(_dims(model.patch_size),), opset_version=opset, external_data=large, optimize=True, verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=opset, do_constant_folding=True,
-            )
+    log = io.StringIO()  # the dynamo exporter narrates its steps on stdout: shown only if it fails
+    try:
+        with torch.no_grad(), export_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            if kind == "dynamo":
+                torch.onnx.export(
+                    model, (x,), path, dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_shapes=(_dims(model.patch_size),), opset_version=opset, external_data=large,
+                    optimize=True, verbose=False,
+                )
+            else:
+                torch.onnx.export(
+                    model, (x,), path, dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}},
+                    opset_version=opset, do_constant_folding=True,
+                )
+    except Exception as err:
+        sys.stderr.write("".join(log.getvalue().splitlines(keepends=True)[-30:]))
+        hint = " (a fused model: export without --fuse)" if _is_fused(model) else ""
+        raise ExportError(f"the {kind} ONNX exporter failed{hint}: {type(err).__name__}: {str(err)[:1200]}") from err
+    _check_dynamic_onnx(path, kind)
     return path
+
+
+def _check_dynamic_onnx(path: Path, kind: str) -> None:
+    """Refuse an ONNX file whose batch, height or width came out fixed.
+
+    When torch.export cannot trace dynamic sizes, the dynamo exporter may fall back to a trace that
+    bakes in the example's sizes instead of failing; such a file is removed and reported.
+    """
+    try:
+        import onnx
+    except ImportError:  # the parity check still runs the file at other sizes
+        return
+    graph = onnx.load(str(path), load_external_data=False).graph
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    fixed = [name for name, d in zip(("batch", "channels", "height", "width"), dims) if name != "channels" and not isinstance(d, str)]
+    if fixed:
+        path.unlink()
+        raise ExportError(
+            f"the {kind} ONNX exporter produced fixed {', '.join(fixed)} (input shape {dims}): the model could "
+            "not be traced with dynamic sizes. Try --exporter torchscript, or export without --fuse."
+        )
 
 
 def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: tuple[int, int] = (224, 224)) -> Path:
@@ -99,8 +158,16 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    with torch.no_grad():
-        program = torch.export.export(model, (_example(model, example_size),), dynamic_shapes=(_dims(model.patch_size),))
+    with torch.no_grad(), export_mode(model):
+        try:
+            program = torch.export.export(model, (_example(model, example_size),), dynamic_shapes=(_dims(model.patch_size),))
+        except Exception as err:
+            if type(err).__name__ not in ("UserError", "ConstraintViolationError"):
+                raise
+            raise ExportError(
+                "torch.export could not trace the model with dynamic batch, height and width"
+                f"{' (a fused model: export without --fuse)' if _is_fused(model) else ''}:\n{str(err)[:1500]}"
+            ) from err
     torch.export.save(program, path)
     return path
 

@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..inference import PredictionWriter, Predictor, collect_images, format_table
+    from ..inference.predict import PredictionWriter, Predictor, collect_images, format_row, table_header, table_width
 
     paths = collect_images(args.inputs, args.lists)
     if not paths:
@@ -78,8 +78,11 @@ def run_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(inf, next(inf.model.parameters()).device)
     k = min(args.top_k, inf.num_classes)
     writer = PredictionWriter(args.output, args.format, k) if args.output else None
-    keep_rows = writer is None or len(paths) <= args.show
-    rows, failed = [], 0
+    show = writer is None or len(paths) <= args.show  # the table streams to stdout as batches complete
+    width = table_width(paths)
+    if show:
+        print(table_header(width, k), flush=True)
+    failed = 0
     try:
         for pred in predictor.predict(
             paths, top_k=k, batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress
@@ -87,13 +90,11 @@ def run_predict(args: argparse.Namespace) -> int:
             failed += pred.error is not None
             if writer is not None:
                 writer.write(pred)
-            if keep_rows:
-                rows.append(pred)
+            if show:
+                print(format_row(pred, width))
     finally:
         if writer is not None:
             writer.close()
-    if rows:
-        print(format_table(rows, k))
     summary = f"{len(paths)} image(s), {len(paths) - failed} classified, {failed} unreadable"
     if writer is not None:
         summary += f"; wrote {writer.format.upper()} to {writer.path}"

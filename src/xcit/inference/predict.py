@@ -208,17 +208,29 @@ class PredictionWriter:
         self.close()
 
 
+def _short(path: str, max_path: int) -> str:
+    return path if len(path) <= max_path else "..." + path[-(max_path - 3):]
+
+
+def table_width(paths: Sequence[str], max_path: int = 48) -> int:
+    """Width of the path column of :func:`format_row` for these paths."""
+    return max([len(_short(p, max_path)) for p in paths] + [5])
+
+
+def table_header(width: int, top_k: int) -> str:
+    return f"{'image'.ljust(width)}  top-{top_k} (probability)\n{'-' * width}  {'-' * 40}"
+
+
+def format_row(pred: Prediction, width: int, max_path: int = 48) -> str:
+    """One table line: the path, then ``label (prob%)`` for each of the top-k, or the error."""
+    if pred.error:
+        body = f"ERROR {pred.error}"
+    else:
+        body = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in zip(pred.labels, pred.probs))
+    return f"{_short(pred.path, max_path).ljust(width)}  {body}"
+
+
 def format_table(preds: Sequence[Prediction], top_k: int = 5, max_path: int = 48) -> str:
     """A human-readable table: one line per image with its top-k ``label (prob%)``."""
-    def short(p: str) -> str:
-        return p if len(p) <= max_path else "..." + p[-(max_path - 3):]
-
-    width = max([len(short(p.path)) for p in preds] + [5])
-    lines = [f"{'image'.ljust(width)}  top-{top_k} (probability)", f"{'-' * width}  {'-' * 40}"]
-    for p in preds:
-        if p.error:
-            body = f"ERROR {p.error}"
-        else:
-            body = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in zip(p.labels, p.probs))
-        lines.append(f"{short(p.path).ljust(width)}  {body}")
-    return "\n".join(lines)
+    width = table_width([p.path for p in preds], max_path)
+    return "\n".join([table_header(width, top_k)] + [format_row(p, width, max_path) for p in preds])

@@ -1,10 +1,11 @@
 """What XCiT attends to: class-attention maps over patches and XCA channel-attention matrices.
 
 :func:`forward_with_attention` runs the model's own ``forward`` once and records, through
-temporary forward hooks on the attention modules, the exact attention of the requested layers
-(recomputed with ``ClassAttention.attention`` / ``XCA.attention`` from the very input each module
-received). The logits it returns are therefore those of ``model(x)``, bit for bit, and the model is
-left unchanged (hooks are removed even on error).
+temporary forward pre-hooks on the blocks, the exact attention of the requested layers: from the
+input each block received, ``block.attn.attention(block.norm1(x))`` (``ClassAttention.attention`` /
+``XCA.attention``, which materialise the softmax whatever fast path the forward itself takes). The
+logits it returns are those of ``model(x)``, bit for bit, and the model is left unchanged (hooks are
+removed even on error).
 """
 from __future__ import annotations
 
@@ -109,13 +110,16 @@ def forward_with_attention(
 
     recorded: dict[str, torch.Tensor] = {}
 
-    def record_cls(module, args, _output):
-        attn, _ = module.attention(args[0])  # (B, heads, 1 + N), cls first
+    # Pre-hooks on the *blocks*: their input is the residual stream, and by the architecture's
+    # definition (pre-norm blocks) the attention sees norm1 of it. This holds whatever fast or fused
+    # path a block's forward takes internally (parameters, norm1's included, are never altered).
+    def record_cls(block, args):
+        attn, _ = block.attn.attention(block.norm1(args[0]))  # (B, heads, 1 + N), cls first
         recorded["cls"] = attn
 
     def record_xca(index):
-        def hook(module, args, _output):
-            attn, _ = module.attention(args[0])  # (B, heads, d, d)
+        def hook(block, args):
+            attn, _ = block.attn.attention(block.norm1(args[0]))  # (B, heads, d, d)
             recorded[f"xca{index}"] = attn
         return hook
 
@@ -127,9 +131,9 @@ def forward_with_attention(
 
     with ExitStack() as stack:
         handles = [model.patch_embed.register_forward_hook(record_grid)]
-        handles.append(model.cls_attn_blocks[cls_layer].attn.register_forward_hook(record_cls))
+        handles.append(model.cls_attn_blocks[cls_layer].register_forward_pre_hook(record_cls))
         for b in sorted(set(blocks)):
-            handles.append(model.blocks[b].attn.register_forward_hook(record_xca(b)))
+            handles.append(model.blocks[b].register_forward_pre_hook(record_xca(b)))
         for h in handles:
             stack.callback(h.remove)
         logits = model(x)

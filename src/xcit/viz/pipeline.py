@@ -70,7 +70,7 @@ def render_attention(
     transform = keep_aspect_transform(short_side, inf.mean, inf.std)
     taken: set[str] = set()
     model = inf.model
-    label = inf.source + ("" if not inf.dataset else f" [{inf.dataset}]")
+    label = (inf.source if inf.random_init else Path(inf.source).name) + (f" [{inf.dataset}]" if inf.dataset else "")
     for path in paths:
         path = Path(path)
         try:
