@@ -138,6 +138,12 @@ def test_metadata_and_fallbacks(ckpt, tmp_path):
     st = save_checkpoint(inf.model, tmp_path / "toy.safetensors", extra={"classes": CLASSES, "data": DATA})
     assert read_metadata(st)["classes"] == CLASSES
     assert load_for_inference(st).img_size == (24, 24)
+    # the training run's resampling is used for prediction too
+    bil = save_checkpoint(inf.model, tmp_path / "bilinear.pth", extra={"data": {**DATA, "interpolation": "bilinear"}})
+    from torchvision.transforms import v2
+
+    resize = [t for t in load_for_inference(bil).transform().transforms if isinstance(t, v2.Resize)]
+    assert [t.interpolation for t in resize] == [v2.InterpolationMode.BILINEAR]
     # a bare 1000-class state dict: ImageNet names and the ImageNet evaluation preprocessing
     model = XCiT(patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=1000)
     bare = tmp_path / "bare.pth"

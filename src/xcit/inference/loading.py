@@ -90,6 +90,7 @@ class InferenceModel:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     crop_pct: float = 1.0
+    interpolation: str = "bicubic"
     source: str = ""
     random_init: bool = False
     dataset: str | None = None
@@ -97,7 +98,14 @@ class InferenceModel:
 
     def transform(self):
         """The evaluation transform: PIL image -> normalised (in_chans, H, W) float tensor."""
-        return eval_transform(self.img_size, self.crop_pct, self.mean, self.std)
+        if self.interpolation == "bicubic":
+            return eval_transform(self.img_size, self.crop_pct, self.mean, self.std)
+        from torchvision.transforms import v2
+
+        steps = list(eval_transform(self.img_size, self.crop_pct, self.mean, self.std).transforms)
+        resize = next(i for i, t in enumerate(steps) if isinstance(t, v2.Resize))
+        steps[resize] = v2.Resize(steps[resize].size, interpolation=_interpolation(self.interpolation), antialias=True)
+        return v2.Compose(steps)
 
     @property
     def num_classes(self) -> int:
@@ -108,9 +116,18 @@ class InferenceModel:
         return {
             "source": self.source, "img_size": list(self.img_size), "in_chans": self.in_chans,
             "mean": list(self.mean), "std": list(self.std), "crop_pct": self.crop_pct,
-            "interpolation": "bicubic", "classes": list(self.classes), "dataset": self.dataset,
+            "interpolation": self.interpolation, "classes": list(self.classes), "dataset": self.dataset,
             "random_init": self.random_init,
         }
+
+
+def _interpolation(name: str):
+    from torchvision.transforms import v2
+
+    try:
+        return v2.InterpolationMode[name.upper()]
+    except KeyError:
+        raise ValueError(f"expected interpolation bicubic, bilinear or nearest, got {name!r}") from None
 
 
 def class_names(num_classes: int, meta: dict | None = None) -> list[str]:
@@ -183,10 +200,12 @@ def load_for_inference(
     crop = float(crop_pct if crop_pct is not None else data.get("crop_pct", 1.0))
     if not 0.0 < crop <= 1.0:
         raise ValueError(f"expected crop_pct in (0, 1], got {crop}")
+    interpolation = str(data.get("interpolation", "bicubic")).lower()
+    _interpolation(interpolation)
     n = getattr(model, "num_classes", 0)
     if not n:
         raise ValueError(f"{source}: the model has no classifier head (num_classes=0); nothing to predict")
     return InferenceModel(
         model=model, classes=class_names(n, meta), img_size=size, in_chans=in_chans, mean=mean, std=std,
-        crop_pct=crop, source=source, random_init=checkpoint is None, dataset=data.get("dataset"), metadata=meta,
+        crop_pct=crop, interpolation=interpolation, source=source, random_init=checkpoint is None, dataset=data.get("dataset"), metadata=meta,
     )
