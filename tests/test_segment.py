@@ -40,6 +40,13 @@ def test_head_output_shapes_at_rectangular_sizes(patch, head):
             assert model(torch.randn(1, 3, h, w)).shape == (1, 5, h, w)
 
 
+def test_too_small_input_is_a_clear_error():
+    model = tiny_segmenter(8, "upernet").eval()
+    assert model(torch.randn(1, 3, 25, 40)).shape == (1, 3, 25, 40)
+    with pytest.raises(ValueError, match="at least 25x25 pixels for patch 8"):
+        model(torch.randn(1, 3, 24, 40))
+
+
 def test_head_structure_follows_the_paper_defaults():
     model = build_segmenter(150, arch=dict(patch_size=16, **TINY), head="upernet")
     head = model.decode_head

@@ -197,6 +197,13 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]
+        p = self.backbone.patch_size
+        smallest = max(32 - p + 1, 1)  # the stride-32 level max-pools the patch grid (floor)
+        if x.ndim == 4 and min(size) < smallest:
+            raise ValueError(
+                f"expected an input of at least {smallest}x{smallest} pixels for patch {p} (the stride-32 level "
+                f"would be empty), got {tuple(size)}; pad or upscale small images"
+            )
         feats = list(self.backbone(x).values())
         logits = _resize(self.decode_head(feats), size)
         if self.training and self.aux_head is not None:
