@@ -176,7 +176,10 @@ def check_sizes(img_size: tuple[int, int], patch_size: int) -> list[tuple[int, i
     """Three (batch, H, W) test inputs: the eval size, a rectangular one, and one that is no multiple of the patch."""
     h, w = img_size
     p = patch_size
-    up = lambda v: max(p, math.ceil(v / p) * p)  # noqa: E731
+
+    def up(v: int) -> int:  # the next multiple of the patch size
+        return max(p, math.ceil(v / p) * p)
+
     odd_h, odd_w = h + p // 2 + 1, max(p + 1, w - p // 2 - 1)
     if odd_h % p == 0:
         odd_h += 1

@@ -179,7 +179,7 @@ class PredictionWriter:
         self.format = fmt
         self.top_k = top_k
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", newline="" if fmt == "csv" else None, encoding="utf-8")
+        self._file = open(self.path, "w", newline="" if fmt == "csv" else None, encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._csv = None
         if fmt == "csv":
             self._csv = csv.writer(self._file)
@@ -201,7 +201,7 @@ class PredictionWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> PredictionWriter:
+    def __enter__(self) -> PredictionWriter:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:
