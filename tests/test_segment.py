@@ -305,3 +305,67 @@ def test_quadrant_split_is_shared_and_covers_the_image():
         cover[quadrant_slices(h, w, q)] += 1
     assert (cover == 1).all()
     assert quadrant_slices(512, 512, HELD_OUT_QUADRANT) == (slice(256, 512), slice(256, 512))
+
+
+# ----------------------------------------------------------------------------- real-data preparation
+
+
+def _fake_wheels(tmp_path: Path) -> tuple[Path, Path]:
+    """Zip files laid out like the stardist and deepforest wheels, with small synthetic data."""
+    import io
+    import zipfile
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((64, 64), np.uint16)
+    labels[5:15, 5:15], labels[40:50, 40:60] = 1, 2  # the second nucleus lies in the held-out quadrant
+    image = (rng.integers(0, 30, (64, 64)) + (labels > 0) * 180).astype(np.uint16)
+    star = tmp_path / "stardist-0.0-py3-none-any.whl"
+    with zipfile.ZipFile(star, "w") as zf:
+        for name, arr in (("img2d.tif", image), ("mask2d.tif", labels)):
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="TIFF")
+            zf.writestr(f"stardist/data/images/{name}", buf.getvalue())
+    forest = tmp_path / "deepforest-0.0-py3-none-any.whl"
+    with zipfile.ZipFile(forest, "w") as zf:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3)).astype(np.uint8)).save(buf, format="PNG")
+        zf.writestr("deepforest/data/OSBS_029.png", buf.getvalue())
+        box = "<object><name>Tree</name><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>12</xmax><ymax>10</ymax></bndbox></object>"
+        zf.writestr("deepforest/data/OSBS_029.xml", f"<annotation>{box}</annotation>")
+    return star, forest
+
+
+def test_prepare_writes_the_quadrant_split_from_a_wheel(tmp_path, capsys):
+    from xcit.cli import main
+
+    star, forest = _fake_wheels(tmp_path)
+    assert main(["segment", "prepare", "nuclei", "--out", str(tmp_path / "nuclei"), "--source", str(star)]) == 0
+    root = tmp_path / "nuclei"
+    train = SegmentationFolder(root / "images" / "training", root / "annotations" / "training", 2)
+    val = SegmentationFolder(root / "images" / "validation", root / "annotations" / "validation", 2)
+    assert len(train) == 3 and len(val) == 1 and val.samples[0][0].name == "nuclei_bottom-right.png"
+    image, mask = val[0]
+    assert image.shape == (3, 32, 32) and mask.sum() == 10 * 20  # nucleus 2, shifted by the quadrant offset
+    assert int(mask[8:18, 8:28].sum()) == 200
+    assert "nucleus" in (root / "dataset.yaml").read_text() and "BSD-3-Clause" in (root / "SOURCE.txt").read_text()
+
+    assert main(["segment", "prepare", "trees", "--out", str(tmp_path / "trees"), "--source", str(forest)]) == 0
+    _, tree_mask = SegmentationFolder(tmp_path / "trees" / "images" / "training",
+                                      tmp_path / "trees" / "annotations" / "training", 2)[1]  # sorted: bottom-left, top-left
+    assert int(tree_mask.sum()) == 10 * 7 and int(tree_mask[3:10, 2:12].sum()) == 70
+
+    assert main(["segment", "prepare", "nuclei", "--out", str(tmp_path / "x"), "--source", str(forest)]) == 2
+    assert "stardist/data/images/img2d.tif" in capsys.readouterr().err
+
+
+def test_the_real_stardist_image_when_installed():
+    from xcit.data.packaged import package_file
+
+    try:
+        package_file("stardist", "data/images/img2d.tif")
+    except FileNotFoundError:
+        pytest.skip("stardist is not installed (pip install --no-deps stardist)")
+    from xcit.data.nuclei import load_nuclei
+
+    image, labels = load_nuclei()
+    assert image.shape == labels.shape == (512, 512) and len(np.unique(labels)) - 1 == 125
