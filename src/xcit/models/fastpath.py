@@ -359,21 +359,33 @@ def subtract_border_taps(y: torch.Tensor, taps: torch.Tensor, padding: int) -> t
     A depthwise conv of ``z + t`` (``t`` a per-channel constant) equals the conv of ``z`` plus
     ``t * sum(kernel)`` except near the border, where padded taps contribute nothing; with
     ``taps = t * kernel`` this restores exactness there. Cost: border rows and columns only.
+
+    Each side is corrected independently (rows missed at the top, at the bottom, columns at the
+    left, at the right, and the doubly subtracted corner taps added back). The missed tap sets of
+    opposite sides are disjoint, so this is exact for every grid size, including 1 x W grids where
+    one row is both the top and the bottom row; with ``padding == 1`` it indexes only rows/columns
+    0 and -1, so it needs no concrete grid size (dynamic shapes under torch.export).
     """
-    _, _, hh, ww = y.shape
     k = taps.shape[-1]
-
-    def missing(size: int) -> list[tuple[int, list[int]]]:
-        rows = sorted(set(range(min(padding, size))) | set(range(max(size - padding, 0), size)))
-        return [(r, [i for i in range(k) if not 0 <= r + i - padding < size]) for r in rows]
-
-    row_miss = [(r, m) for r, m in missing(hh) if m]
-    col_miss = [(s, m) for s, m in missing(ww) if m]
-    for r, m in row_miss:
-        y[:, :, r, :] -= taps[:, m, :].sum(dim=(1, 2)).to(y.dtype)[:, None]
-    for s, m in col_miss:
-        y[:, :, :, s] -= taps[:, :, m].sum(dim=(1, 2)).to(y.dtype)[:, None]
-    for r, mr in row_miss:
-        for s, ms in col_miss:
-            y[:, :, r, s] += taps[:, mr][:, :, ms].sum(dim=(1, 2)).to(y.dtype)
+    p = padding
+    hh, ww = y.shape[-2:]
+    if p != 1 and (hh < p or ww < p):  # pragma: no cover - only LPI kernels > 3 on tiny grids
+        raise ValueError(f"grid {hh}x{ww} smaller than the padding {p}")
+    taps = taps.to(y.dtype)
+    # Side s at distance r (0-based) from its edge misses kernel indices: top rows i < p - r,
+    # bottom rows i > k - 1 - (p - r); likewise columns.
+    for r in range(p):
+        top = list(range(0, p - r))
+        bottom = list(range(k - (p - r), k))
+        y[:, :, r, :] -= taps[:, top, :].sum(dim=(1, 2))[:, None]
+        y[:, :, -1 - r, :] -= taps[:, bottom, :].sum(dim=(1, 2))[:, None]
+        y[:, :, :, r] -= taps[:, :, top].sum(dim=(1, 2))[:, None]
+        y[:, :, :, -1 - r] -= taps[:, :, bottom].sum(dim=(1, 2))[:, None]
+    for r in range(p):
+        rows = ((r, list(range(0, p - r))), (-1 - r, list(range(k - (p - r), k))))
+        for s in range(p):
+            cols = ((s, list(range(0, p - s))), (-1 - s, list(range(k - (p - s), k))))
+            for ri, mr in rows:
+                for si, ms in cols:
+                    y[:, :, ri, si] += taps[:, mr][:, :, ms].sum(dim=(1, 2))
     return y
