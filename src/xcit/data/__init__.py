@@ -1,4 +1,21 @@
-"""Images in, tensors out: loading and the official evaluation preprocessing."""
+"""Images in, tensors out: loading, the official evaluation preprocessing, datasets and loaders."""
+from .datasets import (
+    FASHION_MNIST_CLASSES,
+    DataError,
+    ImageFolderDataset,
+    TensorImageDataset,
+    build_dataset,
+    collate_skipping,
+    fashion_mnist_dir,
+    read_idx,
+)
 from .images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, imagenet_class_names, load_image
+from .loader import RepeatAugSampler, ShardSampler, TensorBatchLoader, build_loader
+from .transforms import BatchEvalTransform, BatchTrainTransform, folder_eval_transform, folder_train_transform
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "eval_transform", "imagenet_class_names", "load_image"]
+__all__ = [
+    "FASHION_MNIST_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "BatchEvalTransform", "BatchTrainTransform", "DataError",
+    "ImageFolderDataset", "RepeatAugSampler", "ShardSampler", "TensorBatchLoader", "TensorImageDataset",
+    "build_dataset", "build_loader", "collate_skipping", "eval_transform", "fashion_mnist_dir",
+    "folder_eval_transform", "folder_train_transform", "imagenet_class_names", "load_image", "read_idx",
+]

@@ -1,0 +1,55 @@
+"""`xcit eval`: top-1 / top-5 / loss of a checkpoint with the official evaluation preprocessing."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .config import add_config_option
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval", help="top-1 / top-5 / loss of a checkpoint on a dataset (resize by crop ratio + centre crop, bicubic)",
+        description="Evaluate a checkpoint. Preprocessing comes from the checkpoint when `xcit train` wrote it "
+                    "(model.pth), else the paper's: bicubic resize to size / crop_pct, centre crop, crop_pct 1.0.",
+    )
+    p.add_argument("checkpoint", help="model file: a run's model.pth, an official release .pth, timm or safetensors")
+    p.add_argument("--data", default="fashion-mnist",
+                   help="fashion-mnist, digits, an IDX folder or a folder with <split>/<class>/ images")
+    p.add_argument("--split", default="val", help="split to evaluate (Fashion-MNIST: val = test = its 10k test images)")
+    p.add_argument("--model", default=None, help="architecture name when the checkpoint does not say (official files)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's, else 224 (native for small data)")
+    p.add_argument("--crop-pct", type=float, default=None, help="crop ratio (default: the checkpoint's, else 1.0)")
+    p.add_argument("--in-chans", type=int, default=None)
+    p.add_argument("--mean", type=float, nargs="+", default=None)
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"], default=None)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=4, help="loader workers (image folders)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_config_option(p)
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..train import evaluate
+
+    metrics = evaluate(
+        args.checkpoint, args.data, args.split, model_name=args.model, batch_size=args.batch_size,
+        img_size=args.img_size, crop_pct=args.crop_pct, in_chans=args.in_chans, mean=args.mean, std=args.std,
+        interpolation=args.interpolation, device=args.device, workers=args.workers, amp=args.amp,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun every rank computed the same totals; one prints them
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"{args.checkpoint} on {args.data} ({args.split}, {metrics['n']} images, {metrics['img_size']}px, "
+              f"crop_pct {metrics['crop_pct']}):")
+        print(f"  top-1 {metrics['top1']:.2f}%   top-5 {metrics['top5']:.2f}%   loss {metrics['loss']:.4f}")
+        if metrics.get("skipped"):
+            print(f"  skipped {metrics['skipped']} unreadable image(s)")
+    return 0

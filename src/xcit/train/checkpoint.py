@@ -1,0 +1,88 @@
+"""Full training state (``last.pt`` / ``best.pt``): written atomically, read with ``weights_only=True``.
+
+A state file holds the model, optimizer, scheduler, gradient scaler and EMA state dicts, the
+epoch and step counters, the best accuracy so far, the resolved configuration, and the random
+number generator states of torch, numpy and Python (as tensors, so no object is unpickled).
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.weights import CheckpointError
+
+STATE_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """torch / CUDA / numpy / Python generator states, as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss": py_state[2]},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+
+
+def save_state(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` through a temporary file and a rename (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"version": STATE_VERSION, **state}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training state; :class:`CheckpointError` if it is missing, corrupt or not a state file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise CheckpointError(f"cannot resume: {path} does not exist (expected a run directory or its last.pt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # a real pickle with classes in it
+            raise CheckpointError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
+                                  "containers (not written by `xcit train`)") from err
+        raise CheckpointError(f"{path}: not a readable training checkpoint (corrupt or not a torch file)") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable training checkpoint ({err})") from err
+    needed = ("model", "optimizer", "scheduler", "epoch", "step", "config", "rng")
+    if not isinstance(state, dict) or any(k not in state for k in needed):
+        have = list(state)[:10] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{path} is not a training state written by `xcit train` (needs {', '.join(needed)}; has {have}). "
+            "To start from model weights instead, use --finetune."
+        )
+    state["path"] = str(path)
+    return state

@@ -1,0 +1,257 @@
+"""The training configuration: one dataclass, its presets, and its validation.
+
+Precedence, lowest first: the dataclass defaults (the official ImageNet recipe of the paper) <
+the preset (chosen by ``preset``, or by the dataset when not given) < a YAML file < the command
+line. :func:`resolve_config` applies the first two to the values a user gave; the CLI feeds it
+the YAML file and the command line together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+DISTILLATION = ("none", "soft", "hard")
+SCHEDULES = ("cosine", "constant")
+CROPS = ("random-resized", "pad", "none")
+
+
+def _opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw) -> Any:
+    meta = {"help": help, "group": group, "choices": choices, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``xcit train``; the defaults are the paper's ImageNet recipe (REFERENCE 3)."""
+
+    # --- data
+    data: str = _opt("fashion-mnist", "dataset: fashion-mnist, digits, a folder of IDX files, or a folder with "
+                     "train/ and val/ class folders (ImageNet layout)", "data")
+    train_split: str = _opt("train", "training split (sub-folder for class folders)", "data")
+    val_split: str = _opt("val", "evaluation split (Fashion-MNIST: its 10k test images)", "data")
+    img_size: int | None = _opt(None, "training/eval resolution (default: 224 for folders, native otherwise)", "data")
+    in_chans: int | None = _opt(None, "image channels (default: the dataset's; 3 for folders)", "data")
+    mean: list[float] | None = _opt(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
+    std: list[float] | None = _opt(None, "normalisation std (default: the dataset's)", "data", nargs="+")
+    crop_pct: float = _opt(1.0, "evaluation crop ratio: resize to size / crop_pct, centre crop (paper: 1.0)", "data")
+    interpolation: str = _opt("bicubic", "resize interpolation", "data", ("bicubic", "bilinear", "nearest"))
+    workers: int = _opt(8, "data-loading worker processes per GPU/process (class folders only)", "data")
+
+    # --- model
+    model: str = _opt("xcit_small_12_p16", "architecture name (see `xcit models`)", "model")
+    patch_size: int | None = _opt(None, "override the architecture's patch size (2, 4, 8, 16)", "model")
+    embed_dim: int | None = _opt(None, "override the embedding dimension", "model")
+    depth: int | None = _opt(None, "override the number of XCA blocks", "model")
+    num_heads: int | None = _opt(None, "override the number of heads", "model")
+    mlp_ratio: float | None = _opt(None, "override the FFN expansion ratio (4)", "model")
+    tokens_norm: bool | None = _opt(None, "override class-attention tokens_norm", "model")
+    drop_path: float | None = _opt(None, "stochastic depth (default: the model's preset, e.g. 0.05 for small_12)", "model")
+    dropout: float = _opt(0.0, "dropout rate", "model")
+    finetune: str | None = _opt(None, "start from these weights (checkpoint file or a model name for the release "
+                                "weights); a different class count gets a new head, a different resolution is "
+                                "fine (Fourier positions), 3 <-> 1 channel stems are converted", "model")
+    grad_checkpointing: bool = _opt(False, "recompute blocks in backward to save memory", "model")
+
+    # --- optimisation
+    epochs: int = _opt(400, "training epochs", "optim")
+    batch_size: int = _opt(128, "batch size per process (global batch = this x processes)", "optim")
+    eval_batch_size: int | None = _opt(None, "evaluation batch size per process (default 2 x batch size)", "optim")
+    lr: float = _opt(5e-4, "peak learning rate for a global batch of 512 (scaled linearly, see --lr-scaling)", "optim")
+    lr_scaling: bool = _opt(True, "scale lr by global batch / 512 (off: lr is used as given)", "optim")
+    min_lr: float = _opt(1e-5, "final learning rate of the cosine schedule", "optim")
+    warmup_lr: float = _opt(1e-6, "learning rate at the start of warmup", "optim")
+    warmup_epochs: float = _opt(5.0, "linear warmup length in epochs (may be fractional)", "optim")
+    sched: str = _opt("cosine", "learning-rate schedule after warmup, stepped every iteration", "optim", SCHEDULES)
+    weight_decay: float = _opt(0.05, "AdamW weight decay", "optim")
+    wd_exempt_temperature: bool = _opt(True, "exempt XCA temperatures from weight decay (the official code decays "
+                                       "them by mistake; off reproduces it)", "optim")
+    opt_eps: float = _opt(1e-8, "AdamW epsilon", "optim")
+    clip_grad: float | None = _opt(None, "clip the gradient norm to this value (default: no clipping)", "optim")
+    layer_decay: float | None = _opt(None, "layer-wise lr decay factor (e.g. 0.75 for fine-tuning)", "optim")
+
+    # --- augmentation and regularisation
+    auto_augment: str | None = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment string ('none' to disable)", "augment")
+    train_crop: str = _opt("random-resized", "training crop: random-resized, pad (pad and random crop), none",
+                           "augment", CROPS)
+    crop_scale_min: float = _opt(0.08, "smallest area fraction of random-resized crops", "augment")
+    crop_padding: int = _opt(4, "padding of the 'pad' crop", "augment")
+    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
+    reprob: float = _opt(0.25, "random erasing probability", "augment")
+    mixup: float = _opt(0.8, "mixup alpha (0: off)", "augment")
+    cutmix: float = _opt(1.0, "cutmix alpha (0: off)", "augment")
+    mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch", "augment")
+    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup when both are on", "augment")
+    smoothing: float = _opt(0.1, "label smoothing", "augment")
+    repeated_aug: int = _opt(3, "repeated augmentation: copies of each image per epoch (1: off)", "augment")
+    ema: bool = _opt(True, "keep an exponential moving average of the weights and evaluate it", "augment")
+    ema_decay: float = _opt(0.99996, "EMA decay per step", "augment")
+    ema_warmup: bool = _opt(False, "ramp the EMA decay up over the first steps (timm ModelEmaV3 warmup)", "augment")
+
+    # --- distillation (DeiT-style through the single head, no distillation token)
+    teacher: str | None = _opt(None, "teacher checkpoint for distillation", "distill")
+    teacher_model: str | None = _opt(None, "teacher architecture: an XCiT name or a timm model name (default: read "
+                                     "the XCiT architecture from the checkpoint)", "distill")
+    distillation: str = _opt("hard", "distillation type when a teacher is given", "distill", DISTILLATION)
+    distill_alpha: float = _opt(0.5, "weight of the distillation loss", "distill")
+    distill_tau: float = _opt(1.0, "soft distillation temperature", "distill")
+
+    # --- run
+    output: str | None = _opt(None, "run directory (default runs/<data>-<model>-<time>)", "run")
+    resume: str | None = _opt(None, "continue a run: its directory or last.pt (bare --resume: --output's)", "run")
+    seed: int = _opt(0, "random seed", "run")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on CPU and bf16-capable GPUs, else fp16), bf16, fp16 "
+                    "(CUDA, with a gradient scaler), none", "run", AMP_MODES)
+    device: str = _opt("auto", "cpu, cuda, or auto", "run")
+    threads: int | None = _opt(None, "torch CPU threads per process (default: cores / local processes)", "run")
+    sync_bn: bool = _opt(True, "synchronise BatchNorm statistics across processes", "run")
+    dist_backend: str | None = _opt(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
+    eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
+    log_every: int = _opt(20, "write step metrics every N steps", "run")
+    ckpt_every: int = _opt(0, "also save last.pt every N steps inside an epoch (0: at epoch ends only)", "run")
+    tensorboard: bool = _opt(True, "also log to TensorBoard when it is installed", "run")
+    progress: bool = _opt(True, "progress bars (only on a terminal, only on rank 0)", "run")
+    plot: bool = _opt(True, "write curves.png at the end", "run")
+    preset: str | None = _opt(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets: option values that replace the defaults (the ImageNet recipe) for a kind of data.
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": {},
+    # Fashion-MNIST on a 2-core CPU in under 15 minutes (see docs/training.md for the measurements):
+    # a 0.3M-parameter XCiT with 4x4 patches (7x7 tokens), light augmentation, short schedule.
+    "fashion-mnist": dict(
+        model="xcit_nano_12_p16", patch_size=4, embed_dim=64, depth=4, num_heads=4, tokens_norm=True,
+        drop_path=0.0, epochs=10, batch_size=128, eval_batch_size=1000, lr=1.2e-2, min_lr=1e-5, warmup_lr=1e-6,
+        warmup_epochs=0.5, auto_augment=None, train_crop="none", hflip=0.5, reprob=0.0, mixup=0.0, cutmix=0.0,
+        smoothing=0.0, repeated_aug=1, ema=False, amp="bf16", workers=0, log_every=50,
+    ),
+    # Seconds-long runs on scikit-learn's 8x8 digits, for tests and smoke checks.
+    "digits": dict(
+        model="xcit_nano_12_p16", patch_size=2, embed_dim=32, depth=2, num_heads=2, tokens_norm=True,
+        drop_path=0.0, epochs=3, batch_size=64, eval_batch_size=512, lr=4e-3, lr_scaling=False, warmup_epochs=0.5,
+        auto_augment=None, train_crop="none", hflip=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
+        repeated_aug=1, ema=False, amp="none", workers=0, log_every=5,
+    ),
+}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(TrainConfig))
+
+
+def default_preset(data: str) -> str:
+    """The preset a dataset gets when none is named."""
+    from ..data.datasets import dataset_kind
+
+    try:
+        kind = dataset_kind(data)
+    except ValueError:
+        return "imagenet"  # the data error is reported, clearly, when the dataset is built
+    return {"fashion-mnist": "fashion-mnist", "idx": "fashion-mnist", "digits": "digits"}.get(kind, "imagenet")
+
+
+def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> TrainConfig:
+    """A :class:`TrainConfig` from user values: defaults < preset < ``values`` < ``kwargs``.
+
+    Unknown keys raise ``ValueError`` naming the known ones; the result is validated.
+    """
+    given = {**(values or {}), **kwargs}
+    given = {k.replace("-", "_"): v for k, v in given.items()}
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    data = given.get("data", TrainConfig.data)
+    preset = given.get("preset") or default_preset(str(data))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **given, "preset": preset}
+    for key in ("auto_augment", "teacher", "teacher_model", "finetune", "output", "resume"):
+        if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
+            merged[key] = None
+    cfg = TrainConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ``ValueError`` for any option value that cannot work, before anything runs."""
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ValueError(message)
+
+    def finite(x: float) -> bool:
+        return isinstance(x, (int, float)) and math.isfinite(x)
+
+    need(finite(cfg.lr) and cfg.lr > 0, f"lr must be a positive number, got {cfg.lr}")
+    need(finite(cfg.min_lr) and cfg.min_lr >= 0, f"min_lr must be >= 0, got {cfg.min_lr}")
+    need(finite(cfg.warmup_lr) and cfg.warmup_lr >= 0, f"warmup_lr must be >= 0, got {cfg.warmup_lr}")
+    need(finite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    need(isinstance(cfg.epochs, int) and cfg.epochs >= 1, f"epochs must be a positive integer, got {cfg.epochs}")
+    need(isinstance(cfg.batch_size, int) and cfg.batch_size >= 1, f"batch_size must be a positive integer, got {cfg.batch_size}")
+    need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {cfg.eval_batch_size}")
+    need(finite(cfg.weight_decay) and cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.clip_grad is None or (finite(cfg.clip_grad) and cfg.clip_grad > 0), f"clip_grad must be > 0, got {cfg.clip_grad}")
+    need(cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, f"layer_decay must be in (0, 1], got {cfg.layer_decay}")
+    for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "dropout", "distill_alpha"):
+        value = getattr(cfg, name)
+        need(finite(value) and 0 <= value <= 1, f"{name} must be in [0, 1], got {value}")
+    need(cfg.drop_path is None or 0 <= cfg.drop_path < 1, f"drop_path must be in [0, 1), got {cfg.drop_path}")
+    need(cfg.smoothing < 1, f"smoothing must be < 1, got {cfg.smoothing}")
+    need(cfg.mixup >= 0 and cfg.cutmix >= 0, f"mixup and cutmix alphas must be >= 0, got {cfg.mixup}, {cfg.cutmix}")
+    need(0 < cfg.ema_decay < 1, f"ema_decay must be in (0, 1), got {cfg.ema_decay}")
+    need(cfg.repeated_aug >= 1, f"repeated_aug must be >= 1 (1 = off), got {cfg.repeated_aug}")
+    need(cfg.img_size is None or cfg.img_size >= 1, f"img_size must be >= 1, got {cfg.img_size}")
+    need(cfg.in_chans is None or cfg.in_chans >= 1, f"in_chans must be >= 1, got {cfg.in_chans}")
+    need(0 < cfg.crop_pct <= 1, f"crop_pct must be in (0, 1], got {cfg.crop_pct}")
+    need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
+    need(cfg.crop_padding >= 0, f"crop_padding must be >= 0, got {cfg.crop_padding}")
+    need(cfg.distill_tau > 0, f"distill_tau must be > 0, got {cfg.distill_tau}")
+    need(cfg.eval_every >= 1 and cfg.log_every >= 1 and cfg.ckpt_every >= 0,
+         "eval_every and log_every must be >= 1, ckpt_every >= 0")
+    need(cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}")
+    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
+    need(cfg.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
+    need(cfg.distillation in DISTILLATION, f"distillation must be one of {DISTILLATION}, got {cfg.distillation!r}")
+    need(cfg.sched in SCHEDULES, f"sched must be one of {SCHEDULES}, got {cfg.sched!r}")
+    need(cfg.train_crop in CROPS, f"train_crop must be one of {CROPS}, got {cfg.train_crop!r}")
+    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+         f"device must be auto, cpu or cuda, got {cfg.device!r}")
+    for name in ("mean", "std"):
+        value = getattr(cfg, name)
+        need(value is None or (len(value) >= 1 and all(finite(v) for v in value)), f"{name} must be numbers, got {value}")
+    need(cfg.std is None or all(v > 0 for v in cfg.std), f"std must be positive, got {cfg.std}")
+    from ..models import resolve_name
+
+    resolve_name(cfg.model)  # unknown model: ValueError listing the known ones
+
+
+def save_config(cfg: TrainConfig, path: Path, derived: dict | None = None) -> None:
+    """Write the resolved configuration (and derived values, e.g. the actual lr) as YAML."""
+    data = cfg.to_dict()
+    if derived:
+        data = {**data, "_derived": derived}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def load_config_file(path: str | Path) -> dict:
+    """The option mapping of a YAML file (as written by :func:`save_config`, or by hand)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value")
+    data.pop("_derived", None)
+    return data

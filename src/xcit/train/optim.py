@@ -1,0 +1,85 @@
+"""Optimizer, learning-rate schedule and parameter groups (weight-decay rules, layer-wise lr decay)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..models import param_groups
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Depth index for layer-wise lr decay: stem/positions/cls token 0, XCA block i -> i + 1, rest depth + 1."""
+    if name.startswith(("patch_embed.", "pos_embeder.", "cls_token")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def build_param_groups(
+    model: nn.Module, weight_decay: float, *, exempt_per_channel: bool = True, layer_decay: float | None = None
+) -> list[dict]:
+    """AdamW groups: the official no-decay rules (``xcit.models.param_groups``), optionally split by depth.
+
+    With ``layer_decay`` every group carries ``lr_scale = layer_decay ** (depth + 1 - layer)``: the
+    head and class attention train at the full rate, each earlier block ``layer_decay`` times slower.
+    """
+    groups = param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel)
+    if layer_decay is None or layer_decay == 1.0:
+        return [{**g, "lr_scale": 1.0} for g in groups if g["params"]]
+    no_decay = {id(p) for p in groups[1]["params"]}
+    depth = len(getattr(model, "blocks", []))
+    split: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lid, decayed = layer_id(name, depth), id(p) not in no_decay
+        group = split.setdefault((lid, decayed), {
+            "params": [], "weight_decay": weight_decay if decayed else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid,
+        })
+        group["params"].append(p)
+    return [split[k] for k in sorted(split)]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *, eps: float = 1e-8,
+                    exempt_per_channel: bool = True, layer_decay: float | None = None) -> torch.optim.AdamW:
+    """AdamW over :func:`build_param_groups`, each group's lr = ``lr * lr_scale``."""
+    groups = build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel, layer_decay=layer_decay)
+    for g in groups:
+        g["lr"] = lr * g["lr_scale"]
+    return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=(0.9, 0.999))
+
+
+class WarmupCosine:
+    """lr factor at an iteration: linear warmup from ``warmup_lr``, then cosine to ``min_lr`` (or constant).
+
+    A plain object (floats only) so that ``LambdaLR.state_dict()`` stores it and ``weights_only``
+    loading restores it. Stepped every iteration, unlike the official code's once per epoch.
+    """
+
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float,
+                 kind: str = "cosine") -> None:
+        self.base_lr, self.total_steps, self.warmup_steps = float(base_lr), int(total_steps), int(warmup_steps)
+        self.warmup_lr, self.min_lr, self.kind = float(warmup_lr), float(min_lr), kind
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.warmup_steps
+        if self.kind == "constant":
+            return self.base_lr
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.base_lr
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int, warmup_steps: int,
+                    warmup_lr: float, min_lr: float, kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-iteration ``LambdaLR`` following :class:`WarmupCosine` (group lr scales are kept)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
+    )
