@@ -139,8 +139,10 @@ def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
 def plot_history(jsonl: str | os.PathLike, out: str | os.PathLike, metric: str = "miou") -> Path | None:
     """Training loss and learning rate, and eval ``metric``, against step, as one PNG."""
     records = read_jsonl(jsonl)
-    train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval" and not math.isnan(r.get(metric, math.nan))]
+    # a resumed run appends: keep the last record of each step so the curves do not double back
+    train = sorted({r["step"]: r for r in records if r.get("kind") == "train"}.values(), key=lambda r: r["step"])
+    evals = sorted({r["step"]: r for r in records if r.get("kind") == "eval" and not math.isnan(r.get(metric, math.nan))}.values(),
+                   key=lambda r: r["step"])
     if not train and not evals:
         return None
     import matplotlib

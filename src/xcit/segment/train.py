@@ -197,8 +197,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
         train_set, batch_size=per_proc, sampler=sampler, num_workers=cfg.workers, drop_last=True,
         pin_memory=ctx.device.type == "cuda", worker_init_fn=worker_init, persistent_workers=False,
     )
-    if ctx.distributed and len(train_set) < cfg.batch_size:
-        raise ValueError(f"expected at least --batch-size {cfg.batch_size} training images when distributed, got {len(train_set)}")
+    if ctx.distributed and math.ceil(len(train_set) / ctx.world_size) < per_proc:
+        raise ValueError(f"expected at least {per_proc} training images per process ({ctx.world_size} processes, "
+                         f"--batch-size {cfg.batch_size}), got {len(train_set)} images in all")
 
     drop_path = cfg.drop_path
     if drop_path is None:
