@@ -48,7 +48,7 @@ def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _eval_settings(args: argparse.Namespace, base, prefix: str = ""):
     from dataclasses import replace
 
-    get = lambda k: getattr(args, prefix + k)  # noqa: E731
+    get = lambda k: getattr(args, prefix + k)
     changes = {}
     if get("mode") is not None:
         changes["mode"] = get("mode")

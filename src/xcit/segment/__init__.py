@@ -3,12 +3,26 @@
 See docs/segmentation.md; the command line is ``xcit segment prepare | train | eval | predict``.
 """
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, infer
-from .heads import FCNHead, FPNNeck, PPM, SemanticFPNHead, Segmenter, UperNetHead
+from .heads import PPM, FCNHead, FPNNeck, Segmenter, SemanticFPNHead, UperNetHead
 from .metrics import ConfusionMatrix, format_metrics, metrics_from_confusion
 from .model import build_backbone, build_segmenter, load_segmenter, save_segmenter
 
 __all__ = [
-    "ConfusionMatrix", "DatasetInfo", "FCNHead", "FPNNeck", "PPM", "SegmentationFolder", "Segmenter", "SemanticFPNHead",
-    "TrainTransform", "UperNetHead", "build_backbone", "build_segmenter", "format_metrics", "infer", "load_segmenter",
-    "metrics_from_confusion", "save_segmenter",
+    "PPM",
+    "ConfusionMatrix",
+    "DatasetInfo",
+    "FCNHead",
+    "FPNNeck",
+    "SegmentationFolder",
+    "Segmenter",
+    "SemanticFPNHead",
+    "TrainTransform",
+    "UperNetHead",
+    "build_backbone",
+    "build_segmenter",
+    "format_metrics",
+    "infer",
+    "load_segmenter",
+    "metrics_from_confusion",
+    "save_segmenter",
 ]

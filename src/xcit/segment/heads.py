@@ -187,7 +187,7 @@ class Segmenter(nn.Module):
         else:
             channels = 512 if channels is None else channels
             self.decode_head = UperNetHead(in_ch, num_classes, channels, norm=norm, dropout=dropout)
-        aux_channels = (256 if channels >= 256 else channels) if aux_channels is None else aux_channels
+        aux_channels = (min(256, channels)) if aux_channels is None else aux_channels
         self.aux_head = FCNHead(in_ch[aux_level], num_classes, aux_channels, norm, dropout) if aux else None
         self.aux_level = aux_level
         self.head_config = dict(

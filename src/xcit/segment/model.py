@@ -29,7 +29,7 @@ def read_backbone_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except CheckpointError as err:
         state = _read_dino_training_checkpoint(path)
         if state is None:
-            raise err
+            raise
     for prefix in ("module.", "backbone.", "encoder."):
         if any(k.startswith(prefix + "blocks.") for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -152,7 +152,7 @@ def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "
         raise FileNotFoundError(f"expected a segmentation checkpoint, got {str(path)!r} which is not a file")
     try:
         raw = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(

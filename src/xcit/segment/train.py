@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from ..models import MODELS, param_groups, resolve_name
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
 from .engine import (
-    DistContext, JsonlLogger, PolySchedule, atomic_save, broadcast_flag, cleanup_distributed, plot_history, setup_distributed,
+    DistContext,
+    JsonlLogger,
+    PolySchedule,
+    atomic_save,
+    broadcast_flag,
+    cleanup_distributed,
+    plot_history,
+    setup_distributed,
 )
 from .metrics import ConfusionMatrix, format_metrics
 from .model import FORMAT, build_segmenter, load_segmenter, segmenter_config, segmenter_from_config
