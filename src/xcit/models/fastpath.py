@@ -95,6 +95,18 @@ def use_onednn(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
 
 
+def autocast_bf16_onednn(x: torch.Tensor) -> bool:
+    """CPU bf16 autocast where oneDNN kernels with fused GELU can be called directly (inference, eager)."""
+    return (
+        config.onednn and _HAS_ONEDNN and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling()
+    )
+
+
+def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.bfloat16)
+
+
 def needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -156,6 +168,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if torch.compiler.is_compiling():
             return onednn_linear(x, weight, bias, gelu)
         return _dnn_linear(x, weight, bias, "gelu" if gelu else "none")
+    if gelu and autocast_bf16_onednn(x) and not needs_grad(x, weight, bias):
+        # What autocast would run (bf16 matmul, oneDNN) with the GELU fused into it.
+        return _dnn_linear(_bf16(x), _bf16(weight), _bf16(bias), "gelu")
     y = F.linear(x, weight, bias)
     return F.gelu(y) if gelu else y
 
@@ -191,6 +206,10 @@ def conv2d(
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, bias, [padding, padding], [stride, stride], [1, 1], groups, "gelu" if gelu else "none", [],
             "none" if gelu else None,
+        )
+    if gelu and autocast_bf16_onednn(x) and not needs_grad(x, weight, bias):
+        return torch.ops.mkldnn._convolution_pointwise(
+            _bf16(x), _bf16(weight), _bf16(bias), [padding, padding], [stride, stride], [1, 1], groups, "gelu", [], "none"
         )
     y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
     return F.gelu(y) if gelu else y
@@ -241,16 +260,12 @@ def fold_choice(n_tokens: int, dim: int) -> bool:
 
 
 def _heads_apply(v: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """out[b, n, h, i] = sum_j attn[b, h, i, j] v[b, n, h, j] for tokens v (B, N, h, d) -> (B, N, h * d)."""
+    """out[b, n, h, i] = sum_j attn[b, h, i, j] v[b, n, h, j] for tokens v (B, N, h, d) -> (B, N, h * d).
+
+    (Writing each head into a preallocated token-layout output with ``bmm(out=...)`` was tried: MKL
+    then reads the uninitialised output, which can hold denormals, and became 1000x slower.)
+    """
     b, n, h, d = v.shape
-    if (
-        not torch.is_grad_enabled() or not (v.requires_grad or attn.requires_grad)
-    ) and not torch.compiler.is_compiling() and not torch.is_autocast_enabled(v.device.type) and v.dtype == attn.dtype:
-        # Write each head straight into the token layout: no transposed copies.
-        out = v.new_empty(b, n, h, d)
-        for i in range(h):
-            torch.bmm(v[:, :, i], attn[:, i].transpose(1, 2), out=out[:, :, i])
-        return out.view(b, n, h * d)
     out = torch.matmul(v.transpose(1, 2), attn.transpose(-2, -1))  # (B, h, N, d)
     return out.transpose(1, 2).reshape(b, n, h * d)
 
