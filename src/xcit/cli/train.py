@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train", help="train or fine-tune an XCiT (Fashion-MNIST preset by default; ImageNet-style folders; torchrun)",
-        description="Train an XCiT. Defaults are the paper's ImageNet recipe, replaced by a preset chosen by the "
-                    f"dataset ({', '.join(PRESETS)}); a --config YAML file overrides the preset and the command line "
-                    "overrides both. The resolved configuration is saved in the run directory.",
+        description="Train an XCiT. The defaults shown ('recipe default') are the paper's ImageNet recipe; a preset "
+                    f"chosen by the dataset ({', '.join(PRESETS)}) replaces some of them (--print-config shows the "
+                    "result), a --config YAML file overrides the preset and the command line overrides both. "
+                    "The resolved configuration is saved in the run directory.",
     )
     groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"data": "data", "model": "model", "optim": "optimisation", "augment": "augmentation and regularisation",
@@ -44,8 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         meta = f.metadata
         group = groups.setdefault(meta["group"], p.add_argument_group(titles[meta["group"]]))
         flag = "--" + f.name.replace("_", "-")
-        default_text = f.default if f.default is not None else "preset/auto"
-        help_text = f"{meta['help']} [default: {default_text}]".replace("%", "%%")
+        default_text = f.default if f.default is not None else "auto"
+        help_text = f"{meta['help']} [recipe default: {default_text}]".replace("%", "%%")
         kind, is_list = _arg_type(f.type)
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if meta.get("choices"):

@@ -415,6 +415,9 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
             sums = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
             bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and env.is_main)
             bar.update(skip)
+            # Without a terminal (batch jobs, log files) a line every tenth of an epoch stands in for the bar.
+            quiet_bar = bar.disable and cfg.progress and env.is_main and steps_per_epoch >= 50
+            report_every = max(1, steps_per_epoch // 10)
             t_log, seen_since_log, epoch_step, last_batch = time.time(), 0, skip, None
             for images, targets, skipped in train_loader:
                 if skipped:
@@ -481,6 +484,12 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
                     t_log, seen_since_log = now, 0
                     writer.write("step", global_step, epoch=epoch, loss=loss_value, lr=current_lr, img_per_s=speed)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{current_lr:.2e}", img_s=f"{speed:.0f}")
+                if quiet_bar and epoch_step % report_every == 0 and epoch_step < steps_per_epoch:
+                    done = time.time() - t_epoch
+                    rate = (epoch_step - skip) * global_batch / max(done, 1e-9)
+                    log.info("epoch %d/%d [%d/%d]  loss %.4f  lr %.2e  %.0f img/s  epoch ETA %s", epoch + 1, cfg.epochs,
+                             epoch_step, steps_per_epoch, loss_value, current_lr, rate,
+                             format_duration((steps_per_epoch - epoch_step) * global_batch / max(rate, 1e-9)))
                 if cfg.ckpt_every and global_step % cfg.ckpt_every == 0 and epoch_step < steps_per_epoch:
                     if env.is_main:
                         save_state(run_dir / "last.pt", full_state(epoch, epoch_step))
