@@ -1,60 +1,17 @@
-"""Small, task-independent training-engine pieces used by segmentation training.
+"""The two engine pieces segmentation needs beyond the shared engine (:mod:`xcit.train`).
 
-Written here because the shared engine (``xcit.train``) did not exist when this package was
-written; each piece is generic so it can move there unchanged: atomic checkpoint writes, JSON
-Lines metrics, a poly schedule with linear warm-up driven by steps *or* a wall-clock budget,
-``torchrun`` process-group set-up, and metric plots.
+Process groups, synchronised BatchNorm, atomic checkpoints and the JSON Lines writer come from
+:mod:`xcit.train`; here are the poly schedule with linear warm-up (driven by steps *or* a
+wall-clock budget; ``xcit.train.optim`` has cosine and constant only) and the loss / mIoU plot.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-class JsonlLogger:
-    """Appends one JSON object per line (flushed) to ``path``; a no-op when ``enabled`` is False."""
-
-    def __init__(self, path: str | os.PathLike, enabled: bool = True) -> None:
-        self.path = Path(path)
-        self.enabled = enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**record, "time": round(time.time(), 3)}, allow_nan=True) + "\n")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from ..train.metrics import read_metrics
 
 
 @dataclass
@@ -87,61 +44,12 @@ class PolySchedule:
         return lr
 
 
-@dataclass
-class DistContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device: str = "auto") -> DistContext:
-    """Read ``torchrun``'s environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the process group
-    (NCCL on GPUs, Gloo on CPU). Without it: one process on ``device`` ("auto": CUDA if available)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"expected an available device, got {device!r} but CUDA is not available")
-        if world > 1:
-            dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistContext(rank, world, local, dev)
-
-
-def cleanup_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def broadcast_flag(flag: bool, ctx: DistContext) -> bool:
-    """Rank 0's decision (e.g. 'time is up') shared with every process."""
-    if not ctx.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=ctx.device if ctx.device.type == "cuda" else "cpu")
-    dist.broadcast(t, 0)
-    return bool(t.item())
-
-
 def plot_history(jsonl: str | os.PathLike, out: str | os.PathLike, metric: str = "miou") -> Path | None:
     """Training loss and learning rate, and eval ``metric``, against step, as one PNG."""
-    records = read_jsonl(jsonl)
+    records = read_metrics(Path(jsonl))
     # a resumed run appends: keep the last record of each step so the curves do not double back
     train = sorted({r["step"]: r for r in records if r.get("kind") == "train"}.values(), key=lambda r: r["step"])
-    evals = sorted({r["step"]: r for r in records if r.get("kind") == "eval" and not math.isnan(r.get(metric, math.nan))}.values(),
+    evals = sorted({r["step"]: r for r in records if r.get("kind") == "eval" and _finite(r.get(metric))}.values(),
                    key=lambda r: r["step"])
     if not train and not evals:
         return None
@@ -167,3 +75,7 @@ def plot_history(jsonl: str | os.PathLike, out: str | os.PathLike, metric: str =
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

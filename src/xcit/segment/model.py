@@ -26,7 +26,7 @@ def read_backbone_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     try:
         state = read_state_dict(path)
-    except CheckpointError as err:
+    except CheckpointError:
         state = _read_dino_training_checkpoint(path)
         if state is None:
             raise
@@ -138,11 +138,11 @@ def segmenter_from_config(cfg: dict) -> Segmenter:
 
 def save_segmenter(model: Segmenter, path: str | os.PathLike, meta: dict | None = None) -> Path:
     """Write ``{'format', 'config', 'model', 'meta'}`` atomically (temporary file + rename)."""
-    from .engine import atomic_save
+    from ..train.checkpoint import save_state
 
     model = getattr(model, "module", model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return atomic_save({"format": FORMAT, "config": segmenter_config(model), "model": state, "meta": meta or {}}, path)
+    return save_state(Path(path), {"format": FORMAT, "config": segmenter_config(model), "model": state, "meta": meta or {}})
 
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmenter, dict]:

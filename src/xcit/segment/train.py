@@ -13,17 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ..models import MODELS, param_groups, resolve_name
+from ..train import distributed as dist_utils
+from ..train.checkpoint import save_state
+from ..train.metrics import MetricsWriter
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
-from .engine import (
-    DistContext,
-    JsonlLogger,
-    PolySchedule,
-    atomic_save,
-    broadcast_flag,
-    cleanup_distributed,
-    plot_history,
-    setup_distributed,
-)
+from .engine import PolySchedule, plot_history
 from .metrics import ConfusionMatrix, format_metrics
 from .model import FORMAT, build_segmenter, load_segmenter, segmenter_config, segmenter_from_config
 
@@ -134,10 +128,10 @@ def _loop(loader, sampler):
 
 
 @torch.no_grad()
-def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: DistContext | None = None,
+def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: dist_utils.DistEnv | None = None,
              amp_dtype: torch.dtype | None = None, progress: bool = False) -> dict:
     """Confusion-matrix metrics of ``model`` on ``dataset`` (sharded over processes when distributed)."""
-    ctx = ctx or DistContext(device=next(model.parameters()).device)
+    ctx = ctx or dist_utils.DistEnv(device=next(model.parameters()).device)
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
@@ -169,14 +163,14 @@ def _plain(obj):
 
 def train(cfg: TrainConfig) -> dict:
     """Train a segmenter as ``cfg`` says; returns the last evaluation's metrics (also in OUT/summary.json)."""
-    ctx = setup_distributed(cfg.device)
+    ctx = dist_utils.setup(cfg.device)
     try:
         return _train(cfg, ctx)
     finally:
-        cleanup_distributed()
+        dist_utils.cleanup(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
+def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
     start = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -226,8 +220,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
     model.to(ctx.device)
     net = model
     if ctx.distributed:
-        if ctx.device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = dist_utils.convert_batchnorm(model, ctx.device)  # SyncBN on GPUs, all-reduce BN on CPU
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -242,7 +235,6 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
         step, elapsed_before, best = state["step"], state["elapsed"], state["best"]
         if ctx.is_main:
             print(f"resumed from {resume_path} at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
-    logger = JsonlLogger(out / "metrics.jsonl", ctx.is_main)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(_plain(asdict(cfg)), indent=2))
@@ -251,6 +243,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
               f"validating on {len(val_set)}; {n_params / 1e6:.2f} M parameters; {ctx.world_size} process(es) on "
               f"{ctx.device}; up to {cfg.iters} iterations" + (f" or {cfg.time_limit_min} min" if time_limit else ""), flush=True)
 
+    logger = MetricsWriter(out, ctx.is_main, tensorboard=False)
+
     def elapsed() -> float:
         return elapsed_before + time.time() - start
 
@@ -258,20 +252,20 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
         if ctx.is_main:
             extra = {"train_state": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                                      "elapsed": elapsed(), "best": best}}
-            atomic_save(_checkpoint(model, cfg, info, extra), out / name)
+            save_state(out / name, _checkpoint(model, cfg, info, extra))
 
     def run_eval() -> dict:
         nonlocal best
         metrics = evaluate(model, val_set, cfg.eval, ctx, amp_dtype)
         if ctx.is_main:
-            logger.log({"kind": "eval", "step": step, "elapsed": round(elapsed(), 1), "miou": metrics["miou"],
-                        "pixel_acc": metrics["pixel_acc"], "mean_acc": metrics["mean_acc"], "iou": metrics["iou"]})
+            logger.write("eval", step, elapsed=round(elapsed(), 1), miou=metrics["miou"], pixel_acc=metrics["pixel_acc"],
+                         mean_acc=metrics["mean_acc"], iou=metrics["iou"])
             print(f"[eval] step {step}: mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
                   "IoU " + " ".join(f"{n}={100 * v:.1f}" for n, v in zip(info.classes, metrics["iou"]) if not math.isnan(v))[:400],
                   flush=True)
             if metrics["miou"] > best:
                 best = metrics["miou"]
-                atomic_save(_checkpoint(model, cfg, info, {"metrics": metrics, "step": step}), out / "best.pt")
+                save_state(out / "best.pt", _checkpoint(model, cfg, info, {"metrics": metrics, "step": step}))
             plot_history(out / "metrics.jsonl", out / "curves.png")
         return metrics
 
@@ -279,7 +273,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
     net.train()
     window, seen, t_log = [], 0, time.time()
     while step < cfg.iters:
-        if broadcast_flag(time_limit is not None and elapsed() >= time_limit, ctx):
+        if dist_utils.broadcast_object(time_limit is not None and elapsed() >= time_limit, ctx):
             if ctx.is_main:
                 print(f"time limit of {cfg.time_limit_min} min reached at step {step}", flush=True)
             break
@@ -305,9 +299,9 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
         seen += images.shape[0] * ctx.world_size
         if ctx.is_main and (step % cfg.log_interval == 0 or step == 1):
             rate = seen / max(time.time() - t_log, 1e-9)
-            logger.log({"kind": "train", "step": step, "loss": sum(window) / len(window), "decode_loss": loss.item(),
-                        "aux_loss": aux_loss.item() if aux_loss is not None else None, "lr": lr,
-                        "elapsed": round(elapsed(), 1), "img_per_s": round(rate, 2)})
+            logger.write("train", step, loss=sum(window) / len(window), decode_loss=loss.item(),
+                         aux_loss=aux_loss.item() if aux_loss is not None else None, lr=lr,
+                         elapsed=round(elapsed(), 1), img_per_s=round(rate, 2))
             eta = (cfg.iters - step) * (time.time() - t_log) / max(len(window), 1)
             if time_limit:
                 eta = min(eta, time_limit - elapsed())
@@ -327,6 +321,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> dict:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(format_metrics(metrics, info.classes), flush=True)
         print(f"finished at step {step} after {elapsed() / 60:.1f} min; checkpoints in {out} (last.pt, best.pt)", flush=True)
+    logger.close()
     return metrics
 
 
@@ -346,7 +341,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", s
                         device: str = "auto", amp: str = "off", num_classes: int | None = None,
                         ignore_index: int | None = None, reduce_zero_label: bool | None = None) -> tuple[dict, list[str]]:
     """Metrics of a segmentation checkpoint on ``data``/``split``; returns (metrics, class names)."""
-    ctx = setup_distributed(device)
+    ctx = dist_utils.setup(device)
     try:
         model, meta = load_segmenter(checkpoint, map_location="cpu")
         model.to(ctx.device)
@@ -363,4 +358,4 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", s
         classes = meta.get("classes") or [f"class{i}" for i in range(n)]
         return metrics, classes
     finally:
-        cleanup_distributed()
+        dist_utils.cleanup(ctx)
