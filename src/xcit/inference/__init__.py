@@ -1,5 +1,6 @@
 """Inference: loading a classifier with its class names and preprocessing, batched prediction."""
-from .loading import InferenceModel, class_names, load_for_inference, read_metadata
+from ..models.weights import read_metadata
+from .loading import InferenceModel, class_names, load_for_inference
 from .predict import Prediction, PredictionWriter, Predictor, collect_images, format_table
 
 __all__ = [

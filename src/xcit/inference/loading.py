@@ -7,17 +7,16 @@ ImageNet evaluation preprocessing (224 px, full crop, ImageNet mean/std).
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from ..models.weights import read_metadata
 
 PathLike = str | os.PathLike
 
@@ -29,54 +28,6 @@ RANDOM_INIT_WARNING = (
     "WARNING: no --checkpoint given: {name} is randomly initialised and its predictions are meaningless "
     "(use it only to try the pipeline)"
 )
-
-
-def read_metadata(path: PathLike) -> dict:
-    """The non-tensor entries saved beside the weights (``classes``, ``data``, ``arch``, ``metrics``...).
-
-    ``.pth`` files are read with ``torch.load(weights_only=True)``; safetensors metadata values are
-    decoded from JSON. Returns ``{}`` for files that hold a bare state dict.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    if _is_safetensors(path):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-        meta = {}
-        for key, value in raw.items():
-            try:
-                meta[key] = json.loads(value)
-            except (TypeError, json.JSONDecodeError):
-                meta[key] = value
-        return meta
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        return {}
-    return {k: v for k, v in obj.items() if k not in ("model", "state_dict", "model_ema") and not _holds_tensors(v)}
-
-
-def _is_safetensors(path: Path) -> bool:
-    if path.suffix == ".safetensors":
-        return True
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
-
-
-def _holds_tensors(value) -> bool:
-    if isinstance(value, torch.Tensor):
-        return True
-    if isinstance(value, dict):
-        return any(_holds_tensors(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return any(_holds_tensors(v) for v in value)
-    return False
 
 
 @dataclass

@@ -67,6 +67,48 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     return to_official_layout(_unwrap(raw, path)), arch
 
 
+def read_metadata(path: PathLike) -> dict:
+    """The plain entries saved beside the weights (``classes``, ``data``, ``arch``, ``metrics``...).
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``; safetensors metadata values are
+    decoded from JSON. Returns ``{}`` for a file holding a bare state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    if _is_safetensors(path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        meta = {}
+        for key, value in raw.items():
+            try:
+                meta[key] = json.loads(value)
+            except (TypeError, json.JSONDecodeError):
+                meta[key] = value
+        return meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (or it holds more than tensors)") from err
+    if not isinstance(obj, dict):
+        return {}
+    return {k: v for k, v in obj.items() if k not in _WRAPPER_KEYS + ("model_ema",) and not _holds_tensors(v)}
+
+
+def _holds_tensors(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensors(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_tensors(v) for v in value)
+    return False
+
+
 def _is_safetensors(path: Path) -> bool:
     if path.suffix == ".safetensors":
         return True
