@@ -27,4 +27,7 @@ fi
 
 echo "[setup] installing xcit and its test dependencies"
 .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+# Real annotated images for the dense tasks ship inside these wheels (only their data files are read;
+# --no-deps skips their heavy dependencies). Licences: stardist BSD-3-Clause, deepforest MIT.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps stardist==0.9.2 deepforest==2.1.0
 echo "[setup] done: $(.venv/bin/python -c 'import torch, xcit; print(f"xcit {xcit.__version__}, torch {torch.__version__}")')"

@@ -143,3 +143,11 @@ def test_sync_batchnorm_round_trip():
     back = revert_sync_batchnorm(synced).eval()
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in back.modules())
     back(torch.randn(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("name,least", [("xcit_nano_12_p16", 17), ("xcit_nano_12_p8", 25)])
+def test_pyramid_rejects_images_too_small_for_the_stride_32_level(name, least):
+    pyramid = xcit.create_pyramid(name, depth=4, out_indices=[0, 1, 2, 3]).eval()
+    assert pyramid(torch.randn(1, 3, least, 40))["3"].shape[-2] == 1
+    with pytest.raises(ValueError, match=f"at least {least}x{least}"):
+        pyramid(torch.randn(1, 3, least - 1, 40))

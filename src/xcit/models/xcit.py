@@ -290,7 +290,18 @@ class XCiTPyramid(XCiTTrunk):
         pyramid.load_state_dict(trunk_state, strict=False)
         return pyramid
 
+    def min_input_size(self) -> int:
+        """Smallest image side for which every level is non-empty (the stride-32 pooling needs one cell)."""
+        return max(self.strides) - self.patch_size + 1
+
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        self.check_input(x)
+        least = self.min_input_size()
+        if min(x.shape[-2:]) < least:
+            raise ValueError(
+                f"expected images of at least {least}x{least} pixels for the stride-32 level of a patch-"
+                f"{self.patch_size} pyramid, got {x.shape[-2]}x{x.shape[-1]}"
+            )
         maps = self.get_intermediate_layers(x, self.out_indices)
         fpns = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         return OrderedDict((str(i), fpn(m)) for i, (fpn, m) in enumerate(zip(fpns, maps)))
