@@ -58,8 +58,7 @@ def setup(device: str = "auto", backend: str | None = None) -> DistEnv:
         torch.cuda.set_device(dev)
     backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://",
-                                device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend=backend, init_method="env://")
     return DistEnv(rank, world_size, local_rank, local_world, dev, backend)
 
 

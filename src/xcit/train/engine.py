@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -316,7 +316,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
     _seed(cfg.seed)  # the same initial weights on every rank
-    model, finetune_note = build_model(cfg, len(data.classes), data.in_chans)
+    # A resumed run takes its weights from the state file, not again from --finetune.
+    model, finetune_note = build_model(replace(cfg, finetune=None) if state else cfg, len(data.classes), data.in_chans)
     teacher = build_teacher(cfg, len(data.classes), data.in_chans, env.device) if cfg.teacher else None
 
     run_dir = _run_dir(cfg, env, resume_path)
@@ -335,7 +336,9 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
                                 exempt_per_channel=cfg.wd_exempt_temperature, layer_decay=cfg.layer_decay)
     scheduler = build_scheduler(optimizer, lr, total_steps, round(cfg.warmup_epochs * steps_per_epoch),
                                 cfg.warmup_lr, cfg.min_lr, cfg.sched)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = None
+    if amp_dtype == torch.float16:  # fp16 (CUDA only) needs loss scaling; bf16 does not
+        scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
     ema = None
     if cfg.ema:
         from timm.utils import ModelEmaV3
