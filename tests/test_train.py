@@ -278,7 +278,7 @@ def test_layer_decay_and_weight_decay_groups():
 
 
 def test_config_precedence_yaml_and_cli(tmp_path, capsys):
-    assert resolve_config().preset == "fashion-mnist" and resolve_config().patch_size == 4
+    assert resolve_config().preset == "fashion-mnist" and resolve_config().patch_size == 8
     assert resolve_config(data="digits").epochs == 3
     imagenet = resolve_config(data=str(tmp_path))  # a folder: the paper's recipe
     assert (imagenet.lr, imagenet.weight_decay, imagenet.mixup, imagenet.cutmix, imagenet.reprob) == (5e-4, 0.05, 0.8, 1.0, 0.25)

@@ -557,11 +557,16 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
     if (run_dir / "best.pt").exists():
         files["best"] = run_dir / "best.pt"
     model_path = None
-    if not last_metrics and state is not None and epochs_done >= cfg.epochs:
-        last_metrics = evaluate_model(bare, eval_loader, env, amp_dtype=amp_dtype, progress=cfg.progress)
-        last_metrics["weights"] = "model"
+    weights = last_metrics.get("weights", "model")
+    final = ema.module if (ema is not None and weights == "ema") else bare
+    if amp_dtype is not None or not last_metrics:
+        # The reported numbers are those of the saved weights in fp32, what `xcit eval` and
+        # `xcit predict` compute (the per-epoch evaluations ran in the training precision).
+        last_metrics = {**evaluate_model(final, eval_loader, env, progress=cfg.progress), "weights": weights,
+                        "precision": "fp32"}
+        log.info("final evaluation of the %s weights in fp32: %s top-1 %.2f%%  top-5 %.2f%%  loss %.4f", weights,
+                 cfg.val_split, last_metrics["top1"], last_metrics["top5"], last_metrics["loss"])
     if env.is_main:
-        final = ema.module if (ema is not None and last_metrics.get("weights") == "ema") else bare
         metrics = {**last_metrics, "split": cfg.val_split}
         extra = {"classes": list(data.classes), "data": data.info(cfg), "metrics": metrics,
                  "weights": last_metrics.get("weights", "model"),

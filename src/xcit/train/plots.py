@@ -25,11 +25,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     epochs = [epochs[k] for k in sorted(epochs)]
     steps_per_epoch = max(1, epochs[0]["step"] // (epochs[0]["epoch"] + 1)) if epochs else 1
 
+    # The training loss is taken against smoothed / mixed targets when those are on; say so.
+    note = _train_loss_note(run_dir)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     if steps:
         ax.plot([r["step"] / steps_per_epoch for r in steps], [_num(r["loss"]) for r in steps],
-                lw=0.8, alpha=0.6, label="train (steps)")
+                lw=0.8, alpha=0.6, label=f"train (steps){note}")
     if epochs:
         x = [r["epoch"] + 1 for r in epochs]
         ax.plot(x, [_num(r.get("train_loss")) for r in epochs], "o-", label="train (epoch mean)")
@@ -63,6 +65,23 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _train_loss_note(run_dir: Path) -> str:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return ""
+    cfg = yaml.safe_load(path.read_text()) or {}
+    parts = []
+    if cfg.get("smoothing"):
+        parts.append(f"label smoothing {cfg['smoothing']}")
+    if cfg.get("mixup") or cfg.get("cutmix"):
+        parts.append("mixup/cutmix")
+    if cfg.get("teacher"):
+        parts.append("distillation")
+    return f", {', '.join(parts)}" if parts else ""
 
 
 def _num(v) -> float:
