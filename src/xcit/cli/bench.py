@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=32, help="batch of the 224 comparisons (default 32)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default: preset)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. all cores)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter (default); cpu: process CPU time, with --threads 1 only - robust to other "
+                        "processes competing for the cores on a shared machine")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparisons")
     p.add_argument("--no-train", action="store_true", help="skip the training-step comparison")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
@@ -60,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"), help="markdown report")
     p.add_argument("--plot", type=Path, default=None, help="PNG (default: next to --out, scaling.png)")
     p.add_argument("--json", type=Path, default=None, help="raw results (default: next to --out, results.json)")
+    p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only re-write the report and plot from an earlier run's results.json")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     add_config_option(p)
     p.set_defaults(func=run_bench)
@@ -78,6 +83,9 @@ class Timing:
         return statistics.median(self.times)
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
     """Run the contenders in turn, ``warmup`` untimed rounds then ``repeats`` timed rounds."""
     for _ in range(warmup):
@@ -86,9 +94,9 @@ def interleaved(contenders: dict[str, Callable[[], object]], repeats: int, warmu
     out = {k: Timing(k) for k in contenders}
     for _ in range(repeats):
         for k, fn in contenders.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
-            out[k].times.append(time.perf_counter() - t0)
+            out[k].times.append(CLOCK() - t0)
     return out
 
 
@@ -542,23 +550,38 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.memory_probe:
         print(json.dumps(memory_probe(json.loads(args.memory_probe))))
         return 0
+    out = args.out
+    plot = args.plot or out.with_name("scaling.png")
+    if args.render:
+        from . import bench_report
+
+        results = json.loads(args.render.read_text())
+        bench_report.plot_scaling(results, plot)
+        out.write_text(bench_report.render(results, plot_path=os.path.relpath(plot, out.parent)))
+        print(f"wrote {out}, {plot}")
+        return 0
     import torch
 
     try:
         import timm  # noqa: F401
     except ImportError as err:
         raise ValueError("xcit bench compares against timm: pip install timm") from err
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            raise ValueError("--clock cpu measures process CPU time and needs --threads 1 (with more threads it "
+                             "would count OpenMP spin-waiting)")
+        CLOCK = time.process_time
     preset = dict(PRESETS[args.preset])
-    out = args.out
-    plot = args.plot or out.with_name("scaling.png")
     raw = args.json or out.with_name("results.json")
     command = "xcit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else "xcit bench"
     bench = Bench(args, preset)
     t0 = time.time()
     results = bench.run()
     results["command"] = os.environ.get("XCIT_BENCH_COMMAND", command)
+    results["clock"] = args.clock
     results["model"] = args.model
     results["preset"] = args.preset
     results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -84,6 +84,57 @@ def targets(results: dict) -> list[tuple]:
     return rows
 
 
+def key_numbers(results: dict) -> list[str]:
+    """A short summary table (also used by docs/performance.md)."""
+    peak = results["peak"]["gflops"]["fp32"]
+    b = next((c["batch"] for k, c in results["cases"].items() if k.startswith("infer_224")), 32)
+    lines = ["| configuration (fp32 unless stated) | this project | timm XCiT | speed-up |", "|---|---:|---:|---:|"]
+
+    def add(case, ours, base, label, unit="img/s"):
+        c = results["cases"].get(case)
+        if not c or ours not in c["rows"] or base not in c["rows"]:
+            return
+        o, t = c["rows"][ours], c["rows"][base]
+        if unit == "img/s":
+            vo, vt = f"{c['batch'] / o['median_s']:.1f} img/s", f"{c['batch'] / t['median_s']:.1f} img/s"
+        else:
+            vo, vt = f"{o['median_s'] * 1e3:,.0f} ms", f"{t['median_s'] * 1e3:,.0f} ms"
+        lines.append(f"| {label} | {vo} | {vt} | {o.get('speedup_vs_base', float('nan')):.2f}x |")
+
+    add(f"infer_224_b{b}", "this-fused", "timm", f"inference 224, batch {b}, eager, fused")
+    add(f"infer_224_b{b}", "this", "timm", f"inference 224, batch {b}, eager, not fused")
+    add("infer_1024_b1", "this-fused", "timm", "inference 1024x1024, batch 1, eager, fused", unit="ms")
+    add(f"compiled_224_b{b}", "this-fused-compiled", "timm-compiled", f"inference 224, batch {b}, both torch.compile")
+    add("compiled_1024_b1", "this-fused-compiled", "timm-compiled", "inference 1024x1024, both torch.compile", unit="ms")
+    add(f"bf16_224_b{b}", "this-fused-bf16", "timm", f"inference 224, batch {b}: this in bf16 autocast vs timm fp32")
+    add(f"train_224_b{b}", "this", "timm", f"training step 224, batch {b} (forward, backward, AdamW)")
+    r = _row(results, "infer_1024_b1", "this-fused")
+    if r:
+        lines.append(f"| share of the measured fp32 matmul peak at 1024x1024 (model FLOPs / time) | "
+                     f"{r['gflops_per_s'] / peak:.0%} | {_row(results, 'infer_1024_b1', 'timm')['gflops_per_s'] / peak:.0%} | |")
+    s512, s2048 = results["cases"].get("scale_512"), results["cases"].get("scale_2048")
+    if s512 and s2048:
+        def growth(k):
+            if k not in s512["rows"] or k not in s2048["rows"]:
+                return "-"
+            g = (s2048["rows"][k]["median_s"] / s2048["tokens"]) / (s512["rows"][k]["median_s"] / s512["tokens"])
+            return f"{g:.2f}x"
+        lines.append(f"| time per token, 2048x2048 vs 512x512 (ViT of the same size: {growth('vit')}) | "
+                     f"{growth('this-fused')} | {growth('timm')} | |")
+    for res in (2048, 4096):
+        c = results["cases"].get(f"scale_{res}")
+        m = results.get("memory", {})
+        if c and "this-fused" in c["rows"]:
+            mo, mt = m.get(f"this-fused@{res}", {}), m.get(f"timm@{res}", {})
+            t_timm = f"{c['rows']['timm']['median_s']:.1f} s" if "timm" in c["rows"] else "-"
+            mem_t = f", +{mt['delta_mb']:,.0f} MB" if "delta_mb" in mt else ""
+            sp = f"{c['rows']['this-fused']['speedup_vs_base']:.2f}x" if "speedup_vs_base" in c["rows"]["this-fused"] else ""
+            lines.append(f"| {res}x{res} ({c['tokens']:,} tokens), batch 1: time, peak activation memory | "
+                         f"{c['rows']['this-fused']['median_s']:.1f} s" + (f", +{mo['delta_mb']:,.0f} MB" if "delta_mb" in mo else "")
+                         + f" | {t_timm}{mem_t} | {sp} |")
+    return lines
+
+
 def _case_table(results: dict, case: str, title: str) -> list[str]:
     c = results["cases"].get(case)
     if not c:
@@ -180,6 +231,8 @@ def render(results: dict, plot_path: str | None = None) -> str:
              f"oneDNN {'yes' if m['onednn'] else 'no'}; {m['platform']}",
              f"- Load average (1 min) at start {m['load_start'][0]:.1f}, at end {m.get('load_end', [float('nan')])[0]:.1f}: "
              "the machine is shared, so every comparison is interleaved and reported as a paired median.",
+             "- Clock: " + ("process CPU time with one thread (robust to other processes on the cores; peaks and "
+                            "models measured alike)" if results.get("clock") == "cpu" else "wall time (perf_counter)"),
              "", "## Matmul peak (measured in this run)", "",
              "| kernel | GFLOP/s |", "|---|---:|",
              f"| fp32, torch.mm (BLAS) | {peak.get('fp32_blas', float('nan')):.0f} |",
@@ -188,6 +241,7 @@ def render(results: dict, plot_path: str | None = None) -> str:
              "",
              f"Peak = best median over n x n x n products, n in {results['peak']['sizes']}. The fp32 peak used below is "
              f"the larger of the two fp32 rows ({peak['fp32']:.0f} GFLOP/s).", "",
+             "## Summary", ""] + key_numbers(results) + ["",
              "## Targets", "", "| target | measured | goal | status | section |", "|---|---|---|---|---|"]
     for t in targets(results):
         lines.append("| " + " | ".join(t) + " |")
