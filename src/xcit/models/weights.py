@@ -89,11 +89,12 @@ def read_metadata(path: PathLike) -> dict:
                 meta[key] = value
         return meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (or it holds more than tensors)") from err
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or it holds more than tensors ({err})") from err
     if not isinstance(obj, dict):
         return {}
     return {k: v for k, v in obj.items() if k not in _WRAPPER_KEYS + ("model_ema",) and not _holds_tensors(v)}

@@ -607,24 +607,9 @@ def _try_plot(run_dir: Path) -> Path | None:
 
 def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The plain entries saved beside the weights of a model file (``classes``, ``data``, ``metrics``...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
-    from ..models.weights import _is_safetensors
+    from ..models.weights import read_metadata
 
-    if _is_safetensors(path):
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        return {k: json.loads(v) for k, v in meta.items()}
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - reported uniformly; create_model gives the detailed error later
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-    if not isinstance(raw, dict):
-        return {}
-    return {k: v for k, v in raw.items() if not isinstance(v, torch.Tensor) and k not in ("model", "state_dict")}
+    return read_metadata(path)
 
 
 def evaluate(
