@@ -16,7 +16,6 @@ import yaml
 
 from xcit import create_model
 from xcit.cli import main as cli_main
-from xcit.data import DataError
 from xcit.models.weights import CheckpointError, save_checkpoint
 from xcit.train import NonFiniteLossError, evaluate, load_state, resolve_config, train
 from xcit.train.optim import WarmupCosine, build_param_groups

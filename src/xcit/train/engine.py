@@ -60,8 +60,8 @@ class RunResult:
 
     def summary(self) -> str:
         m = self.metrics
-        lines = [f"run: {self.run_dir}  ({self.status}, {self.epochs} epochs, {self.steps} steps, "
-                 f"{format_duration(self.wall_time)})"]
+        lines = [(f"run: {self.run_dir}  ({self.status}, {self.epochs} epochs, {self.steps} steps, "
+                  f"{format_duration(self.wall_time)})")]
         if "top1" in m:
             lines.append(f"{m.get('split', 'eval')} top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}"
                          f"  ({m['n']} images, {m.get('weights', 'model')} weights)")
@@ -493,9 +493,9 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
                     log.info("epoch %d/%d [%d/%d]  loss %.4f  lr %.2e  %.0f img/s  epoch ETA %s", epoch + 1, cfg.epochs,
                              epoch_step, steps_per_epoch, loss_value, current_lr, rate,
                              format_duration((steps_per_epoch - epoch_step) * global_batch / max(rate, 1e-9)))
-                if cfg.ckpt_every and global_step % cfg.ckpt_every == 0 and epoch_step < steps_per_epoch:
-                    if env.is_main:
-                        save_state(run_dir / "last.pt", full_state(epoch, epoch_step))
+                mid_epoch = epoch_step < steps_per_epoch
+                if cfg.ckpt_every and global_step % cfg.ckpt_every == 0 and mid_epoch and env.is_main:
+                    save_state(run_dir / "last.pt", full_state(epoch, epoch_step))
             bar.close()
             sums = dist_utils.all_reduce_sum(sums, env)
             train_loss = float(sums[0] / max(float(sums[1]), 1.0))
@@ -668,6 +668,7 @@ def evaluate(
         if classes and isinstance(dataset, TensorImageDataset) and list(classes) != list(dataset.classes):
             if len(classes) != len(dataset.classes):
                 raise DataError(f"the model predicts {len(classes)} classes, {data} has {len(dataset.classes)}")
+            log.warning("the checkpoint's class names differ from %s's; comparing labels by index", data)
         if n_out < len(dataset.classes):
             raise DataError(f"the model predicts {n_out} classes, {data} has {len(dataset.classes)}")
         if isinstance(dataset, TensorImageDataset):

@@ -121,7 +121,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int, device: tor
         teacher = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure to read is reported the same way
+        except Exception as err:  # any failure to read is reported the same way
             raise CheckpointError(f"teacher checkpoint {path}: not readable ({err})") from err
         for key in ("model", "state_dict", "model_ema"):
             if isinstance(raw, dict) and isinstance(raw.get(key), dict):
