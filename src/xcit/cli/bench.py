@@ -65,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="raw results (default: next to --out, results.json)")
     p.add_argument("--render", type=Path, default=None, metavar="RESULTS_JSON",
                    help="only re-write the report and plot from an earlier run's results.json")
+    p.add_argument("--appendix", type=Path, nargs="*", default=[], metavar="RESULTS_JSON",
+                   help="with --render: append the summary and targets of other runs (e.g. a --clock cpu cross-check)")
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     add_config_option(p)
     p.set_defaults(func=run_bench)
@@ -509,7 +511,7 @@ def bf16_agreement(checkpoint: str, data: str = "fashion-mnist", split: str = "v
     from ..data.loader import ShardSampler, build_loader
     from ..data.transforms import BatchEvalTransform
     from ..models import create_model
-    from ..train.engine import read_model_metadata
+    from ..models.weights import read_metadata as read_model_metadata
 
     meta = read_model_metadata(checkpoint)
     saved = meta.get("data", {}) if isinstance(meta.get("data"), dict) else {}
@@ -556,8 +558,9 @@ def run_bench(args: argparse.Namespace) -> int:
         from . import bench_report
 
         results = json.loads(args.render.read_text())
+        others = [json.loads(p.read_text()) for p in args.appendix]
         bench_report.plot_scaling(results, plot)
-        out.write_text(bench_report.render(results, plot_path=os.path.relpath(plot, out.parent)))
+        out.write_text(bench_report.render(results, plot_path=os.path.relpath(plot, out.parent), appendix=others))
         print(f"wrote {out}, {plot}")
         return 0
     import torch

@@ -217,7 +217,21 @@ def _analysis(results: dict) -> list[str]:
     return out
 
 
-def render(results: dict, plot_path: str | None = None) -> str:
+def render_appendix(results: dict) -> list[str]:
+    m = results["machine"]
+    clock = ("process CPU time, 1 thread" if results.get("clock") == "cpu" else f"wall time, {m['threads']} threads")
+    lines = [f"## Cross-check run: {clock} ({results['date']})", "",
+             "Reproduce with:", "", "```", results["command"], "```", "",
+             f"Load average at start {m['load_start'][0]:.1f}, at end {m.get('load_end', [float('nan')])[0]:.1f}. "
+             f"Matmul peak in that run: fp32 {results['peak']['gflops']['fp32']:.0f} GFLOP/s (oneDNN; BLAS "
+             f"{results['peak']['gflops'].get('fp32_blas', float('nan')):.0f}), bf16 "
+             f"{results['peak']['gflops'].get('bf16', float('nan')):.0f} GFLOP/s.", ""]
+    lines += key_numbers(results) + ["", "| target | measured | goal | status | section |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(t) + " |" for t in targets(results)]
+    return lines + [""]
+
+
+def render(results: dict, plot_path: str | None = None, appendix: list[dict] | None = None) -> str:
     m = results["machine"]
     peak = results["peak"]["gflops"]
     lines = ["# Benchmark results", "",
@@ -294,6 +308,8 @@ def render(results: dict, plot_path: str | None = None) -> str:
               "routes fp32 CPU linears and convolutions through oneDNN, which accounts for part of the speed-up over timm; "
               "the rest comes from the algebra (no N x d normalised copies, folded projections, one-query class attention, "
               "channels-last LPI, fused GELU/BN/LayerScale).", ""]
+    for other in appendix or []:
+        lines += render_appendix(other)
     return "\n".join(lines)
 
 
@@ -331,7 +347,8 @@ def plot_scaling(results: dict, path: Path) -> None:
     ax2.set_title("Peak memory, batch 1, fp32")
     for ax in (ax1, ax2):
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(f"{results['model']} on {results['machine']['cpu']} ({results['machine']['threads']} threads)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -307,11 +307,14 @@ def xca(
     if fold_choice(n, c):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and x.device.type == "cpu" else x.dtype
         a = attn.to(dtype)
-        t = torch.matmul(a, w_v.to(dtype).view(h, d, c))  # blockdiag(A) W_v as (B, h, d, C)
-        m = torch.matmul(w_proj.to(dtype), t.reshape(b, c, c))  # (B, C, C)
+        # P = W_proj blockdiag(A): (B, C, C), C^2 d multiply-adds per image.
+        p = torch.matmul(w_proj.to(dtype).view(c, h, d).transpose(0, 1), a)  # (B, h, C_out, d)
+        p = p.permute(0, 2, 1, 3).reshape(b, c, c)
+        # M = P W_v for all images in one product (C^3 per image): rows of P against columns of W_v.
+        m = mm_nt(p.reshape(b * c, c), w_v.to(dtype).t().contiguous()).view(b, c, c)
         bias = None
         if b_v is not None:
-            bias = torch.matmul(w_proj.to(dtype), torch.matmul(a, b_v.to(dtype).view(h, d, 1)).reshape(b, c, 1)).squeeze(-1)
+            bias = torch.matmul(p, b_v.to(dtype))  # (B, C)
         if b_proj is not None:
             bias = b_proj.to(dtype).expand(b, c) if bias is None else bias + b_proj.to(dtype)
         outs = []
