@@ -1,0 +1,306 @@
+"""COCO-format detection datasets: reading, validating and serving images with their targets.
+
+A dataset is an image folder plus a COCO JSON file (``images``, ``annotations``, ``categories``;
+boxes as ``[x, y, width, height]`` in pixels, optional ``segmentation`` as polygons or RLE).
+Validation rules (documented in docs/detection.md):
+
+* unreadable file or broken JSON, missing ``images`` / ``categories``, an image entry without
+  ``id`` / ``file_name``, duplicate image or category ids, an image file that does not exist:
+  :class:`CocoFormatError` naming the file and the problem;
+* an annotation with an unknown ``image_id`` or ``category_id``, a malformed ``bbox``, a box with
+  no area, or a box entirely outside its image: skipped, and counted in :class:`ValidationReport`;
+* a box partly outside its image: clipped to the image, counted;
+* an image without annotations: kept (a negative example for training), counted;
+* ``iscrowd`` annotations: not trained on; COCO evaluation treats them as crowd regions;
+* Mask R-CNN training on an annotation without ``segmentation``: its box is used as the mask, counted.
+
+With ``strict=True`` any skipped annotation is an error instead.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..segment.data import read_image
+
+log = logging.getLogger("xcit.data")
+
+
+class CocoFormatError(ValueError):
+    """The COCO file cannot be used as it is (the message names the file and the entry)."""
+
+
+@dataclass
+class ValidationReport:
+    """What validation changed: counts of skipped or repaired annotations, and examples of each."""
+
+    images: int = 0
+    annotations: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    empty_images: int = 0
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, example: str) -> None:
+        self.skipped[reason] += 1
+        self.examples.setdefault(reason, example)
+
+    def repair(self, reason: str, example: str) -> None:
+        self.repaired[reason] += 1
+        self.examples.setdefault(reason, example)
+
+    def summary(self) -> str:
+        parts = [f"{self.images} images, {self.annotations} annotations: {self.kept} kept"]
+        parts += [f"{n} skipped ({reason}, e.g. {self.examples[reason]})" for reason, n in sorted(self.skipped.items())]
+        parts += [f"{n} {reason} (e.g. {self.examples[reason]})" for reason, n in sorted(self.repaired.items())]
+        if self.empty_images:
+            parts.append(f"{self.empty_images} images without annotations (kept as negatives)")
+        return "; ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "annotations": self.annotations, "kept": self.kept, "skipped": dict(self.skipped),
+                "repaired": dict(self.repaired), "empty_images": self.empty_images}
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed COCO file, or :class:`CocoFormatError` (missing file, broken JSON, wrong top level)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a COCO annotation file, got {str(path)!r} which does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CocoFormatError(f"{path}: broken JSON at line {err.lineno} column {err.colno}: {err.msg}") from err
+    except UnicodeDecodeError as err:
+        raise CocoFormatError(f"{path}: not a UTF-8 text file ({err})") from err
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: expected a JSON object with images, annotations and categories, got a {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{path}: expected a list under {key!r}, got {type(data.get(key)).__name__}")
+    if not isinstance(data.get("annotations", []), list):
+        raise CocoFormatError(f"{path}: expected a list under 'annotations'")
+    if not data["categories"]:
+        raise CocoFormatError(f"{path}: 'categories' is empty (expected at least one object class)")
+    return data
+
+
+def _unique_ids(path: Path, entries: list, what: str, required: tuple[str, ...]) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or any(k not in entry for k in required):
+            raise CocoFormatError(f"{path}: {what} entry {i} needs {', '.join(required)}, got {str(entry)[:120]}")
+        if entry["id"] in out:
+            raise CocoFormatError(f"{path}: duplicate {what} id {entry['id']!r}")
+        out[entry["id"]] = entry
+    return out
+
+
+def clean_coco(data: dict[str, Any], path: str | os.PathLike = "<coco>", *, image_root: str | os.PathLike | None = None,
+               need_masks: bool = False, strict: bool = False) -> tuple[dict[str, Any], ValidationReport]:
+    """A validated copy of ``data`` (rules in the module docstring) and the report of what changed.
+
+    Every kept annotation has a clipped ``bbox``, ``area`` and ``iscrowd``; images lacking width or
+    height get them from the file under ``image_root``.
+    """
+    path = Path(path)
+    images = _unique_ids(path, data["images"], "image", ("id", "file_name"))
+    cats = _unique_ids(path, data["categories"], "category", ("id",))
+    report = ValidationReport(images=len(images), annotations=len(data.get("annotations", [])))
+    missing = []
+    for img in images.values():
+        file = Path(image_root) / img["file_name"] if image_root is not None else None
+        if file is not None and not file.is_file():
+            missing.append(img["file_name"])
+            continue
+        if not img.get("width") or not img.get("height"):
+            if file is None:
+                raise CocoFormatError(f"{path}: image {img['id']} has no width/height and no image folder was given")
+            from PIL import Image
+
+            with Image.open(file) as im:
+                img["width"], img["height"] = im.size
+    if missing:
+        raise CocoFormatError(f"{path}: {len(missing)} image files missing under {image_root} (e.g. {', '.join(missing[:3])})")
+    kept, used = [], set()
+    for i, ann in enumerate(data.get("annotations", [])):
+        where = f"annotation {ann.get('id', i) if isinstance(ann, dict) else i}"
+        if not isinstance(ann, dict):
+            report.skip("not an object", where)
+            continue
+        if ann.get("image_id") not in images:
+            report.skip("unknown image_id", f"{where}: image_id {ann.get('image_id')!r}")
+            continue
+        if ann.get("category_id") not in cats:
+            report.skip("unknown category_id", f"{where}: category_id {ann.get('category_id')!r}")
+            continue
+        box = ann.get("bbox")
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+            report.skip("malformed bbox", f"{where}: bbox {box!r}")
+            continue
+        img = images[ann["image_id"]]
+        x0, y0, w, h = (float(v) for v in box)
+        if not (w > 0 and h > 0):
+            report.skip("box without area", f"{where}: bbox {box!r}")
+            continue
+        cx0, cy0 = max(x0, 0.0), max(y0, 0.0)
+        cx1, cy1 = min(x0 + w, float(img["width"])), min(y0 + h, float(img["height"]))
+        if cx1 - cx0 < 1 or cy1 - cy0 < 1:
+            report.skip("box outside its image", f"{where}: bbox {box!r} in a {img['width']}x{img['height']} image")
+            continue
+        ann = dict(ann)
+        if (cx0, cy0, cx1, cy1) != (x0, y0, x0 + w, y0 + h):
+            report.repair("boxes clipped to their image", f"{where}: bbox {box!r}")
+        ann["bbox"] = [cx0, cy0, cx1 - cx0, cy1 - cy0]
+        ann.setdefault("iscrowd", 0)
+        if need_masks and not ann.get("segmentation"):
+            report.repair("boxes used as masks (no segmentation)", where)
+            ann["segmentation"] = [[cx0, cy0, cx1, cy0, cx1, cy1, cx0, cy1]]
+        if "area" not in ann:
+            ann["area"] = _area(ann, img)
+        ann.setdefault("id", i + 1)
+        kept.append(ann)
+        used.add(ann["image_id"])
+    if strict and report.skipped:
+        raise CocoFormatError(f"{path}: {sum(report.skipped.values())} invalid annotations (strict): {report.summary()}")
+    report.kept = len(kept)
+    report.empty_images = len(images) - len(used)
+    out = {**data, "images": list(images.values()), "annotations": kept, "categories": list(cats.values())}
+    return out, report
+
+
+def _area(ann: dict, img: dict) -> float:
+    seg = ann.get("segmentation")
+    if seg:
+        try:
+            from pycocotools import mask as mask_utils
+
+            return float(mask_utils.area(_rle(seg, img["height"], img["width"])))
+        except Exception:  # noqa: BLE001 - a broken polygon falls back to the box area
+            pass
+    return float(ann["bbox"][2] * ann["bbox"][3])
+
+
+def _rle(seg, height: int, width: int):
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        rles = mask_utils.frPyObjects(seg, height, width)
+        return mask_utils.merge(rles)
+    if isinstance(seg.get("counts"), list):
+        return mask_utils.frPyObjects(seg, height, width)
+    return seg
+
+
+def decode_mask(seg, height: int, width: int) -> np.ndarray:
+    """uint8 (H, W) mask of a COCO polygon list, uncompressed or compressed RLE."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.decode(_rle(seg, height, width)).astype(np.uint8)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Images of a COCO file with torchvision targets (boxes x0 y0 x1 y1, labels 1..K, optional masks).
+
+    Labels are the categories in file order (1..K; 0 is background). Training augmentation:
+    random horizontal flip, and optionally vertical flip and 90-degree rotations (top-down
+    imagery such as aerial photos and microscopy). Resizing is the detector's own (multi-scale).
+    """
+
+    def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike | None = None, *, masks: bool = False,
+                 train: bool = False, hflip: float = 0.5, vflip: float = 0.0, rot90: bool = False,
+                 strict: bool = False, seed: int = 0) -> None:
+        self.path = Path(annotations)
+        self.root = Path(images) if images is not None else self.path.parent
+        raw = read_json(self.path)
+        self.coco, self.report = clean_coco(raw, self.path, image_root=self.root, need_masks=masks, strict=strict)
+        self.masks, self.train = masks, train
+        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self.categories = self.coco["categories"]
+        self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
+        self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
+        self.images = self.coco["images"]
+        self.by_image: dict[Any, list[dict]] = {img["id"]: [] for img in self.images}
+        for ann in self.coco["annotations"]:
+            self.by_image[ann["image_id"]].append(ann)
+        self.rng = random.Random(seed)
+        if self.report.skipped or self.report.repaired:
+            log.warning("%s: %s", self.path, self.report.summary())
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(c.get("name", c["id"])) for c in self.categories]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """uint8 (3, H, W) image and its target (crowd annotations left out), without augmentation."""
+        info = self.images[index]
+        image = read_image(self.root / info["file_name"])
+        h, w = image.shape[-2:]
+        if (h, w) != (info["height"], info["width"]):
+            raise CocoFormatError(f"{self.path}: image {info['file_name']} is {w}x{h} but the file says "
+                                  f"{info['width']}x{info['height']}")
+        anns = [a for a in self.by_image[info["id"]] if not a.get("iscrowd")]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        target = {"boxes": boxes, "labels": torch.tensor([self.cat_to_label[a["category_id"]] for a in anns], dtype=torch.int64),
+                  "image_id": torch.tensor(index)}
+        if self.masks:
+            m = np.stack([decode_mask(a["segmentation"], h, w) for a in anns]) if anns else np.zeros((0, h, w), np.uint8)
+            target["masks"] = torch.from_numpy(m)
+        return image, target
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        image, target = self.load(index)
+        if self.train:
+            image, target = self.augment(image, target)
+        return image.float().div_(255), target
+
+    def augment(self, image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Random flips (and 90-degree turns) of the image, boxes and masks together."""
+        if self.rng.random() < self.hflip:
+            image, target = _flip(image, target, horizontal=True)
+        if self.rng.random() < self.vflip:
+            image, target = _flip(image, target, horizontal=False)
+        if self.rot90 and self.rng.random() < 0.5:
+            image, target = _transpose(image, target)
+        return image, target
+
+
+def _flip(image: torch.Tensor, target: dict, horizontal: bool) -> tuple[torch.Tensor, dict]:
+    dim = -1 if horizontal else -2
+    size = image.shape[dim]
+    target = dict(target)
+    b = target["boxes"].clone()
+    i0, i1 = (0, 2) if horizontal else (1, 3)
+    b[:, i0], b[:, i1] = size - target["boxes"][:, i1], size - target["boxes"][:, i0]
+    target["boxes"] = b
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(dim)
+    return image.flip(dim), target
+
+
+def _transpose(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
+    """Swap rows and columns (with the flips, this reaches all eight 90-degree turns and mirrors)."""
+    target = dict(target)
+    target["boxes"] = target["boxes"][:, [1, 0, 3, 2]]
+    if "masks" in target:
+        target["masks"] = target["masks"].transpose(-1, -2).contiguous()
+    return image.transpose(-1, -2).contiguous(), target
+
+
+def collate(batch: list) -> tuple[list[torch.Tensor], list[dict]]:
+    """Lists of images and targets (the detectors take images of different sizes)."""
+    return [b[0] for b in batch], [b[1] for b in batch]

@@ -1,0 +1,86 @@
+"""Detection on image files: PNG overlays (boxes, masks, scores) and one COCO-format JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..segment.data import IMAGE_EXTS, read_image
+from .evaluation import to_coco_results
+
+COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)]
+
+
+def list_images(inputs: list[str]) -> list[Path]:
+    """Image files named in ``inputs`` or found (recursively) in the folders among them."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"expected an image file or folder, got {item!r} which does not exist")
+    if not files:
+        raise ValueError(f"no images found in {', '.join(inputs)} (expected files ending in {', '.join(IMAGE_EXTS)})")
+    return files
+
+
+def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: list[str], score_thresh: float = 0.5,
+                 alpha: float = 0.45, mask_threshold: float = 0.5, labels: bool = True) -> Image.Image:
+    """The uint8 (3, H, W) ``image`` with the detections above ``score_thresh``: tinted masks, boxes, scores."""
+    canvas = image.permute(1, 2, 0).numpy().astype(np.float32)
+    keep = output["scores"] >= score_thresh
+    boxes, scores, cls = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
+    if "masks" in output:
+        for m, c in zip(output["masks"][keep][:, 0] > mask_threshold, cls.tolist()):
+            colour = np.array(COLOURS[(c - 1) % len(COLOURS)], np.float32)
+            sel = m.numpy()
+            canvas[sel] = (1 - alpha) * canvas[sel] + alpha * colour
+    img = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    width = max(1, round(max(img.size) / 400))
+    for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), cls.tolist()):
+        colour = COLOURS[(c - 1) % len(COLOURS)]
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
+        if labels:
+            name = classes[c - 1] if 0 < c <= len(classes) else str(c)
+            draw.text((x0 + 2, y0 + 1), f"{name} {s:.2f}", fill=colour)
+    return img
+
+
+def predict_files(model, files: list[Path], out: str | os.PathLike, classes: list[str], category_ids: list[int],
+                  device: torch.device, score_thresh: float = 0.5, overlays: bool = True) -> dict[str, Any]:
+    """Run ``model`` on every file (each in one pass at the model's test size), write NAME_overlay.png
+    and ``predictions.json`` (COCO: images, categories and the detections as annotations with scores)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    label_to_cat = {i + 1: cid for i, cid in enumerate(category_ids)}
+    images, detections, timings = [], [], []
+    masks = model.roi_heads.has_mask()
+    for image_id, path in enumerate(files, start=1):
+        image = read_image(path)
+        t = time.time()
+        with torch.inference_mode():
+            output = {k: v.cpu() for k, v in model([image.to(device).float().div_(255)])[0].items()}
+        timings.append(time.time() - t)
+        images.append({"id": image_id, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2])})
+        kept = {k: v[output["scores"] >= score_thresh] for k, v in output.items()}
+        for det in to_coco_results(kept, image_id, label_to_cat, masks=masks):
+            det.update(id=len(detections) + 1, area=round(det["bbox"][2] * det["bbox"][3], 2), iscrowd=0)
+            detections.append(det)
+        if overlays:
+            draw_overlay(image, output, classes, score_thresh).save(out / f"{path.stem}_overlay.png")
+        print(f"{path}: {int(kept['scores'].numel())} objects with score >= {score_thresh} ({timings[-1]:.2f} s)")
+    coco = {"images": images, "annotations": detections,
+            "categories": [{"id": cid, "name": n} for cid, n in zip(category_ids, classes)]}
+    (out / "predictions.json").write_text(json.dumps(coco))
+    return {"images": len(files), "detections": len(detections), "seconds": timings}
