@@ -159,7 +159,10 @@ def _box_predictor(dim: int, classes: int) -> nn.Module:
 def _mask_predictor(dim: int, classes: int) -> nn.Module:
     from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-    return MaskRCNNPredictor(dim, dim, classes)
+    predictor = MaskRCNNPredictor(dim, dim, classes)
+    # torchvision's fan-out init gives logits of std ~10 for a few classes (loss ~8 at step 0); detectron2's is small
+    nn.init.normal_(predictor.mask_fcn_logits.weight, std=0.001)
+    return predictor
 
 
 def set_test_size(model: nn.Module, size: int, max_size: int | None = None) -> None:
