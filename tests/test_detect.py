@@ -138,7 +138,7 @@ def test_training_run_writes_checkpoints_metrics_and_resumes(tmp_path):
     assert {r["kind"] for r in records} == {"train", "eval"}
     cfg.iters, cfg.resume = 3, "auto"
     assert train(cfg)["step"] == 3  # continued from last.pt at step 2
-    model, meta = load_detector(run / "last.pt")
+    _, meta = load_detector(run / "last.pt")
     assert meta["classes"] == ["lime", "blue"] and meta["category_ids"] == [7, 9]
 
 
@@ -228,7 +228,7 @@ def test_flips_and_turns_move_boxes_with_the_masks(tmp_path):
     data = CocoDetection(write_coco(tmp_path), tmp_path / "images", masks=True, train=True, hflip=1.0, vflip=1.0, rot90=True)
     for seed in range(4):
         data.rng.seed(seed)
-        image, target = data[0]
+        _, target = data[0]
         for box, mask in zip(target["boxes"], target["masks"]):
             ys, xs = torch.nonzero(mask, as_tuple=True)
             assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
@@ -286,3 +286,18 @@ def test_prepare_nuclei_writes_a_valid_coco_dataset(tmp_path):
     _, target = val_set.load(0)
     assert len(target["boxes"]) > 20 and target["masks"].shape[-2:] == (256, 256)
     assert "BSD-3-Clause" in (tmp_path / "SOURCE.txt").read_text()
+
+
+def test_paste_masks_matches_torchvision_and_compacts():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from xcit.detect.model import paste_masks
+
+    torch.manual_seed(0)
+    masks = torch.rand(5, 1, 28, 28)
+    boxes = torch.tensor([[3.0, 4.0, 40.0, 30.0], [-5.0, 10.0, 20.0, 70.0], [50.0, 50.0, 90.0, 64.0],
+                          [0.0, 0.0, 1.0, 1.0], [60.0, 2.0, 99.0, 63.0]])
+    ours = paste_masks(masks, boxes, (64, 96))
+    assert torch.allclose(ours, paste_masks_in_image(masks, boxes, (64, 96)))
+    compact = paste_masks(masks, boxes, (64, 96), compact=True)
+    assert compact.dtype == torch.bool and torch.equal(compact, ours > 0.5)

@@ -8,6 +8,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from .config import add_config_option
+from .segment import _require
 
 # Help for the training options; every field of xcit.detect.train.DetectConfig becomes --field-name.
 _HELP = {
@@ -106,12 +107,6 @@ def _test_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detections", type=int, default=None, help="detections kept per image (default: the checkpoint's, 100)")
 
 
-def _require(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) in (None, []):
-            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
-
-
 def run_prepare(args: argparse.Namespace) -> int:
     from ..detect.prepare import prepare
 
@@ -194,7 +189,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..detect.predict import list_images, predict_files
+    from ..detect.predict import predict_files
+    from ..segment.data import list_images
 
     _require(args, "checkpoint", "inputs")
     files = list_images(args.inputs)

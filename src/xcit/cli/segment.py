@@ -227,7 +227,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from ..segment.data import IMAGE_EXTS, colorize, infer, overlay, read_image
+    from ..segment.data import colorize, infer, list_images, overlay, read_image
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings
     from .predict import resolve_device
@@ -235,17 +235,7 @@ def run_predict(args: argparse.Namespace) -> int:
     _require(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
-    files: list[Path] = []
-    for item in args.inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"expected an image file or folder, got {item!r} which does not exist")
-    if not files:
-        raise ValueError(f"no images found in {', '.join(args.inputs)} (expected files ending in {', '.join(IMAGE_EXTS)})")
+    files = list_images(args.inputs)
     model, meta = load_segmenter(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)

@@ -186,8 +186,8 @@ def _area(ann: dict, img: dict) -> float:
             from pycocotools import mask as mask_utils
 
             return float(mask_utils.area(_rle(seg, img["height"], img["width"])))
-        except Exception:  # noqa: BLE001 - a broken polygon falls back to the box area
-            pass
+        except (ValueError, TypeError, KeyError, IndexError) as err:  # a broken polygon: the box area
+            log.debug("area of annotation %s from its box (%s)", ann.get("id"), err)
     return float(ann["bbox"][2] * ann["bbox"][3])
 
 

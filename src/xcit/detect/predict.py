@@ -11,27 +11,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..segment.data import IMAGE_EXTS, read_image
+from ..segment.data import read_image
 from .evaluation import to_coco_results
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190)]
-
-
-def list_images(inputs: list[str]) -> list[Path]:
-    """Image files named in ``inputs`` or found (recursively) in the folders among them."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"expected an image file or folder, got {item!r} which does not exist")
-    if not files:
-        raise ValueError(f"no images found in {', '.join(inputs)} (expected files ending in {', '.join(IMAGE_EXTS)})")
-    return files
 
 
 def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: list[str], score_thresh: float = 0.5,

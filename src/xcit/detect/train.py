@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..train import distributed as dist_utils
-from ..train.checkpoint import rng_state, save_state, set_rng_state
+from ..train.checkpoint import resume_path, rng_state, save_state, set_rng_state
 from ..train.engine import _autocast, _resolve_amp
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
 from ..train.optim import build_param_groups
@@ -197,7 +197,7 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
     steps_per_epoch = max(len(loader), 1)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    resume = _resume_path(cfg, out)
+    resume = resume_path(cfg.resume, out)
     raw = read_detector_checkpoint(resume) if resume else None
     model = detector_from_config(raw["config"]) if raw else build_from_config(cfg, len(train_set.categories))
     if raw:
@@ -334,15 +334,3 @@ def _plot(out: Path, masks: bool) -> None:
         plot_history(out / "metrics.jsonl", out / "curves.png", metric="mask_ap50" if masks else "box_ap50")
     except Exception as err:  # noqa: BLE001 - a figure is not worth failing a run for
         log.warning("could not draw curves: %s", err)
-
-
-def _resume_path(cfg: DetectConfig, out: Path) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        path = out / "last.pt"
-        return path if path.is_file() else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a checkpoint to resume from, got {cfg.resume!r} which is not a file")
-    return path

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..models import MODELS, param_groups, resolve_name
 from ..train import distributed as dist_utils
+from ..train.checkpoint import resume_path as resume_state_path
 from ..train.checkpoint import save_state
 from ..train.metrics import MetricsWriter
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
@@ -206,7 +207,7 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
     if drop_path is None:
         drop_path = MODELS[resolve_name(cfg.backbone).arch].drop_path_rate if cfg.backbone else 0.0
     arch = dict(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
-    resume_path = _resume_path(cfg, out)
+    resume_path = resume_state_path(cfg.resume, out)
     if resume_path is not None:  # rebuild exactly the saved model; the backbone init is not needed
         raw = torch.load(resume_path, map_location="cpu", weights_only=True)
         model = segmenter_from_config(raw["config"])
@@ -323,18 +324,6 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
         print(f"finished at step {step} after {elapsed() / 60:.1f} min; checkpoints in {out} (last.pt, best.pt)", flush=True)
     logger.close()
     return metrics
-
-
-def _resume_path(cfg: TrainConfig, out: Path) -> Path | None:
-    if cfg.resume is None:
-        return None
-    if cfg.resume == "auto":
-        path = out / "last.pt"
-        return path if path.is_file() else None
-    path = Path(cfg.resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a checkpoint to resume from, got {cfg.resume!r} which is not a file")
-    return path
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", settings: EvalSettings | None = None,

@@ -86,3 +86,17 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         )
     state["path"] = str(path)
     return state
+
+
+def resume_path(resume: str | None, out: str | os.PathLike) -> Path | None:
+    """The state file a dense-task run continues from: None (fresh run), ``"auto"`` (``out/last.pt`` when
+    it exists) or a path, which must exist."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        path = Path(out) / "last.pt"
+        return path if path.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a checkpoint to resume from, got {resume!r} which is not a file")
+    return path
