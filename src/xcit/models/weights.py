@@ -22,6 +22,8 @@ from .registry import MODELS, release_url, resolve_name
 
 PathLike = str | os.PathLike
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+_DINO_KEYS = ("teacher", "student")  # DINO training checkpoints (official and `xcit dino`): teacher first
+_BACKBONE_PREFIXES = ("module.backbone.", "backbone.", "encoder.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _CA_QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.([qkv])\.(weight|bias)$")
 
@@ -122,7 +124,9 @@ def _is_safetensors(path: Path) -> bool:
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     for _ in range(3):
         if isinstance(obj, dict) and not _looks_like_state_dict(obj):
-            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), dict)), None)
+            # DINO training checkpoints hold both networks: the teacher is the one to use.
+            keys = _DINO_KEYS + _WRAPPER_KEYS
+            inner = next((obj[k] for k in keys if isinstance(obj.get(k), dict) and obj[k]), None)
             if inner is None:
                 break
             obj = inner
@@ -130,8 +134,18 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
         keys = list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: no state dict found (expected tensors, or one under 'model'); found {keys}")
     state = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
+    return strip_backbone_prefix(state)
+
+
+def strip_backbone_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The XCiT weights of a wrapped state dict: ``module.`` (DDP) removed, and for DINO-style
+    ``backbone.`` / ``encoder.`` wrappers only the backbone's keys, prefix removed (the DINO head dropped)."""
+    if state and all(k.startswith("module.") for k in state):  # saved from DistributedDataParallel
         state = {k[len("module."):]: v for k, v in state.items()}
+    for prefix in _BACKBONE_PREFIXES:
+        if any(k.startswith(prefix + "blocks.") for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
     return state
 
 

@@ -19,39 +19,16 @@ FORMAT = "xcit-segmenter-1"
 def read_backbone_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The XCiT trunk weights in ``path``, official key layout.
 
-    Accepts what :func:`xcit.models.weights.read_state_dict` reads (official release, timm, bare
-    state dicts, safetensors, DINO's backbone-only ``*_pretrain.pth``) and also DINO training
-    checkpoints (``{'teacher': {'backbone.blocks...'}}``, teacher weights are used) and segmentation
+    Accepts what :func:`xcit.models.weights.read_state_dict` reads: official release, timm, bare
+    state dicts, safetensors, DINO checkpoints (backbone-only ``*_pretrain.pth``, and training
+    checkpoints ``{'teacher': {'backbone.blocks...'}}`` whose teacher is used) and segmentation
     checkpoints written here (``backbone.`` prefix).
     """
-    try:
-        state = read_state_dict(path)
-    except CheckpointError:
-        state = _read_dino_training_checkpoint(path)
-        if state is None:
-            raise
-    for prefix in ("module.", "backbone.", "encoder."):
-        if any(k.startswith(prefix + "blocks.") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    state = to_official_layout(state)
+    state = to_official_layout(read_state_dict(path))
     trunk = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
     if not any(k.startswith("blocks.") for k in trunk):
         raise CheckpointError(f"{path}: no XCiT blocks found (expected keys like 'blocks.0.attn.qkv.weight')")
     return trunk
-
-
-def _read_dino_training_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - the first reader's error is the one to report
-        return None
-    if not isinstance(raw, dict):
-        return None
-    for key in ("teacher", "student"):
-        inner = raw.get(key)
-        if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-            return {k: v for k, v in inner.items() if isinstance(v, torch.Tensor)}
-    return None
 
 
 def build_backbone(

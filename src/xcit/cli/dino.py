@@ -1,0 +1,152 @@
+"""`xcit dino` (DINO pretraining), `xcit knn` (weighted k-NN) and `xcit linear` (linear probe).
+
+``xcit dino`` alone pretrains on Fashion-MNIST with its preset; ``--data /imagenet`` takes DINO's
+ImageNet recipe; ``torchrun --nproc_per_node=8 -m xcit dino ...`` runs it data-parallel. Every
+option of :class:`xcit.dino.DinoConfig` is a flag; ``--config configs/dino/....yaml`` sets them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .config import add_config_option
+from .train import _arg_type
+
+_INTERNAL = {"func", "command", "config", "_parser", "print_config"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_dino(sub)
+    for name in ("knn", "linear"):
+        _register_eval(sub, name)
+
+
+def _register_dino(sub: argparse._SubParsersAction) -> None:
+    from ..dino.config import PRESETS, config_fields
+
+    p = sub.add_parser(
+        "dino", help="self-supervised DINO pretraining of an XCiT (Fashion-MNIST preset by default; torchrun)",
+        description="DINO pretraining (student/teacher, multi-crop, centring, EMA teacher). Defaults are DINO's "
+                    f"ImageNet recipe; a preset ({', '.join(PRESETS)}, chosen by the dataset unless --preset) replaces "
+                    "some, a --config YAML overrides the preset and the command line overrides both. The run "
+                    "directory gets teacher.pth, a plain XCiT checkpoint (xcit.create_model(checkpoint=...)).",
+    )
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_fields():
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not None and not callable(f.default) else (
+            f.default_factory() if callable(getattr(f, "default_factory", None)) else "auto")
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS,
+                        "help": f"{meta['help']} [recipe default: {default}]".replace("%", "%%")}
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        kind, is_list = _arg_type(f.type)
+        if f.name == "resume":
+            group.add_argument(flag, nargs="?", const="auto", metavar="RUN", **kwargs)
+        elif kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            group.add_argument(flag, type=kind, nargs=meta.get("nargs") if is_list else None, **kwargs)
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
+    add_config_option(p)
+    p.set_defaults(func=run_dino)
+
+
+def run_dino(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..dino import pretrain, resolve_config
+    from ..train import NonFiniteLossError, load_config_file
+
+    values = {k: v for k, v in vars(args).items() if k not in _INTERNAL}
+    if values.get("resume"):  # a resumed run keeps its saved options; what is given again is compared
+        target = values.get("output") if values["resume"] == "auto" else values["resume"]
+        run_dir = target if target and os.path.isdir(target) else os.path.dirname(target or "")
+        saved = os.path.join(run_dir, "config.yaml")
+        if os.path.isfile(saved):
+            values = {**{k: v for k, v in load_config_file(saved).items()}, **values}
+    cfg = resolve_config(values)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    try:
+        result = pretrain(cfg)
+    except NonFiniteLossError as err:
+        print(f"xcit dino: stopped: {err}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"teacher backbone: {result.teacher_path}  ({result.epochs:.2f} epochs, {result.steps} steps, "
+              f"{result.wall_time / 60:.1f} min)")
+    return 0
+
+
+def _register_eval(sub: argparse._SubParsersAction, name: str) -> None:
+    knn = name == "knn"
+    p = sub.add_parser(
+        name,
+        help=("weighted k-NN (k=20, T=0.07) on frozen L2-normalised features: top-1 / top-5" if knn else
+              "linear probe on frozen features: top-1 / top-5"),
+        description=("DINO's k-NN evaluation: features of the training split vote (weight exp(cos/T)) for each test "
+                     "image." if knn else "Train a linear classifier on frozen (standardised) features of the "
+                     "training split and test it.") + " Features: a checkpoint's cls token (any XCiT weights: "
+                     "a DINO teacher.pth or last.pt, a supervised model.pth), its architecture randomly initialised "
+                     "(--random-init), or raw pixels (--pixels). Runs data-parallel under torchrun.",
+    )
+    p.add_argument("checkpoint", nargs="?", default=None, help="XCiT weights (omit with --pixels)")
+    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits, an IDX folder or class folders")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--test-split", default="val", help="Fashion-MNIST: val = its 10k test images")
+    p.add_argument("--pixels", action="store_true", help="use the normalised pixels as features (baseline)")
+    p.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, randomly initialised")
+    p.add_argument("--pool", choices=["cls", "avg", "cls+avg"], default="cls",
+                   help="feature: cls token after the final norm (DINO's), mean patch token, or both")
+    if knn:
+        p.add_argument("--k", type=int, default=20, help="neighbours")
+        p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T)")
+    else:
+        p.add_argument("--epochs", type=int, default=100, help="probe epochs over the precomputed features")
+        p.add_argument("--lr", type=float, default=0.1, help="SGD peak lr (cosine), momentum 0.9")
+        p.add_argument("--weight-decay", type=float, default=0.0)
+        p.add_argument("--probe-batch-size", type=int, default=256)
+        p.add_argument("--output", default=None, help="save backbone + probe as an XCiT classifier (.pth)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass when embedding")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--workers", type=int, default=4, help="loader workers (class folders)")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
+    p.add_argument("--seed", type=int, default=0, help="seed of --random-init (and of the probe)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_config_option(p)
+    p.set_defaults(func=run_feature_eval)
+
+
+def run_feature_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..dino import knn_evaluate, linear_probe
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = dict(pixels=args.pixels, random_init=args.random_init, train_split=args.train_split,
+                  test_split=args.test_split, pool=args.pool, batch_size=args.batch_size, device=args.device,
+                  workers=args.workers, amp=args.amp, seed=args.seed)
+    if args.command == "knn":
+        result = knn_evaluate(args.checkpoint, args.data, k=args.k, temperature=args.temperature, **common)
+        what = f"k-NN (k={args.k}, T={args.temperature})"
+    else:
+        result = linear_probe(args.checkpoint, args.data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                              probe_batch_size=args.probe_batch_size, output=args.output, **common)
+        what = f"linear probe ({args.epochs} epochs)"
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{what} on {result['data']} {result['split']} ({result['n']} images, {result['n_train']} training "
+              f"features of dim {result['dim']}), features: {result['features']}")
+        print(f"  top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   ({result['seconds']:.1f} s)")
+    return 0

@@ -1,0 +1,16 @@
+"""Self-supervised XCiT: DINO pretraining (:func:`pretrain`) and frozen-feature evaluation
+(:func:`knn_evaluate`, :func:`linear_probe`)."""
+from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
+from .config import PRESETS, DinoConfig, resolve_config
+from .head import DINOHead, MultiCropNet
+from .loss import DINOLoss
+from .schedules import DinoSchedules, build_schedules
+from .train import DinoResult, build_networks, pretrain, update_teacher
+from .knn import extract_features, knn_classify, knn_evaluate, load_feature_model
+from .linear import linear_probe
+
+__all__ = [
+    "PRESETS", "BatchMultiCrop", "DINOHead", "DINOLoss", "DinoConfig", "DinoResult", "DinoSchedules", "MultiCropNet",
+    "MultiCropSpec", "PILMultiCrop", "build_networks", "build_schedules", "extract_features", "knn_classify",
+    "knn_evaluate", "linear_probe", "load_feature_model", "pretrain", "resolve_config", "update_teacher",
+]

@@ -1,0 +1,195 @@
+"""``xcit dino`` options: one dataclass (DINO's ViT-S ImageNet recipe as defaults), presets, validation.
+
+Precedence, lowest first: the defaults < the preset (chosen by ``preset``, else by the dataset) <
+a YAML file < the command line, as for ``xcit train``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..train.config import AMP_MODES, _opt, default_preset, save_config  # noqa: F401  (save_config re-exported)
+
+
+@dataclass
+class DinoConfig:
+    """Every option of ``xcit dino``; defaults follow the DINO paper's ImageNet recipe."""
+
+    # --- data
+    data: str = _opt("fashion-mnist", "images to pretrain on (labels are never read): fashion-mnist, digits, an IDX "
+                     "folder or a folder with <split>/<class>/ images", "data")
+    train_split: str = _opt("train", "split to pretrain on", "data")
+    in_chans: int | None = _opt(None, "image channels (default: the dataset's; 3 for folders)", "data")
+    mean: list[float] | None = _opt(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
+    std: list[float] | None = _opt(None, "normalisation std (default: the dataset's)", "data", nargs="+")
+    workers: int = _opt(8, "loader worker processes (class folders only)", "data")
+
+    # --- model
+    model: str = _opt("xcit_small_12_p16", "backbone architecture (see `xcit models`)", "model")
+    patch_size: int | None = _opt(None, "override the patch size (4, 8, 16)", "model")
+    embed_dim: int | None = _opt(None, "override the embedding dimension", "model")
+    depth: int | None = _opt(None, "override the number of XCA blocks", "model")
+    num_heads: int | None = _opt(None, "override the number of heads", "model")
+    tokens_norm: bool | None = _opt(None, "override class-attention tokens_norm", "model")
+    drop_path: float = _opt(0.1, "stochastic depth of the student", "model")
+    out_dim: int = _opt(65536, "K, the number of DINO head outputs (prototypes)", "model")
+    hidden_dim: int = _opt(2048, "DINO head MLP width", "model")
+    bottleneck_dim: int = _opt(256, "DINO head bottleneck (L2-normalised) width", "model")
+    norm_last_layer: bool = _opt(True, "fix the weight-normalised last layer's norms to 1", "model")
+
+    # --- multi-crop augmentation
+    global_size: int = _opt(224, "global crop size (pixels)", "augment")
+    global_scale: list[float] = _opt([0.4, 1.0], "area range of the 2 global crops", "augment", nargs=2)
+    local_crops: int = _opt(8, "number of local crops (0: global crops only)", "augment")
+    local_size: int = _opt(96, "local crop size (pixels)", "augment")
+    local_scale: list[float] = _opt([0.05, 0.4], "area range of the local crops", "augment", nargs=2)
+    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
+    jitter_prob: float = _opt(0.8, "probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, "
+                              "hue 0.1)", "augment")
+    grayscale_prob: float = _opt(0.2, "probability of converting an RGB crop to grey", "augment")
+    blur_prob: list[float] = _opt([1.0, 0.1, 0.5], "Gaussian blur probability: global crop 1, global crop 2, "
+                                  "local crops", "augment", nargs=3)
+    blur_sigma: list[float] = _opt([0.1, 2.0], "blur sigma range in pixels", "augment", nargs=2)
+    solarize_prob: float = _opt(0.2, "solarisation probability of global crop 2", "augment")
+
+    # --- optimisation
+    epochs: int = _opt(100, "pretraining epochs (with --time-budget-min: an upper bound)", "optim")
+    time_budget_min: float | None = _opt(None, "fit the run into this many minutes: the speed is measured on the "
+                                         "first steps and every schedule is set to the steps that fit", "optim")
+    batch_size: int = _opt(64, "images per process per step (global batch = this x processes)", "optim")
+    lr: float = _opt(5e-4, "peak learning rate per 256 images (scaled by global batch / 256)", "optim")
+    min_lr: float = _opt(1e-6, "final learning rate of the cosine schedule", "optim")
+    warmup_epochs: float = _opt(10.0, "linear lr warm-up from 0, in epochs", "optim")
+    weight_decay: float = _opt(0.04, "weight decay at the start (cosine schedule)", "optim")
+    weight_decay_end: float = _opt(0.4, "weight decay at the end", "optim")
+    clip_grad: float | None = _opt(3.0, "clip the gradient norm to this value (none: no clipping)", "optim")
+    freeze_last_layer: float = _opt(1.0, "epochs during which the head's last layer gets no update", "optim")
+    momentum_teacher: float = _opt(0.996, "teacher EMA momentum at the start (cosine to 1)", "optim")
+    warmup_teacher_temp: float = _opt(0.04, "teacher temperature at the start", "optim")
+    teacher_temp: float = _opt(0.07, "teacher temperature after the warm-up", "optim")
+    warmup_teacher_temp_epochs: float = _opt(30.0, "teacher temperature warm-up length in epochs", "optim")
+    student_temp: float = _opt(0.1, "student temperature", "optim")
+    center_momentum: float = _opt(0.9, "momentum of the centre of teacher outputs", "optim")
+
+    # --- run
+    output: str | None = _opt(None, "run directory (default runs/dino-<data>-<time>)", "run")
+    resume: str | None = _opt(None, "continue a run: its directory or last.pt (bare --resume: --output's)", "run")
+    seed: int = _opt(0, "random seed", "run")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on CPU and bf16 GPUs, else fp16), bf16, fp16, none",
+                    "run", AMP_MODES)
+    device: str = _opt("auto", "cpu, cuda, or auto", "run")
+    threads: int | None = _opt(None, "torch CPU threads per process (default: cores / local processes)", "run")
+    dist_backend: str | None = _opt(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
+    log_every: int = _opt(20, "write step metrics every N steps", "run")
+    ckpt_every: int = _opt(0, "also save last.pt every N steps inside an epoch (0: at epoch ends only)", "run")
+    progress: bool = _opt(True, "progress bars (on a terminal; progress lines otherwise), rank 0 only", "run")
+    plot: bool = _opt(True, "write curves.png at the end", "run")
+    preset: str | None = _opt(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Crop geometry of the two kinds of images, usable with any preset.
+IMAGENET_CROPS = dict(global_size=224, global_scale=[0.4, 1.0], local_crops=8, local_size=96,
+                      local_scale=[0.05, 0.4], blur_sigma=[0.1, 2.0])
+SMALL_CROPS = dict(global_size=28, global_scale=[0.4, 1.0], local_crops=6, local_size=16,
+                   local_scale=[0.1, 0.4], blur_sigma=[0.1, 0.5])
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "imagenet": dict(IMAGENET_CROPS),
+    # Fashion-MNIST (28x28 grey) on a CPU in 30 minutes: see docs/dino.md for the measurements.
+    "fashion-mnist": dict(
+        SMALL_CROPS, model="xcit_nano_12_p16", patch_size=4, embed_dim=128, depth=4, num_heads=4, tokens_norm=True,
+        drop_path=0.0, out_dim=4096, epochs=10, batch_size=128, lr=1e-3, min_lr=1e-5, warmup_epochs=1.0,
+        warmup_teacher_temp_epochs=2.0, momentum_teacher=0.99, amp="bf16", workers=0, log_every=20,
+    ),
+    # Seconds-long runs on scikit-learn's 8x8 digits, for tests and smoke checks.
+    "digits": dict(
+        model="xcit_nano_12_p16", patch_size=2, embed_dim=32, depth=2, num_heads=2, tokens_norm=True, drop_path=0.0,
+        out_dim=256, hidden_dim=64, bottleneck_dim=32, global_size=8, global_scale=[0.5, 1.0], local_crops=2,
+        local_size=4, local_scale=[0.2, 0.5], blur_sigma=[0.1, 0.3], epochs=2, batch_size=32, lr=1e-3,
+        warmup_epochs=0.5, warmup_teacher_temp_epochs=1.0, amp="none", workers=0, log_every=5,
+    ),
+}
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(DinoConfig))
+
+
+def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DinoConfig:
+    """A :class:`DinoConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
+    given = {k.replace("-", "_"): v for k, v in {**(values or {}), **kwargs}.items()}
+    known = {f.name for f in config_fields()}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown DINO option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    preset = given.get("preset") or default_preset(str(given.get("data", DinoConfig.data)))
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    merged = {**PRESETS[preset], **given, "preset": preset}
+    for key in ("output", "resume", "clip_grad", "time_budget_min"):
+        if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
+            merged[key] = None
+    cfg = DinoConfig(**merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DinoConfig) -> None:
+    """Raise ``ValueError`` saying what was expected for any option that cannot work."""
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            raise ValueError(message)
+
+    def num(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def span(name: str, lo: float, hi: float) -> None:
+        v = getattr(cfg, name)
+        need(isinstance(v, (list, tuple)) and len(v) == 2 and all(num(x) for x in v) and lo < v[0] <= v[1] <= hi,
+             f"expected {name} as two numbers lo <= hi in ({lo}, {hi}], got {v}")
+
+    for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size",
+                 "log_every"):
+        v = getattr(cfg, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"expected {name} to be an integer >= 1, got {v!r}")
+    need(isinstance(cfg.local_crops, int) and cfg.local_crops >= 0, f"expected local_crops >= 0, got {cfg.local_crops!r}")
+    need(cfg.ckpt_every >= 0 and cfg.workers >= 0, "expected ckpt_every >= 0 and workers >= 0")
+    span("global_scale", 0.0, 1.0)
+    span("local_scale", 0.0, 1.0)
+    span("blur_sigma", 0.0, math.inf)
+    need(len(cfg.blur_prob) == 3 and all(num(p) and 0 <= p <= 1 for p in cfg.blur_prob),
+         f"expected blur_prob as 3 probabilities (global 1, global 2, local), got {cfg.blur_prob}")
+    for name in ("hflip", "jitter_prob", "grayscale_prob", "solarize_prob"):
+        v = getattr(cfg, name)
+        need(num(v) and 0 <= v <= 1, f"expected {name} in [0, 1], got {v}")
+    for name in ("lr", "student_temp", "teacher_temp", "warmup_teacher_temp"):
+        v = getattr(cfg, name)
+        need(num(v) and v > 0, f"expected {name} > 0, got {v}")
+    for name in ("min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "freeze_last_layer",
+                 "warmup_teacher_temp_epochs"):
+        v = getattr(cfg, name)
+        need(num(v) and v >= 0, f"expected {name} >= 0, got {v}")
+    need(num(cfg.momentum_teacher) and 0 <= cfg.momentum_teacher <= 1,
+         f"expected momentum_teacher in [0, 1], got {cfg.momentum_teacher}")
+    need(num(cfg.center_momentum) and 0 <= cfg.center_momentum < 1,
+         f"expected center_momentum in [0, 1), got {cfg.center_momentum}")
+    need(num(cfg.drop_path) and 0 <= cfg.drop_path < 1, f"expected drop_path in [0, 1), got {cfg.drop_path}")
+    need(cfg.clip_grad is None or (num(cfg.clip_grad) and cfg.clip_grad > 0), f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
+    need(cfg.time_budget_min is None or (num(cfg.time_budget_min) and cfg.time_budget_min > 0),
+         f"expected time_budget_min > 0 (minutes), got {cfg.time_budget_min}")
+    need(cfg.threads is None or cfg.threads >= 1, f"expected threads >= 1, got {cfg.threads}")
+    need(cfg.amp in AMP_MODES, f"expected amp in {AMP_MODES}, got {cfg.amp!r}")
+    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
+         f"expected device auto, cpu or cuda, got {cfg.device!r}")
+    for name in ("mean", "std"):
+        v = getattr(cfg, name)
+        need(v is None or (len(v) >= 1 and all(num(x) for x in v)), f"expected {name} to be numbers, got {v}")
+    need(cfg.std is None or all(x > 0 for x in cfg.std), f"expected a positive std, got {cfg.std}")
+    from ..models import resolve_name
+
+    resolve_name(cfg.model)

@@ -1,0 +1,376 @@
+"""DINO pretraining of XCiT (:func:`pretrain`): one process or many (``torchrun``), CPU or GPU.
+
+Built from the shared engine (:mod:`xcit.train`): process groups and synchronised BatchNorm,
+atomic state files with ``weights_only`` loading, JSON-lines metrics and text log, thread and
+mixed-precision settings, the AdamW parameter groups and the warm-up/cosine schedule. The run
+directory receives ``last.pt`` (full state, resumable), ``teacher.pth`` (the teacher backbone as a
+plain XCiT checkpoint: ``xcit.create_model(checkpoint=...)``), ``metrics.jsonl``, ``train.log``,
+``config.yaml`` and ``curves.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.datasets import DataError, TensorImageDataset, build_dataset
+from ..data.loader import RepeatAugSampler, build_loader
+from ..models import create_model
+from ..models.weights import save_checkpoint
+from ..train import distributed as dist_utils
+from ..train.checkpoint import load_state, rng_state, save_state, set_rng_state
+from ..train.engine import NonFiniteLossError, _autocast, _resolve_amp, _seed, _set_threads
+from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
+from ..train.optim import build_param_groups
+from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
+from .config import DinoConfig, resolve_config, save_config, validate
+from .head import DINOHead, MultiCropNet, last_layer_params
+from .loss import DINOLoss
+from .schedules import DinoSchedules, build_schedules
+
+log = logging.getLogger("xcit.train")
+
+# Options that may change when a run is resumed; the others come from the saved configuration.
+RUNTIME_OPTIONS = ("resume", "output", "workers", "threads", "progress", "plot", "log_every", "ckpt_every", "device",
+                   "dist_backend")
+_CALIBRATION_STEPS = (3, 15)  # time steps 3..15 to estimate the speed for --time-budget-min
+
+
+@dataclass
+class DinoResult:
+    """What a finished pretraining produced and where."""
+
+    run_dir: Path
+    teacher_path: Path | None
+    epochs: float
+    steps: int
+    wall_time: float
+    final_loss: float
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def build_networks(cfg: DinoConfig, in_chans: int) -> tuple[MultiCropNet, MultiCropNet]:
+    """(student, teacher): identical weights; the teacher has no drop path and takes no gradient."""
+    arch = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "tokens_norm")
+            if getattr(cfg, k) is not None}
+    nets = []
+    for drop_path in (cfg.drop_path, 0.0):
+        backbone = create_model(cfg.model, num_classes=0, in_chans=in_chans, drop_path_rate=drop_path, **arch)
+        head = DINOHead(backbone.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim,
+                        norm_last_layer=cfg.norm_last_layer)
+        nets.append(MultiCropNet(backbone, head))
+    student, teacher = nets
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+@torch.no_grad()
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter."""
+    s_params = [p.detach() for p in student.parameters()]
+    t_params = list(teacher.parameters())
+    if len(s_params) != len(t_params):
+        raise ValueError(f"student and teacher differ: {len(s_params)} vs {len(t_params)} parameters")
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def _collate_crops(batch: list) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+    from ..data.datasets import SkippedImage
+
+    kept = [b for b in batch if not isinstance(b, SkippedImage)]
+    skipped = [b.path for b in batch if isinstance(b, SkippedImage)]
+    if not kept:
+        return [], torch.empty(0, dtype=torch.long), skipped
+    crops = [torch.stack([k[0][i] for k in kept]) for i in range(len(kept[0][0]))]
+    return crops, torch.tensor([k[1] for k in kept]), skipped
+
+
+def build_pretrain_data(cfg: DinoConfig, env: dist_utils.DistEnv):
+    """(loader, sampler, data info) of the multi-crop training images of this process (labels unused)."""
+    dataset = build_dataset(cfg.data, cfg.train_split, in_chans=cfg.in_chans)
+    in_chans = dataset.in_chans
+    mean = tuple(cfg.mean) if cfg.mean else tuple(dataset.mean)
+    std = tuple(cfg.std) if cfg.std else tuple(dataset.std)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ValueError(f"expected {in_chans} mean/std values (one per channel), got {list(mean)} / {list(std)}")
+    spec = MultiCropSpec.from_config(cfg)
+    sampler = RepeatAugSampler(len(dataset), num_replicas=env.world_size, rank=env.rank, seed=cfg.seed)
+    if len(sampler) < cfg.batch_size:
+        raise DataError(f"expected at least --batch-size {cfg.batch_size} images per process, got {len(sampler)} "
+                        f"({len(dataset)} images over {env.world_size} process(es)); lower --batch-size")
+    if isinstance(dataset, TensorImageDataset):
+        loader = build_loader(dataset, sampler, cfg.batch_size, batch_transform=BatchMultiCrop(spec, mean, std),
+                              drop_last=True)
+    else:
+        dataset.transform = PILMultiCrop(spec, mean, std)
+        loader = torch.utils.data.DataLoader(dataset, cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                                             collate_fn=_collate_crops, drop_last=True,
+                                             pin_memory=env.device.type == "cuda", persistent_workers=cfg.workers > 0)
+    info = {"img_size": cfg.global_size, "in_chans": in_chans, "mean": list(mean), "std": list(std), "crop_pct": 1.0,
+            "interpolation": "bicubic", "dataset": str(cfg.data)}
+    return loader, sampler, info
+
+
+def pretrain(config: DinoConfig | dict | None = None, **options: Any) -> DinoResult:
+    """DINO-pretrain an XCiT as ``config`` says (defaults < preset < config < ``options``).
+
+    ``pretrain()`` alone runs the Fashion-MNIST preset. Under ``torchrun`` it is data-parallel.
+    Bad options raise ``ValueError`` before anything runs; a diverging loss raises
+    :class:`~xcit.train.NonFiniteLossError` (the last good ``last.pt`` is kept).
+    """
+    if isinstance(config, DinoConfig):
+        cfg = resolve_config({**config.to_dict(), **options}) if options else config
+        validate(cfg)
+    else:
+        cfg = resolve_config(config or {}, **options)
+    env = dist_utils.setup(cfg.device, cfg.dist_backend)
+    try:
+        return _pretrain(cfg, env)
+    finally:
+        close_logging()
+        dist_utils.cleanup(env)
+
+
+def _resume(cfg: DinoConfig) -> tuple[DinoConfig, dict | None]:
+    if not cfg.resume:
+        return cfg, None
+    if cfg.resume == "auto" and not cfg.output:
+        raise ValueError("expected --output RUN_DIR with a bare --resume (or give --resume RUN_DIR)")
+    state = load_state(Path(cfg.output) if cfg.resume == "auto" else Path(cfg.resume))
+    if "teacher" not in state or "dino_loss" not in state:
+        raise ValueError(f"expected a DINO state written by `xcit dino`, got {state['path']} (an `xcit train` state?)")
+    saved = {k: v for k, v in state["config"].items() if k in DinoConfig.__dataclass_fields__}
+    ignored = [k for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS and k in saved and saved[k] != v]
+    if ignored:
+        log.warning("resuming with the run's saved configuration; ignored new value(s) for: %s", ", ".join(ignored))
+    resumed = DinoConfig(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS}})
+    validate(resumed)
+    return resumed, state
+
+
+def _run_dir(cfg: DinoConfig, env: dist_utils.DistEnv, state: dict | None) -> Path:
+    if cfg.output:
+        path = Path(cfg.output)
+    elif state is not None:
+        path = Path(state["path"]).parent
+    else:
+        data = Path(cfg.data).name if "/" in cfg.data else cfg.data
+        path = Path("runs") / f"dino-{data}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path = Path(dist_utils.broadcast_object(str(path), env))
+    if state is None and (path / "last.pt").exists():
+        raise ValueError(f"{path} already holds a run (last.pt); continue it with --resume, or choose another --output")
+    if env.is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    dist_utils.barrier(env)
+    return path
+
+
+def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
+    t_start = time.time()
+    cfg, state = _resume(cfg)
+    thread_note = _set_threads(cfg, env)
+    loader, sampler, data_info = build_pretrain_data(cfg, env)
+    steps_per_epoch = len(loader)
+    global_batch = cfg.batch_size * env.world_size
+    lr = cfg.lr * global_batch / 256
+    amp_dtype = _resolve_amp(cfg.amp, env.device)
+    _seed(cfg.seed)  # the same initial weights on every rank
+    student, teacher = build_networks(cfg, data_info["in_chans"])
+    n_crops = MultiCropSpec.from_config(cfg).n_crops
+    dino_loss = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum)
+    student.to(env.device)
+    teacher.to(env.device)
+    dino_loss.to(env.device)
+    run_dir = _run_dir(cfg, env, state)
+    setup_logging(run_dir, env.is_main)
+
+    groups = build_param_groups(student, cfg.weight_decay)
+    for g in groups:
+        g["decayed"] = g["weight_decay"] > 0
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    total_steps = (state or {}).get("scheduler", {}).get("total_steps") or cfg.epochs * steps_per_epoch
+    schedules = build_schedules(cfg, lr, steps_per_epoch, total_steps)
+    global_step, elapsed_before = 0, 0.0
+    if state is not None:
+        student.load_state_dict(state["model"])
+        teacher.load_state_dict(state["teacher"])
+        dino_loss.load_state_dict(state["dino_loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        global_step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d of %d", state["path"], global_step, total_steps)
+    calibrated = state is not None or cfg.time_budget_min is None
+    net = student
+    if env.distributed:
+        student = dist_utils.convert_batchnorm(student, env.device)
+        teacher = dist_utils.convert_batchnorm(teacher, env.device)
+        net = nn.parallel.DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None)
+    frozen_last = last_layer_params(student)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+
+    def derived() -> dict:
+        return {"lr": lr, "global_batch": global_batch, "world_size": env.world_size, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps, "n_crops": n_crops, "device": str(env.device),
+                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+                "params_backbone": sum(p.numel() for p in student.backbone.parameters()),
+                "params_head": sum(p.numel() for p in student.head.parameters()), "torch_threads": torch.get_num_threads()}
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - t_start
+
+    def full_state(step: int) -> dict:
+        return {"model": student.state_dict(), "teacher": teacher.state_dict(), "dino_loss": dino_loss.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": {"total_steps": total_steps},
+                "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step, "elapsed": elapsed(),
+                "config": cfg.to_dict(), "data": data_info, "rng": rng_state()}
+
+    if env.is_main:
+        save_config(cfg, run_dir / "config.yaml", derived())
+        info = derived()
+        log.info("DINO pretraining of %s (%d-channel %dpx globals, %d local %dpx) on %s: %.2fM backbone + %.2fM head "
+                 "parameters, K=%d, %d crops, global batch %d, lr %.2e, %d steps (%d per epoch), %s, %s, %d thread(s)%s",
+                 cfg.model, data_info["in_chans"], cfg.global_size, cfg.local_crops, cfg.local_size, cfg.data,
+                 info["params_backbone"] / 1e6, info["params_head"] / 1e6, cfg.out_dim, n_crops, global_batch, lr,
+                 total_steps, steps_per_epoch, env.device, info["amp"], torch.get_num_threads(),
+                 f", time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "")
+        if thread_note:
+            log.info(thread_note)
+    writer = MetricsWriter(run_dir, env.is_main, tensorboard=False)
+    net.train()
+    teacher.train()  # as DINO: batch statistics in the stem's BatchNorm for both networks
+    loss_value, t_calib = float("nan"), None
+    epoch_losses: list[float] = []
+    status = "completed"
+    try:
+        while global_step < total_steps:
+            epoch, start = divmod(global_step, steps_per_epoch)
+            sampler.set_epoch(epoch, start * cfg.batch_size)
+            bar = progress_bar(steps_per_epoch, f"dino epoch {epoch + 1}", cfg.progress and env.is_main)
+            bar.update(start)
+            quiet = bar.disable and cfg.progress and env.is_main
+            t_log, seen = time.time(), 0
+            for crops, _, _ in loader:
+                if global_step >= total_steps:
+                    break
+                if not calibrated and global_step == _CALIBRATION_STEPS[0]:
+                    t_calib = time.time()
+                if not calibrated and global_step == _CALIBRATION_STEPS[1]:
+                    per_step = (time.time() - t_calib) / (_CALIBRATION_STEPS[1] - _CALIBRATION_STEPS[0])
+                    fit = int((cfg.time_budget_min * 60 * 0.98 - elapsed()) / per_step) + global_step
+                    fit = dist_utils.broadcast_object(fit, env)
+                    total_steps = max(global_step + 1, min(fit, cfg.epochs * steps_per_epoch))
+                    schedules = build_schedules(cfg, lr, steps_per_epoch, total_steps)
+                    calibrated = True
+                    log.info("time budget %.1f min: %.3f s/step, so %d steps (%.2f epochs)", cfg.time_budget_min,
+                             per_step, total_steps, total_steps / steps_per_epoch)
+                    if env.is_main:
+                        save_config(cfg, run_dir / "config.yaml", derived())
+                values = schedules.at(global_step)
+                loss_value = _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values, schedules,
+                                   global_step, frozen_last, trainable, cfg, env, amp_dtype)
+                global_step += 1
+                epoch_losses.append(loss_value)
+                seen += crops[0].shape[0] * env.world_size
+                bar.update(1)
+                if global_step % cfg.log_every == 0 or global_step == total_steps:
+                    speed = seen / max(time.time() - t_log, 1e-9)
+                    t_log, seen = time.time(), 0
+                    writer.write("step", global_step, epoch=global_step / steps_per_epoch, loss=loss_value,
+                                 teacher_entropy=dino_loss.last_entropy, img_per_s=speed, **values)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{values['lr']:.1e}")
+                    if quiet:
+                        log.info("step %d/%d (epoch %.2f)  loss %.4f  teacher entropy %.2f  lr %.2e  wd %.3f  "
+                                 "momentum %.4f  T_t %.3f  %.0f img/s  elapsed %s", global_step, total_steps,
+                                 global_step / steps_per_epoch, loss_value, dino_loss.last_entropy, values["lr"],
+                                 values["wd"], values["momentum"], values["teacher_temp"], speed,
+                                 format_duration(elapsed()))
+                if cfg.ckpt_every and global_step % cfg.ckpt_every == 0 and env.is_main:
+                    save_state(run_dir / "last.pt", full_state(global_step))
+                if global_step % steps_per_epoch == 0:
+                    break
+            bar.close()
+            done_epoch = global_step / steps_per_epoch
+            mean_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
+            writer.write("epoch", global_step, epoch=done_epoch, train_loss=mean_loss, elapsed=round(elapsed(), 1))
+            log.info("epoch %.2f/%.2f  mean loss %.4f  (elapsed %s)", done_epoch, total_steps / steps_per_epoch,
+                     mean_loss, format_duration(elapsed()))
+            epoch_losses = []
+            if env.is_main:
+                save_state(run_dir / "last.pt", full_state(global_step))
+            dist_utils.barrier(env)
+    except NonFiniteLossError as err:
+        writer.write("stop", global_step, reason=str(err))
+        writer.close()
+        raise NonFiniteLossError(f"{err} Last good checkpoint: {run_dir / 'last.pt'}") from None
+    writer.close()
+    files = {"last": run_dir / "last.pt", "log": run_dir / "train.log", "metrics": run_dir / "metrics.jsonl",
+             "config": run_dir / "config.yaml"}
+    teacher_path = None
+    wall = elapsed()
+    if env.is_main:
+        backbone = teacher.backbone  # synchronised BatchNorm keeps BatchNorm2d's state dict
+        extra = {"data": data_info, "dino": {"epochs": round(global_step / steps_per_epoch, 3), "steps": global_step,
+                                             "wall_time": round(wall, 1), "final_loss": loss_value,
+                                             "config": cfg.to_dict()}}
+        teacher_path = save_checkpoint(backbone, run_dir / "teacher.pth", extra=extra)
+        files["teacher"] = teacher_path
+        if cfg.plot:
+            from .plots import plot_pretraining
+
+            try:
+                files["plot"] = plot_pretraining(run_dir)
+            except (ValueError, OSError) as err:
+                log.warning("could not draw the curves: %s", err)
+        (run_dir / "result.json").write_text(json.dumps({
+            "status": status, "epochs": global_step / steps_per_epoch, "steps": global_step, "wall_time": round(wall, 1),
+            "final_loss": loss_value, "files": {k: str(v) for k, v in files.items()}}, indent=2))
+        log.info("done: %d steps (%.2f epochs) in %s; teacher backbone: %s", global_step,
+                 global_step / steps_per_epoch, format_duration(wall), teacher_path)
+    dist_utils.barrier(env)
+    return DinoResult(run_dir, teacher_path, global_step / steps_per_epoch, global_step, wall, loss_value, files)
+
+
+def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: dict, schedules: DinoSchedules,
+          step: int, frozen_last: list, trainable: list, cfg: DinoConfig, env: dist_utils.DistEnv,
+          amp_dtype) -> float:
+    """One optimisation step; returns the loss averaged over processes."""
+    crops = [c.to(env.device, non_blocking=True) for c in crops]
+    for g in optimizer.param_groups:
+        g["lr"] = values["lr"] * g.get("lr_scale", 1.0)
+        if g["decayed"]:
+            g["weight_decay"] = values["wd"]
+    with _autocast(env.device, amp_dtype):
+        with torch.no_grad():
+            teacher_out = teacher(crops[:2])
+        student_out = net(crops)
+    loss = dino_loss(student_out, teacher_out, values["teacher_temp"], env)
+    reduced = float(dist_utils.all_reduce_sum(loss.detach().double().cpu().view(1), env)[0]) / env.world_size
+    if not math.isfinite(reduced):
+        raise NonFiniteLossError(f"the DINO loss is {reduced} at step {step + 1}; stopping (weights not updated). "
+                                 "Try a lower --lr, a smaller --clip-grad or --amp none.")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if cfg.clip_grad:
+        nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
+    if step < schedules.freeze_steps:
+        for p in frozen_last:
+            p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    update_teacher(student, teacher, values["momentum"])
+    return reduced

@@ -1,0 +1,226 @@
+"""DINO pretraining, k-NN and linear evaluation: tiny models on scikit-learn's 8x8 digits."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from xcit import create_model
+from xcit.dino import (BatchMultiCrop, DINOHead, DINOLoss, MultiCropSpec, build_networks, build_schedules,
+                       knn_classify, pretrain, resolve_config, update_teacher)
+from xcit.dino.linear import train_linear
+from xcit.models.weights import read_state_dict
+
+torch.set_num_threads(1)
+
+# A DINO run small enough for a test: 8x8 digits, a 2-block XCiT with 2x2 patches, 1 local crop.
+TINY = dict(data="digits", local_crops=1, batch_size=128, out_dim=64, hidden_dim=32, bottleneck_dim=16, threads=1,
+            progress=False, plot=False, log_every=1)
+
+
+def _tiny_cfg(**kw):
+    return resolve_config({**TINY, **kw})
+
+
+def test_head_shapes_norms_and_frozen_norm():
+    head = DINOHead(24, out_dim=50, hidden_dim=16, bottleneck_dim=8)
+    out = head(torch.randn(5, 24))
+    assert out.shape == (5, 50)
+    v = head.last_layer.parametrizations.weight.original1
+    # with norm_last_layer, each output's weight vector has norm exactly 1: |logit| <= |L2-normalised x| = 1
+    assert torch.allclose(head.last_layer.weight.norm(dim=1), torch.ones(50), atol=1e-5)
+    assert out.abs().max() <= 1 + 1e-5
+    assert not head.last_layer.parametrizations.weight.original0.requires_grad and v.requires_grad
+    assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
+    default = DINOHead(128)
+    assert default.mlp[0].out_features == 2048 and default.mlp[-1].out_features == 256
+    assert default.last_layer.out_features == 65536
+
+
+def test_multicrop_shapes_and_photometric_ops():
+    spec = MultiCropSpec(global_size=28, local_crops=3, local_size=12, blur_sigma=(0.1, 0.5))
+    images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    crops = BatchMultiCrop(spec, (0.5,), (0.5,))(images)
+    assert [tuple(c.shape) for c in crops] == [(6, 1, 28, 28)] * 2 + [(6, 1, 12, 12)] * 3
+    assert all(c.min() >= -1 - 1e-5 and c.max() <= 1 + 1e-5 for c in crops)  # [0, 1] normalised by 0.5 / 0.5
+    # full-image crop without flips or photometric changes reproduces the image
+    ident = MultiCropSpec(global_size=28, global_scale=(1.0, 1.0), local_crops=0, hflip=0.0, jitter_prob=0.0,
+                          blur_prob=(0.0, 0.0, 0.0), solarize_prob=0.0)
+    out = BatchMultiCrop(ident, (0.0,), (1.0,))(images)
+    assert torch.allclose(out[0] * 255, images.float(), atol=1e-3)
+    from xcit.dino.augment import gaussian_blur, solarize
+
+    x = torch.rand(4, 3, 16, 16)
+    assert torch.equal(solarize(x, 1.0), torch.where(x >= 0.5, 1 - x, x))
+    blurred = gaussian_blur(x, 1.0, (1.0, 1.0))
+    assert torch.allclose(blurred.mean(), x.mean(), atol=0.02) and blurred.std() < x.std()
+
+
+def test_loss_decreases_in_a_few_steps():
+    torch.manual_seed(0)
+    cfg = _tiny_cfg()
+    student, teacher = build_networks(cfg, 1)
+    loss_fn = DINOLoss(cfg.out_dim, 3, cfg.student_temp, cfg.center_momentum)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=3e-3)
+    crops = [torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8), torch.randn(16, 1, 4, 4)]
+    losses = []
+    for _ in range(12):
+        with torch.no_grad():
+            t_out = teacher(crops[:2])
+        loss = loss_fn(student(crops), t_out, 0.04)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        update_teacher(student, teacher, 0.996)
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_teacher_gets_no_gradient_and_follows_the_ema():
+    torch.manual_seed(0)
+    student, teacher = build_networks(_tiny_cfg(), 1)
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), teacher.state_dict().values()))
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.5)
+    crops = [torch.randn(8, 1, 8, 8)] * 2
+    loss = DINOLoss(64, 2)(student(crops), teacher(crops), 0.04)
+    loss.backward()
+    opt.step()
+    assert all(p.grad is None for p in teacher.parameters())
+    before = [p.clone() for p in teacher.parameters()]
+    update_teacher(student, teacher, 0.9)
+    for old, new, s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * s, atol=1e-6)
+    assert any(not torch.equal(old, new) for old, new in zip(before, teacher.parameters()))
+
+
+def test_centring_follows_its_momentum():
+    loss_fn = DINOLoss(4, 2, center_momentum=0.9)
+    t1, t2 = torch.randn(6, 4), torch.randn(6, 4)
+    s = torch.randn(6, 4)
+    loss_fn(s, t1, 0.04)
+    assert torch.allclose(loss_fn.center, 0.1 * t1.mean(0, keepdim=True), atol=1e-6)
+    loss_fn(s, t2, 0.04)
+    assert torch.allclose(loss_fn.center, 0.09 * t1.mean(0, keepdim=True) + 0.1 * t2.mean(0, keepdim=True), atol=1e-6)
+    # the loss is the cross-entropy from the centred teacher: with identical logits and centre c it is
+    # H(softmax((t - c) / T_t), softmax(s / T_s)), averaged over the 2 cross pairs
+    fresh = DINOLoss(4, 2)
+    t = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]])
+    q = torch.softmax(t / 0.05, -1)
+    expected = -(q.flip(0) * torch.log_softmax(t / 0.1, -1)).sum(-1).mean()
+    assert torch.allclose(fresh(t, t, 0.05), expected, atol=1e-5)
+
+
+def test_schedules_follow_the_recipe():
+    cfg = resolve_config(preset="imagenet", epochs=100)
+    spe, total = 10, 1000
+    sched = build_schedules(cfg, 1e-3, spe, total)
+    assert sched.teacher_temp(0) == pytest.approx(0.04)
+    assert sched.teacher_temp(150) == pytest.approx(0.055)  # half of the 30-epoch warm-up
+    assert sched.teacher_temp(300) == sched.teacher_temp(999) == pytest.approx(0.07)
+    assert sched.momentum.lr(0) == pytest.approx(0.996) and sched.momentum.lr(total) == pytest.approx(1.0)
+    assert sched.momentum.lr(500) == pytest.approx(0.998)
+    assert sched.weight_decay.lr(0) == pytest.approx(0.04) and sched.weight_decay.lr(total) == pytest.approx(0.4)
+    assert sched.lr.lr(0) == 0 and sched.lr.lr(50) == pytest.approx(5e-4) and sched.lr.lr(100) == pytest.approx(1e-3)
+    assert sched.lr.lr(total) == pytest.approx(cfg.min_lr)
+    assert sched.freeze_steps == spe
+    values = [sched.lr.lr(s) for s in range(100, total)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    # a run shorter than the warm-ups (time budget) caps them
+    short = build_schedules(cfg, 1e-3, spe, 40)
+    assert short.lr.warmup_steps == 4 and short.temp_warmup_steps == 20
+
+
+def test_pretrain_writes_a_teacher_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
+    full = pretrain(_tiny_cfg(epochs=2, output=str(tmp_path / "full")))
+    assert full.steps == 2 * (1433 // 128)
+    teacher = create_model(checkpoint=full.teacher_path)
+    assert teacher.num_classes == 0 and teacher.patch_size == 2 and teacher.depth == 2
+    assert teacher(torch.randn(2, 1, 8, 8)).shape == (2, 32)
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, full.steps + 1))
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "step")
+    # the training state holds student and teacher: weights.py takes the teacher's backbone
+    state = read_state_dict(tmp_path / "full" / "last.pt")
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], teacher.blocks[0].attn.qkv.weight)
+
+    import xcit.dino.train as dino_train
+
+    real_step, stop_at = dino_train._step, 1433 // 128 + 2
+
+    def interrupted(*args, **kw):
+        if args[9] == stop_at:  # the global step
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(dino_train, "_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_tiny_cfg(epochs=2, output=str(tmp_path / "cut")))
+    monkeypatch.setattr(dino_train, "_step", real_step)
+    resumed = pretrain(_tiny_cfg(epochs=2, output=str(tmp_path / "cut"), resume="auto"))
+    assert resumed.steps == full.steps
+    a, b = read_state_dict(full.teacher_path), read_state_dict(resumed.teacher_path)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_knn_on_separable_features_is_perfect_and_linear_probe_learns():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 5
+    train_y, test_y = torch.arange(500) % 5, torch.arange(100) % 5
+    train_f = centres[train_y] + torch.randn(500, 16, generator=g) * 0.3
+    test_f = centres[test_y] + torch.randn(100, 16, generator=g) * 0.3
+    result = knn_classify(train_f, train_y, test_f, test_y, num_classes=5)
+    assert result["top1"] == 100.0 and result["top5"] == 100.0 and result["n"] == 100
+    # weighted votes: one exact neighbour with k=1 gives its label
+    assert knn_classify(train_f, train_y, train_f[:7], train_y[:7], k=1)["top1"] == 100.0
+    head = train_linear((train_f - train_f.mean(0)) / train_f.std(0), train_y, 5, epochs=5, batch_size=50)
+    pred = head((test_f - train_f.mean(0)) / train_f.std(0)).argmax(1)
+    assert (pred == test_y).float().mean() == 1.0
+
+
+def test_knn_and_linear_commands(tmp_path, capsys):
+    from xcit.cli import main
+
+    run = pretrain(_tiny_cfg(epochs=1, output=str(tmp_path / "run")))
+    assert main(["knn", str(run.teacher_path), "--data", "digits", "--json"]) == 0
+    knn = json.loads(capsys.readouterr().out)
+    assert knn["n"] == 364 and 10 < knn["top1"] <= 100 and knn["top5"] >= knn["top1"]
+    assert main(["knn", "--pixels", "--data", "digits", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["top1"] > 90  # 8x8 digits are easy for raw pixels
+    out = tmp_path / "probe.pth"
+    assert main(["linear", str(run.teacher_path), "--data", "digits", "--epochs", "5", "--json", "--output", str(out)]) == 0
+    probe = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--data", "digits", "--json"]) == 0
+    # the saved classifier (standardisation folded into its head) reproduces the probe's accuracy
+    assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(probe["top1"], abs=0.3)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(local_crops=-1), "local_crops"),
+    (dict(global_scale=[0.8, 0.2]), "global_scale"),
+    (dict(out_dim=0), "out_dim"),
+    (dict(blur_prob=[0.5, 2.0, 0.1]), "blur_prob"),
+    (dict(center_momentum=1.0), "center_momentum"),
+    (dict(time_budget_min=-3), "time_budget_min"),
+    (dict(model="xcit_huge"), "unknown model"),
+    (dict(lr_typo=1.0), "unknown DINO option"),
+    (dict(preset="cifar"), "unknown preset"),
+])
+def test_bad_options_fail_clearly(options, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config({**TINY, **options})
+
+
+def test_bad_evaluation_requests_fail_clearly(tmp_path, capsys):
+    from xcit.cli import main
+
+    assert main(["knn", "--data", "digits"]) == 2
+    assert "expected a checkpoint" in capsys.readouterr().err
+    assert main(["knn", "some.pth", "--pixels", "--data", "digits"]) == 2
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="k >= 1"):
+        knn_classify(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3), torch.zeros(2, dtype=torch.long), k=0)
+    with pytest.raises(ValueError, match="batch-size"):
+        pretrain(_tiny_cfg(batch_size=5000, output=str(tmp_path / "big")))
