@@ -8,15 +8,25 @@ import pytest
 import torch
 
 from xcit import create_model
-from xcit.dino import (BatchMultiCrop, DINOHead, DINOLoss, MultiCropSpec, build_networks, build_schedules,
-                       knn_classify, pretrain, resolve_config, update_teacher)
+from xcit.dino import (
+    BatchMultiCrop,
+    DINOHead,
+    DINOLoss,
+    MultiCropSpec,
+    build_networks,
+    build_schedules,
+    knn_classify,
+    pretrain,
+    resolve_config,
+    update_teacher,
+)
 from xcit.dino.linear import train_linear
 from xcit.models.weights import read_state_dict
 
 torch.set_num_threads(1)
 
 # A DINO run small enough for a test: 8x8 digits, a 2-block XCiT with 2x2 patches, 1 local crop.
-TINY = dict(data="digits", local_crops=1, batch_size=128, out_dim=64, hidden_dim=32, bottleneck_dim=16, threads=1,
+TINY = dict(data="digits", local_crops=1, batch_size=256, out_dim=64, hidden_dim=32, bottleneck_dim=16, threads=1,
             progress=False, plot=False, log_every=1)
 
 
@@ -135,7 +145,7 @@ def test_schedules_follow_the_recipe():
 
 def test_pretrain_writes_a_teacher_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
     full = pretrain(_tiny_cfg(epochs=2, output=str(tmp_path / "full")))
-    assert full.steps == 2 * (1433 // 128)
+    assert full.steps == 2 * (1433 // 256)
     teacher = create_model(checkpoint=full.teacher_path)
     assert teacher.num_classes == 0 and teacher.patch_size == 2 and teacher.depth == 2
     assert teacher(torch.randn(2, 1, 8, 8)).shape == (2, 32)
@@ -148,7 +158,7 @@ def test_pretrain_writes_a_teacher_checkpoint_and_resumes_exactly(tmp_path, monk
 
     import xcit.dino.train as dino_train
 
-    real_step, stop_at = dino_train._step, 1433 // 128 + 2
+    real_step, stop_at = dino_train._step, 1433 // 256 + 2
 
     def interrupted(*args, **kw):
         if args[9] == stop_at:  # the global step
@@ -184,6 +194,7 @@ def test_knn_and_linear_commands(tmp_path, capsys):
     from xcit.cli import main
 
     run = pretrain(_tiny_cfg(epochs=1, output=str(tmp_path / "run")))
+    capsys.readouterr()
     assert main(["knn", str(run.teacher_path), "--data", "digits", "--json"]) == 0
     knn = json.loads(capsys.readouterr().out)
     assert knn["n"] == 364 and 10 < knn["top1"] <= 100 and knn["top5"] >= knn["top1"]

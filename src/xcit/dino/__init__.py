@@ -3,11 +3,11 @@
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
 from .config import PRESETS, DinoConfig, resolve_config
 from .head import DINOHead, MultiCropNet
+from .knn import extract_features, knn_classify, knn_evaluate, load_feature_model
+from .linear import linear_probe
 from .loss import DINOLoss
 from .schedules import DinoSchedules, build_schedules
 from .train import DinoResult, build_networks, pretrain, update_teacher
-from .knn import extract_features, knn_classify, knn_evaluate, load_feature_model
-from .linear import linear_probe
 
 __all__ = [
     "PRESETS", "BatchMultiCrop", "DINOHead", "DINOLoss", "DinoConfig", "DinoResult", "DinoSchedules", "MultiCropNet",

@@ -66,7 +66,10 @@ def resized_crop_grid(n: int, size: int, scale: tuple[float, float], hflip: floa
     """Sampling grids (n, size, size, 2) of random resized crops (area fraction in ``scale``, aspect in
     ``ratio``, centre uniform where the crop fits) with random horizontal flips, for ``grid_sample``."""
     area = _uniform(n, *scale)
-    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]))
+    # aspect ratios for which the crop fits in the image (what torchvision's retries amount to)
+    lo = area.log().clamp(min=math.log(ratio[0]))
+    hi = (-area.log()).clamp(max=math.log(ratio[1]))
+    log_r = lo + torch.rand(n) * (hi - lo)
     w = (area * log_r.exp()).sqrt().clamp(max=1.0)
     h = (area / log_r.exp()).sqrt().clamp(max=1.0)
     cx = (torch.rand(n) * 2 - 1) * (1 - w)

@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ log = logging.getLogger("xcit.train")
 # Options that may change when a run is resumed; the others come from the saved configuration.
 RUNTIME_OPTIONS = ("resume", "output", "workers", "threads", "progress", "plot", "log_every", "ckpt_every", "device",
                    "dist_backend")
-_CALIBRATION_STEPS = (3, 15)  # time steps 3..15 to estimate the speed for --time-budget-min
+_CALIBRATION_STEPS = (3, 15)  # --time-budget-min: the first speed measurement, over steps 3..15
 
 
 @dataclass
@@ -213,7 +213,10 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
         global_step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d of %d", state["path"], global_step, total_steps)
-    calibrated = state is not None or cfg.time_budget_min is None
+    # With a time budget the speed is measured over steps 3..15, then again every 12 steps (which
+    # adapts to a machine that speeds up or slows down), and the schedules are fitted to the time left.
+    budget = cfg.time_budget_min * 60 * 0.98 if cfg.time_budget_min else None
+    t_mark: tuple[int, float | None] = (global_step, None)
     net = student
     if env.distributed:
         student = dist_utils.convert_batchnorm(student, env.device)
@@ -252,7 +255,7 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     writer = MetricsWriter(run_dir, env.is_main, tensorboard=False)
     net.train()
     teacher.train()  # as DINO: batch statistics in the stem's BatchNorm for both networks
-    loss_value, t_calib = float("nan"), None
+    loss_value = float("nan")
     epoch_losses: list[float] = []
     status = "completed"
     try:
@@ -266,19 +269,18 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
             for crops, _, _ in loader:
                 if global_step >= total_steps:
                     break
-                if not calibrated and global_step == _CALIBRATION_STEPS[0]:
-                    t_calib = time.time()
-                if not calibrated and global_step == _CALIBRATION_STEPS[1]:
-                    per_step = (time.time() - t_calib) / (_CALIBRATION_STEPS[1] - _CALIBRATION_STEPS[0])
-                    fit = int((cfg.time_budget_min * 60 * 0.98 - elapsed()) / per_step) + global_step
-                    fit = dist_utils.broadcast_object(fit, env)
-                    total_steps = max(global_step + 1, min(fit, cfg.epochs * steps_per_epoch))
-                    schedules = build_schedules(cfg, lr, steps_per_epoch, total_steps)
-                    calibrated = True
-                    log.info("time budget %.1f min: %.3f s/step, so %d steps (%.2f epochs)", cfg.time_budget_min,
-                             per_step, total_steps, total_steps / steps_per_epoch)
-                    if env.is_main:
-                        save_config(cfg, run_dir / "config.yaml", derived())
+                interval = _CALIBRATION_STEPS[1] - _CALIBRATION_STEPS[0]
+                if budget and global_step >= _CALIBRATION_STEPS[0] and (t_mark[1] is None or global_step - t_mark[0] >= interval):
+                    if t_mark[1] is not None:
+                        per_step = (time.time() - t_mark[1]) / (global_step - t_mark[0])
+                        total_steps, schedules = _fit_budget(cfg, env, lr, steps_per_epoch, total_steps, global_step,
+                                                             per_step, budget - elapsed())
+                        if dist_utils.broadcast_object(elapsed() + per_step >= cfg.time_budget_min * 60, env):
+                            log.warning("time budget of %.1f min used up at step %d of %d: stopping here",
+                                        cfg.time_budget_min, global_step, total_steps)
+                            total_steps = global_step
+                            break
+                    t_mark = (global_step, time.time())
                 values = schedules.at(global_step)
                 loss_value = _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values, schedules,
                                    global_step, frozen_last, trainable, cfg, env, amp_dtype)
@@ -317,6 +319,8 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
         writer.close()
         raise NonFiniteLossError(f"{err} Last good checkpoint: {run_dir / 'last.pt'}") from None
     writer.close()
+    if env.is_main and budget:
+        save_config(cfg, run_dir / "config.yaml", derived())  # the total steps the budget allowed
     files = {"last": run_dir / "last.pt", "log": run_dir / "train.log", "metrics": run_dir / "metrics.jsonl",
              "config": run_dir / "config.yaml"}
     teacher_path = None
@@ -342,6 +346,18 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
                  global_step / steps_per_epoch, format_duration(wall), teacher_path)
     dist_utils.barrier(env)
     return DinoResult(run_dir, teacher_path, global_step / steps_per_epoch, global_step, wall, loss_value, files)
+
+
+def _fit_budget(cfg: DinoConfig, env: dist_utils.DistEnv, lr: float, steps_per_epoch: int, total_steps: int,
+                step: int, per_step: float, seconds_left: float) -> tuple[int, DinoSchedules]:
+    """(total steps, schedules) that end the run in ``seconds_left`` at ``per_step`` seconds a step."""
+    fit = dist_utils.broadcast_object(step + int(seconds_left / per_step), env)
+    new_total = max(step + 1, min(fit, cfg.epochs * steps_per_epoch))
+    if abs(new_total - total_steps) > 0.01 * total_steps:
+        log.info("time budget %.1f min: %.3f s/step, so %d steps (%.2f epochs) in all", cfg.time_budget_min,
+                 per_step, new_total, new_total / steps_per_epoch)
+        total_steps = new_total
+    return total_steps, build_schedules(cfg, lr, steps_per_epoch, total_steps)
 
 
 def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: dict, schedules: DinoSchedules,
