@@ -12,7 +12,7 @@ import os
 import sys
 
 from .config import add_config_option
-from .train import _arg_type
+from .train import add_field_options
 
 _INTERNAL = {"func", "command", "config", "_parser", "print_config"}
 
@@ -33,24 +33,7 @@ def _register_dino(sub: argparse._SubParsersAction) -> None:
                     "some, a --config YAML overrides the preset and the command line overrides both. The run "
                     "directory gets teacher.pth, a plain XCiT checkpoint (xcit.create_model(checkpoint=...)).",
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in config_fields():
-        meta = f.metadata
-        group = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not None and not callable(f.default) else (
-            f.default_factory() if callable(getattr(f, "default_factory", None)) else "auto")
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS,
-                        "help": f"{meta['help']} [recipe default: {default}]".replace("%", "%%")}
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        kind, is_list = _arg_type(f.type)
-        if f.name == "resume":
-            group.add_argument(flag, nargs="?", const="auto", metavar="RUN", **kwargs)
-        elif kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            group.add_argument(flag, type=kind, nargs=meta.get("nargs") if is_list else None, **kwargs)
+    add_field_options(p, config_fields(), {"optim": "optimisation", "augment": "multi-crop augmentation"})
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_config_option(p)
     p.set_defaults(func=run_dino)
@@ -141,12 +124,10 @@ def run_feature_eval(args: argparse.Namespace) -> int:
         result = linear_probe(args.checkpoint, args.data, epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                               probe_batch_size=args.probe_batch_size, output=args.output, **common)
         what = f"linear probe ({args.epochs} epochs)"
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"{what} on {result['data']} {result['split']} ({result['n']} images, {result['n_train']} training "
-              f"features of dim {result['dim']}), features: {result['features']}")
-        print(f"  top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   ({result['seconds']:.1f} s)")
+    report = json.dumps(result) if args.json else (
+        f"{what} on {result['data']} {result['split']} ({result['n']} images, {result['n_train']} training features "
+        f"of dim {result['dim']}), features: {result['features']}\n"
+        f"  top-1 {result['top1']:.2f}%   top-5 {result['top5']:.2f}%   ({result['seconds']:.1f} s)")
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank holds the same totals; one prints them
+        print(report)
     return 0

@@ -38,15 +38,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "result), a --config YAML file overrides the preset and the command line overrides both. "
                     "The resolved configuration is saved in the run directory.",
     )
-    groups: dict[str, argparse._ArgumentGroup] = {}
     titles = {"data": "data", "model": "model", "optim": "optimisation", "augment": "augmentation and regularisation",
               "distill": "distillation", "run": "run"}
-    for f in config_fields():
+    add_field_options(p, config_fields(), titles)
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
+    add_config_option(p)
+    p.set_defaults(func=run_train)
+
+
+def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: dict[str, str]) -> None:
+    """One flag per dataclass field (``_opt`` metadata: help, group, choices, nargs), grouped under ``titles``.
+
+    Flags default to ``argparse.SUPPRESS``: only the options given end up in the namespace.
+    """
+    import dataclasses
+
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in config_fields:
         meta = f.metadata
-        group = groups.setdefault(meta["group"], p.add_argument_group(titles[meta["group"]]))
+        group = groups.setdefault(meta["group"], p.add_argument_group(titles.get(meta["group"], meta["group"])))
         flag = "--" + f.name.replace("_", "-")
-        default_text = f.default if f.default is not None else "auto"
-        help_text = f"{meta['help']} [recipe default: {default_text}]".replace("%", "%%")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        help_text = f"{meta['help']} [recipe default: {default if default is not None else 'auto'}]".replace("%", "%%")
         kind, is_list = _arg_type(f.type)
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if meta.get("choices"):
@@ -56,10 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         elif kind is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            group.add_argument(flag, type=kind, nargs="+" if is_list else None, **kwargs)
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
-    add_config_option(p)
-    p.set_defaults(func=run_train)
+            group.add_argument(flag, type=kind, nargs=meta.get("nargs", "+") if is_list else None, **kwargs)
 
 
 def given_options(args: argparse.Namespace) -> dict:

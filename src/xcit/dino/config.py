@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..train.config import AMP_MODES, _opt, default_preset, save_config  # noqa: F401  (save_config re-exported)
+from ..train.config import AMP_MODES, _opt, merge_with_preset, save_config  # noqa: F401  (save_config re-exported)
 
 
 @dataclass
@@ -122,18 +122,8 @@ def config_fields() -> list[dataclasses.Field]:
 
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DinoConfig:
     """A :class:`DinoConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
-    given = {k.replace("-", "_"): v for k, v in {**(values or {}), **kwargs}.items()}
-    known = {f.name for f in config_fields()}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(f"unknown DINO option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    preset = given.get("preset") or default_preset(str(given.get("data", DinoConfig.data)))
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset], **given, "preset": preset}
-    for key in ("output", "resume", "clip_grad", "time_budget_min"):
-        if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
-            merged[key] = None
+    merged = merge_with_preset({**(values or {}), **kwargs}, [f.name for f in config_fields()], PRESETS,
+                               DinoConfig.data, ("output", "resume", "clip_grad", "time_budget_min"), what="DINO")
     cfg = DinoConfig(**merged)
     validate(cfg)
     return cfg

@@ -129,11 +129,7 @@ def pretrain(config: DinoConfig | dict | None = None, **options: Any) -> DinoRes
     Bad options raise ``ValueError`` before anything runs; a diverging loss raises
     :class:`~xcit.train.NonFiniteLossError` (the last good ``last.pt`` is kept).
     """
-    if isinstance(config, DinoConfig):
-        cfg = resolve_config({**config.to_dict(), **options}) if options else config
-        validate(cfg)
-    else:
-        cfg = resolve_config(config or {}, **options)
+    cfg = resolve_config(config.to_dict() if isinstance(config, DinoConfig) else config, **options)
     env = dist_utils.setup(cfg.device, cfg.dist_backend)
     try:
         return _pretrain(cfg, env)

@@ -167,23 +167,33 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Train
 
     Unknown keys raise ``ValueError`` naming the known ones; the result is validated.
     """
-    given = {**(values or {}), **kwargs}
-    given = {k.replace("-", "_"): v for k, v in given.items()}
-    known = {f.name for f in config_fields()}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise ValueError(f"unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    data = given.get("data", TrainConfig.data)
-    preset = given.get("preset") or default_preset(str(data))
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    merged = {**PRESETS[preset], **given, "preset": preset}
-    for key in ("auto_augment", "teacher", "teacher_model", "finetune", "output", "resume"):
-        if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
-            merged[key] = None
+    merged = merge_with_preset({**(values or {}), **kwargs}, [f.name for f in config_fields()], PRESETS,
+                               TrainConfig.data, ("auto_augment", "teacher", "teacher_model", "finetune", "output",
+                                                  "resume"), what="training")
     cfg = TrainConfig(**merged)
     validate(cfg)
     return cfg
+
+
+def merge_with_preset(given: dict[str, Any], known: list[str], presets: dict[str, dict], default_data: str,
+                      none_keys: tuple[str, ...], what: str) -> dict[str, Any]:
+    """``given`` (dashes or underscores) over its preset (``given['preset']``, else the dataset's).
+
+    Unknown keys and presets raise ``ValueError`` naming the known ones; the strings '', 'none' and
+    'null' of ``none_keys`` become None (as YAML files and command lines write them).
+    """
+    given = {k.replace("-", "_"): v for k, v in given.items()}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    preset = given.get("preset") or default_preset(str(given.get("data", default_data)))
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
+    merged = {**presets[preset], **given, "preset": preset}
+    for key in none_keys:
+        if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
+            merged[key] = None
+    return merged
 
 
 def validate(cfg: TrainConfig) -> None:
