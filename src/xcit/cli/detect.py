@@ -29,7 +29,8 @@ _HELP = {
     "lr_steps": "fractions of the run where the rate drops (27/36 33/36)", "lr_gamma": "drop factor (0.1)",
     "warmup_iters": "linear warm-up steps (500)", "time_limit_min": "stop after this many minutes (the step schedule then follows time)",
     "amp": "mixed precision: none, bf16, fp16 (CUDA), auto", "vflip": "vertical flip probability (top-down imagery)",
-    "rot90": "random 90-degree turns (top-down imagery)", "eval_interval": "evaluate every N steps (0: at the end only)",
+    "rot90": "random 90-degree turns (top-down imagery)",
+    "color_jitter": "brightness / contrast / saturation jitter (hue a quarter of it); 0: off", "eval_interval": "evaluate every N steps (0: at the end only)",
     "strict": "fail on invalid annotations instead of skipping them", "resume": "a last.pt to continue from, or 'auto'",
 }
 

@@ -214,18 +214,24 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Labels are the categories in file order (1..K; 0 is background). Training augmentation:
     random horizontal flip, and optionally vertical flip and 90-degree rotations (top-down
-    imagery such as aerial photos and microscopy). Resizing is the detector's own (multi-scale).
+    imagery such as aerial photos and microscopy) and colour jitter (brightness, contrast,
+    saturation by up to ``color_jitter``, hue by a quarter of it). Resizing is the detector's own (multi-scale).
     """
 
     def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike | None = None, *, masks: bool = False,
                  train: bool = False, hflip: float = 0.5, vflip: float = 0.0, rot90: bool = False,
-                 strict: bool = False, seed: int = 0) -> None:
+                 color_jitter: float = 0.0, strict: bool = False, seed: int = 0) -> None:
         self.path = Path(annotations)
         self.root = Path(images) if images is not None else self.path.parent
         raw = read_json(self.path)
         self.coco, self.report = clean_coco(raw, self.path, image_root=self.root, need_masks=masks, strict=strict)
         self.masks, self.train = masks, train
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self.jitter = None
+        if color_jitter > 0:
+            from torchvision.transforms import v2
+
+            self.jitter = v2.ColorJitter(color_jitter, color_jitter, color_jitter, min(color_jitter, 0.5) / 4)
         self.categories = self.coco["categories"]
         self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(self.categories)}
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
@@ -276,6 +282,8 @@ class CocoDetection(torch.utils.data.Dataset):
             image, target = _flip(image, target, horizontal=False)
         if self.rot90 and self.rng.random() < 0.5:
             image, target = _transpose(image, target)
+        if self.jitter is not None:
+            image = self.jitter(image)
         return image, target
 
 

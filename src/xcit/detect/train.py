@@ -76,6 +76,7 @@ class DetectConfig:
     hflip: float = 0.5
     vflip: float = 0.0
     rot90: bool = False
+    color_jitter: float = 0.0
     # engine
     eval_interval: int = 0  # 0: only at the end
     checkpoint_interval: int = 500
@@ -179,7 +180,7 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
     train_json, val_json, root = data_paths(cfg)
     masks = cfg.kind == "mask_rcnn"
     train_set = CocoDetection(train_json, root, masks=masks, train=True, hflip=cfg.hflip, vflip=cfg.vflip,
-                              rot90=cfg.rot90, strict=cfg.strict, seed=cfg.seed + ctx.rank)
+                              rot90=cfg.rot90, color_jitter=cfg.color_jitter, strict=cfg.strict, seed=cfg.seed + ctx.rank)
     val_set = CocoDetection(val_json, image_root(val_json, cfg.images), masks=masks, strict=cfg.strict) if val_json else None
     if val_set is not None and val_set.class_names != train_set.class_names:
         raise ValueError(f"{val_json} has categories {val_set.class_names}, {train_json} {train_set.class_names}")
