@@ -64,7 +64,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(w), str(h), "--threads", str(args.threads), "--backbone",
                args.backbone, "--kind", args.kind, "--mem-cap-gib", str(args.mem_cap_gib)]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode == 0 and lines:
             row = json.loads(lines[-1])

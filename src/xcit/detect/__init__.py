@@ -1,0 +1,22 @@
+"""Detection and instance segmentation on the XCiT pyramid: torchvision's Mask R-CNN / Faster R-CNN with an FPN.
+
+See docs/detection.md; the command line is ``xcit detect prepare | train | eval | predict``.
+"""
+from .coco import CocoDetection, CocoFormatError, ValidationReport, clean_coco
+from .evaluation import coco_eval, evaluate_results, format_metrics
+from .model import XCiTFPN, build_detector, detector_from_config, load_detector, set_test_size
+
+__all__ = [
+    "CocoDetection",
+    "CocoFormatError",
+    "ValidationReport",
+    "XCiTFPN",
+    "build_detector",
+    "clean_coco",
+    "coco_eval",
+    "detector_from_config",
+    "evaluate_results",
+    "format_metrics",
+    "load_detector",
+    "set_test_size",
+]
