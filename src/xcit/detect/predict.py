@@ -24,16 +24,17 @@ def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: 
     canvas = image.permute(1, 2, 0).numpy().astype(np.float32)
     keep = output["scores"] >= score_thresh
     boxes, scores, cls = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
+    # one class: a colour per instance; several: a colour per class
+    colours = [COLOURS[(i if len(classes) <= 1 else c - 1) % len(COLOURS)] for i, c in enumerate(cls.tolist())]
     if "masks" in output:
-        for m, c in zip(output["masks"][keep][:, 0] > mask_threshold, cls.tolist()):
-            colour = np.array(COLOURS[(c - 1) % len(COLOURS)], np.float32)
+        for m, colour in zip(output["masks"][keep][:, 0] > mask_threshold, colours):
+            colour = np.array(colour, np.float32)
             sel = m.numpy()
             canvas[sel] = (1 - alpha) * canvas[sel] + alpha * colour
     img = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     width = max(1, round(max(img.size) / 400))
-    for (x0, y0, x1, y1), s, c in zip(boxes.tolist(), scores.tolist(), cls.tolist()):
-        colour = COLOURS[(c - 1) % len(COLOURS)]
+    for (x0, y0, x1, y1), s, c, colour in zip(boxes.tolist(), scores.tolist(), cls.tolist(), colours):
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
         if labels:
             name = classes[c - 1] if 0 < c <= len(classes) else str(c)
