@@ -13,7 +13,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
 from ..train.checkpoint import load_state, rng_state, save_state, set_rng_state
 from ..train.engine import NonFiniteLossError, _autocast, _resolve_amp, _seed, _set_threads
+from ..train.engine import _run_dir as _engine_run_dir
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
 from ..train.optim import build_param_groups
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
@@ -156,20 +157,10 @@ def _resume(cfg: DinoConfig) -> tuple[DinoConfig, dict | None]:
 
 
 def _run_dir(cfg: DinoConfig, env: dist_utils.DistEnv, state: dict | None) -> Path:
-    if cfg.output:
-        path = Path(cfg.output)
-    elif state is not None:
-        path = Path(state["path"]).parent
-    else:
-        data = Path(cfg.data).name if "/" in cfg.data else cfg.data
-        path = Path("runs") / f"dino-{data}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    path = Path(dist_utils.broadcast_object(str(path), env))
-    if state is None and (path / "last.pt").exists():
-        raise ValueError(f"{path} already holds a run (last.pt); continue it with --resume, or choose another --output")
-    if env.is_main:
-        path.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier(env)
-    return path
+    """The run directory (made on rank 0; default ``runs/dino-<data>-<time>``), checked like ``xcit train``'s."""
+    if not cfg.output and state is None:
+        cfg = replace(cfg, output=str(Path("runs") / f"dino-{Path(cfg.data).name}-{datetime.now():%Y%m%d-%H%M%S}"))
+    return _engine_run_dir(cfg, env, Path(state["path"]) if state is not None else None)
 
 
 def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
@@ -349,11 +340,10 @@ def _fit_budget(cfg: DinoConfig, env: dist_utils.DistEnv, lr: float, steps_per_e
     """(total steps, schedules) that end the run in ``seconds_left`` at ``per_step`` seconds a step."""
     fit = dist_utils.broadcast_object(step + int(seconds_left / per_step), env)
     new_total = max(step + 1, min(fit, cfg.epochs * steps_per_epoch))
-    if abs(new_total - total_steps) > 0.01 * total_steps:
+    if abs(new_total - total_steps) > 0.05 * total_steps:
         log.info("time budget %.1f min: %.3f s/step, so %d steps (%.2f epochs) in all", cfg.time_budget_min,
                  per_step, new_total, new_total / steps_per_epoch)
-        total_steps = new_total
-    return total_steps, build_schedules(cfg, lr, steps_per_epoch, total_steps)
+    return new_total, build_schedules(cfg, lr, steps_per_epoch, new_total)
 
 
 def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: dict, schedules: DinoSchedules,
