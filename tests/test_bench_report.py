@@ -1,0 +1,59 @@
+"""The benchmark report judges every performance target from the raw numbers, never by hand."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from xcit.cli import bench_report
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.json"
+
+
+@pytest.fixture()
+def results() -> dict:
+    return json.loads(RESULTS.read_text())
+
+
+def _status(rows, prefix: str) -> tuple[str, str]:
+    row = next(r for r in rows if r[0].startswith(prefix))
+    return row[1], row[3]
+
+
+def test_every_issue_target_has_a_row(results):
+    names = [r[0] for r in bench_report.targets(results)]
+    for prefix in ("inference vs timm, 224", "inference vs timm, 1024", "model FLOP/s / fp32 matmul peak",
+                   "bf16 autocast vs timm fp32", "bf16 / fp32 top-1 agreement", "training step",
+                   "time per token, 2048 / 512 (this project)", "time per token, 2048 / 512 (matched ViT)",
+                   "XCiT at 2048x2048", "XCiT at 4096x4096"):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_status_follows_the_measured_ratio(results):
+    case = results["cases"]["infer_224_b32"]["rows"]["this-fused"]
+    case["speedup_vs_base"] = 1.3
+    assert _status(bench_report.targets(results), "inference vs timm, 224 batch 32, eager (fused)") == ("1.30x", "met")
+    case["speedup_vs_base"] = 1.2
+    assert _status(bench_report.targets(results), "inference vs timm, 224 batch 32, eager (fused)")[1] == "**not met**"
+
+
+def test_scaling_target_is_computed_per_token(results):
+    r = copy.deepcopy(results)
+    s512, s2048 = r["cases"]["scale_512"], r["cases"]["scale_2048"]
+    per_token = s512["rows"]["this-fused"]["median_s"] / s512["tokens"]
+    s2048["rows"]["this-fused"]["median_s"] = per_token * s2048["tokens"] * 1.2  # 20% slower per token
+    value, status = _status(bench_report.targets(r), "time per token, 2048 / 512 (this project)")
+    assert value == "1.20" and status == "**not met**"
+
+
+def test_missing_measurement_is_pending_not_met(results):
+    results.pop("bf16_agreement")
+    assert _status(bench_report.targets(results), "bf16 / fp32 top-1 agreement") == ("not measured", "pending")
+
+
+def test_render_names_the_command_and_machine(results):
+    text = bench_report.render(results, plot_path="scaling.png")
+    assert results["command"] in text and results["machine"]["cpu"] in text
+    assert "| target | measured | goal | status |" in text
