@@ -61,6 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", choices=["trees", "nuclei"])
     p.add_argument("--out", required=True, help="output folder: images/{train,val}, annotations/{train,val}.json, SOURCE.txt")
     p.add_argument("--source", default=None, metavar="PATH", help="the package's .whl file or unpacked folder (default: installed)")
+    p.add_argument("--in-domain", action="store_true",
+                   help="trees: also train on three quadrants of OSBS_029 and hold out its bottom-right one (a same-site check)")
     add_config_option(p)
     p.set_defaults(func=run_prepare)
 
@@ -111,7 +113,9 @@ def _test_options(p: argparse.ArgumentParser) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     from ..detect.prepare import prepare
 
-    paths = prepare(args.dataset, args.out, args.source)
+    if args.in_domain and args.dataset != "trees":
+        raise ValueError("expected --in-domain only with trees (nuclei always holds out one quadrant of its image)")
+    paths = prepare(args.dataset, args.out, args.source, **({"in_domain": True} if args.in_domain else {}))
     print(f"wrote {args.dataset} to {args.out}: {paths['train']} (training), {paths['val']} (held out); see SOURCE.txt")
     return 0
 

@@ -108,8 +108,18 @@ def _read_voc(source, stem: str) -> tuple[np.ndarray, np.ndarray]:
     return image, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
-def prepare_trees(out: Path, source=None, tile: int = 400, overlap: int = 100, min_visible: float = 0.5) -> dict:
+def prepare_trees(out: Path, source=None, tile: int = 400, overlap: int = 100, min_visible: float = 0.5,
+                  in_domain: bool = False) -> dict:
+    """Trees as described in the module docstring; ``in_domain`` instead trains on OSBS_029's three other
+    quadrants too and holds out its bottom-right quadrant (segmentation's split): a same-site diagnostic."""
     train, val = CocoWriter(out, "train", ["tree"]), CocoWriter(out, "val", ["tree"])
+    if in_domain:
+        image, boxes = _read_voc(source, TREE_HELD_OUT)
+        h, w = image.shape[:2]
+        for q in (*TRAIN_QUADRANTS, HELD_OUT_QUADRANT):
+            rows, cols = quadrant_slices(h, w, q)
+            kept = crop_boxes(boxes, cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start, min_visible)
+            (val if q == HELD_OUT_QUADRANT else train).add(f"{TREE_HELD_OUT}_{q}", image[rows, cols], kept)
     for stem in TREE_TRAIN:
         image, boxes = _read_voc(source, stem)
         h, w = image.shape[:2]
@@ -117,10 +127,13 @@ def prepare_trees(out: Path, source=None, tile: int = 400, overlap: int = 100, m
             for x0 in tile_starts(w, tile, overlap):
                 th, tw = min(tile, h), min(tile, w)
                 train.add(f"{stem}_y{y0}_x{x0}", image[y0:y0 + th, x0:x0 + tw], crop_boxes(boxes, x0, y0, tw, th, min_visible))
-    image, boxes = _read_voc(source, TREE_HELD_OUT)
-    val.add(TREE_HELD_OUT, image, boxes)
+    if not in_domain:
+        image, boxes = _read_voc(source, TREE_HELD_OUT)
+        val.add(TREE_HELD_OUT, image, boxes)
+    held_out = (f"{TREE_HELD_OUT}.png's {HELD_OUT_QUADRANT} quadrant (its other three quadrants are trained on: "
+                "--in-domain)" if in_domain else f"{TREE_HELD_OUT}.png (whole)")
     notes = (f"Training: {', '.join(TREE_TRAIN)} cut into {tile}x{tile} tiles overlapping by >= {overlap} px; a box is\n"
-             f"kept in a tile when >= {min_visible:.0%} of it is inside (then clipped). Held out: {TREE_HELD_OUT}.png (whole).\n")
+             f"kept in a tile when >= {min_visible:.0%} of it is inside (then clipped). Held out: {held_out}.\n")
     return {"train": train, "val": val, "notes": notes}
 
 
