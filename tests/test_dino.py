@@ -1,6 +1,7 @@
 """DINO pretraining, k-NN and linear evaluation: tiny models on scikit-learn's 8x8 digits."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -137,7 +138,7 @@ def test_schedules_follow_the_recipe():
     assert sched.lr.lr(total) == pytest.approx(cfg.min_lr)
     assert sched.freeze_steps == spe
     values = [sched.lr.lr(s) for s in range(100, total)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     # a run shorter than the warm-ups (time budget) caps them
     short = build_schedules(cfg, 1e-3, spe, 40)
     assert short.lr.warmup_steps == 4 and short.temp_warmup_steps == 20

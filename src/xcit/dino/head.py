@@ -1,6 +1,8 @@
 """The DINO projection head and the multi-crop network (backbone + head) for student and teacher."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ class DINOHead(nn.Module):
                              f"bottleneck {bottleneck_dim}, layers {num_layers}")
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
             layers.append(nn.Linear(a, b))
             if i < num_layers - 1:
                 layers.append(nn.GELU())
