@@ -236,3 +236,15 @@ def test_bad_evaluation_requests_fail_clearly(tmp_path, capsys):
         knn_classify(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3), torch.zeros(2, dtype=torch.long), k=0)
     with pytest.raises(ValueError, match="batch-size"):
         pretrain(_tiny_cfg(batch_size=5000, output=str(tmp_path / "big")))
+
+
+def test_folder_pipeline_makes_the_same_crops(tmp_path):
+    from PIL import Image
+
+    from xcit.dino import PILMultiCrop
+
+    spec = MultiCropSpec(global_size=32, local_crops=2, local_size=16)
+    image = Image.fromarray((torch.rand(40, 48, 3) * 255).byte().numpy())
+    crops = PILMultiCrop(spec, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(image)
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    assert all(c.dtype == torch.float32 and c.abs().max() <= 2 + 1e-5 for c in crops)

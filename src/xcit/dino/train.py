@@ -182,6 +182,9 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     run_dir = _run_dir(cfg, env, state)
     setup_logging(run_dir, env.is_main)
 
+    if env.distributed:  # before the optimizer: the swap makes new BatchNorm modules (same state dict keys)
+        student = dist_utils.convert_batchnorm(student, env.device)
+        teacher = dist_utils.convert_batchnorm(teacher, env.device).requires_grad_(False)
     groups = build_param_groups(student, cfg.weight_decay)
     for g in groups:
         g["decayed"] = g["weight_decay"] > 0
@@ -206,8 +209,6 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     t_mark: tuple[int, float | None] = (global_step, None)
     net = student
     if env.distributed:
-        student = dist_utils.convert_batchnorm(student, env.device)
-        teacher = dist_utils.convert_batchnorm(teacher, env.device)
         net = nn.parallel.DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None)
     frozen_last = last_layer_params(student)
     trainable = [p for p in student.parameters() if p.requires_grad]
