@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,6 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..models import MODELS, XCiTPyramid, resolve_name
-from ..models.weights import CheckpointError
 from ..segment.model import build_backbone
 
 FORMAT = "xcit-detector-1"
@@ -254,19 +252,9 @@ def detector_state(model: nn.Module, meta: dict | None = None) -> dict[str, Any]
 
 def read_detector_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """The raw detector checkpoint at ``path`` (weights-only load), with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a detection checkpoint, got {str(path)!r} which is not a file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a detection checkpoint (expected one written by `xcit detect train`; "
-            "to start from a classification or DINO checkpoint use `xcit detect train --pretrained`)"
-        )
-    return raw
+    from ..train.checkpoint import read_task_checkpoint
+
+    return read_task_checkpoint(path, FORMAT, "detect")
 
 
 def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict]:

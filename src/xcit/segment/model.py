@@ -124,18 +124,9 @@ def save_segmenter(model: Segmenter, path: str | os.PathLike, meta: dict | None 
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """(model in eval mode, meta) from a checkpoint written by :func:`save_segmenter` or by training."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a segmentation checkpoint, got {str(path)!r} which is not a file")
-    try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a segmentation checkpoint (expected one written by `xcit segment train`; "
-            "to start from a classification or DINO checkpoint use `xcit segment train --pretrained`)"
-        )
+    from ..train.checkpoint import read_task_checkpoint
+
+    raw = read_task_checkpoint(path, FORMAT, "segment", map_location)
     model = segmenter_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})

@@ -100,3 +100,23 @@ def resume_path(resume: str | None, out: str | os.PathLike) -> Path | None:
     if not path.is_file():
         raise FileNotFoundError(f"expected a checkpoint to resume from, got {resume!r} which is not a file")
     return path
+
+
+def read_task_checkpoint(path: str | os.PathLike, fmt: str, task: str,
+                         map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A dense-task checkpoint (``{'format': fmt, ...}``, weights-only load) written by ``xcit TASK train``;
+    a clear error for a missing, unreadable or other kind of file."""
+    path = Path(path)
+    what = {"segment": "segmentation", "detect": "detection"}.get(task, task)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected a {what} checkpoint, got {str(path)!r} which is not a file")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        raise CheckpointError(
+            f"{path}: not a {what} checkpoint (expected one written by `xcit {task} train`; "
+            f"to start from a classification or DINO checkpoint use `xcit {task} train --pretrained`)"
+        )
+    return raw
