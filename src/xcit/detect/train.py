@@ -14,7 +14,7 @@ import torch
 
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path, rng_state, save_state, set_rng_state
-from ..train.engine import _autocast, _resolve_amp
+from ..train.engine import autocast_context, resolve_amp
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
 from ..train.optim import build_param_groups
 from .coco import CocoDetection, collate
@@ -187,7 +187,7 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"expected --batch-size divisible by the {ctx.world_size} processes, got {cfg.batch_size}")
     per_proc = cfg.batch_size // ctx.world_size
-    amp_dtype = _resolve_amp(cfg.amp, ctx.device)
+    amp_dtype = resolve_amp(cfg.amp, ctx.device)
     if ctx.distributed:
         sampler = torch.utils.data.DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
     else:
@@ -281,7 +281,7 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
         images, targets = next(data)
         images = [im.to(ctx.device, non_blocking=True) for im in images]
         targets = [{k: v.to(ctx.device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with _autocast(ctx.device, amp_dtype):
+        with autocast_context(ctx.device, amp_dtype):
             losses = net(images, targets)
         loss = sum(v.float() for v in losses.values())
         if not torch.isfinite(loss):

@@ -23,7 +23,7 @@ from ..data.transforms import BatchEvalTransform, folder_eval_transform
 from ..models import XCiT, create_model
 from ..models.weights import read_metadata
 from ..train import distributed as dist_utils
-from ..train.engine import _autocast, _resolve_amp
+from ..train.engine import autocast_context, resolve_amp
 
 POOLS = ("cls", "avg", "cls+avg")
 
@@ -106,7 +106,7 @@ def extract_features(model: nn.Module, loader, env: dist_utils.DistEnv | None = 
     for images, targets, _ in loader:
         if len(images) == 0:
             continue
-        with _autocast(env.device, amp_dtype):
+        with autocast_context(env.device, amp_dtype):
             out = model(images.to(env.device, non_blocking=True))
         feats.append(out.float().cpu())
         labels.append(targets)
@@ -175,7 +175,7 @@ def embed_splits(source: FeatureSource, data: str, train_split: str, test_split:
     if len(test_set.classes) != len(train_set.classes):
         raise DataError(f"{test_split} has {len(test_set.classes)} classes, {train_split} {len(train_set.classes)}")
     model = source.model.to(env.device).eval()
-    amp_dtype = _resolve_amp(amp, env.device)
+    amp_dtype = resolve_amp(amp, env.device)
     train_f, train_y = extract_features(model, train_loader, env, amp_dtype=amp_dtype)
     test_f, test_y = extract_features(model, test_loader, env, amp_dtype=amp_dtype)
     return gather(train_f, env), gather(train_y, env), test_f, test_y, list(train_set.classes), time.time() - t0

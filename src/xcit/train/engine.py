@@ -75,7 +75,8 @@ class RunResult:
 # ----------------------------------------------------------------------------------------- setup
 
 
-def _resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``--amp`` mode (auto, bf16, fp16, none) on ``device``; None means fp32."""
     if mode == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -91,11 +92,12 @@ def _resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context when ``dtype`` is None."""
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _set_threads(cfg: TrainConfig, env: dist_utils.DistEnv) -> str:
+def set_threads(cfg: TrainConfig, env: dist_utils.DistEnv) -> str:
     """Set torch's CPU threads: ``cfg.threads``, else this process's share of the cores.
 
     On a machine already busy with other work (load average >= cores), OpenMP threads that
@@ -120,7 +122,8 @@ def _set_threads(cfg: TrainConfig, env: dist_utils.DistEnv) -> str:
     return note
 
 
-def _seed(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators."""
     import random
 
     import numpy as np
@@ -130,7 +133,9 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_dir(cfg: TrainConfig, env: dist_utils.DistEnv, resume_path: Path | None) -> Path:
+def prepare_run_dir(cfg: TrainConfig, env: dist_utils.DistEnv, resume_path: Path | None) -> Path:
+    """The run directory (``cfg.output``, the resumed run's, or ``runs/<data>-<model>-<time>``), made on rank 0;
+    refuses to overwrite a run that is not being resumed. ``cfg`` needs ``output``, ``data`` (and ``model``)."""
     if cfg.output:
         path = Path(cfg.output)
     elif resume_path is not None:
@@ -236,7 +241,7 @@ def evaluate_model(
             continue
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
-        with _autocast(env.device, amp_dtype):
+        with autocast_context(env.device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         totals[0] += nn.functional.cross_entropy(logits, targets, reduction="sum").item()
@@ -302,7 +307,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
         state = load_state(target)
         resume_path = Path(state["path"])
         cfg = _resume_config(cfg, state)
-    thread_note = _set_threads(cfg, env)
+    thread_note = set_threads(cfg, env)
 
     # Everything that can be wrong with the data, model or checkpoints is found before the run
     # directory is made: data and loaders (sizes), the model (fine-tuning weights), the teacher.
@@ -312,15 +317,15 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * cfg.epochs
     global_batch = cfg.batch_size * env.world_size
-    amp_dtype = _resolve_amp(cfg.amp, env.device)
+    amp_dtype = resolve_amp(cfg.amp, env.device)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
         raise ValueError(f"mixup/cutmix need an even batch size, got {cfg.batch_size}")
-    _seed(cfg.seed)  # the same initial weights on every rank
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     # A resumed run takes its weights from the state file, not again from --finetune.
     model, finetune_note = build_model(replace(cfg, finetune=None) if state else cfg, len(data.classes), data.in_chans)
     teacher = build_teacher(cfg, len(data.classes), data.in_chans, env.device) if cfg.teacher else None
 
-    run_dir = _run_dir(cfg, env, resume_path)
+    run_dir = prepare_run_dir(cfg, env, resume_path)
     setup_logging(run_dir, env.is_main)
     for note in (thread_note, finetune_note):
         if note:
@@ -376,7 +381,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
             raise CheckpointError(f"{resume_path} does not fit this run's model/optimizer: {err}") from err
         start_epoch, start_epoch_step, global_step = state["epoch"], state["epoch_step"], state["step"]
         best = dict(state.get("best", best))
-    _seed(cfg.seed + env.rank)  # augmentation randomness differs between ranks
+    seed_everything(cfg.seed + env.rank)  # augmentation randomness differs between ranks
     if state is not None:
         set_rng_state(state["rng"])
 
@@ -441,7 +446,7 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
                     images, soft_targets = mixup(images, targets)
                 else:
                     soft_targets = targets
-                with _autocast(env.device, amp_dtype):
+                with autocast_context(env.device, amp_dtype):
                     logits = model(images)
                 logits = logits.float()
                 if criterion is not None:
@@ -678,7 +683,7 @@ def evaluate(
             tf = None
         loader = build_loader(dataset, ShardSampler(len(dataset), num_replicas=env.world_size, rank=env.rank),
                               batch_size, batch_transform=tf, workers=workers, pin_memory=env.device.type == "cuda")
-        metrics = evaluate_model(model, loader, env, amp_dtype=_resolve_amp(amp, env.device), progress=progress,
+        metrics = evaluate_model(model, loader, env, amp_dtype=resolve_amp(amp, env.device), progress=progress,
                                  desc=f"eval {split}")
     finally:
         dist_utils.cleanup(env)
