@@ -50,6 +50,22 @@ def test_head_shapes_norms_and_frozen_norm():
     assert default.last_layer.out_features == 65536
 
 
+def test_head_scores_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    head = DINOHead(24, out_dim=300, hidden_dim=32, bottleneck_dim=16)
+    x = torch.randn(64, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = head(x)
+    exact = head(x)
+    assert mixed.dtype == torch.float32
+    # only the MLP runs in bf16: the scores differ by its rounding, far below bf16's own step near 1
+    # (2^-8 ~ 0.004, i.e. 0.1 in logits at the teacher temperature 0.04)
+    err = float((mixed - exact).abs().max())
+    assert err < 0.02, err
+    off_bf16_grid = (mixed != mixed.to(torch.bfloat16).float()).float().mean()
+    assert off_bf16_grid > 0.9  # the scores carry float32 precision
+
+
 def test_multicrop_shapes_and_photometric_ops():
     spec = MultiCropSpec(global_size=28, local_crops=3, local_size=12, blur_sigma=(0.1, 0.5))
     images = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
@@ -248,3 +264,14 @@ def test_folder_pipeline_makes_the_same_crops(tmp_path):
     crops = PILMultiCrop(spec, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))(image)
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
     assert all(c.dtype == torch.float32 and c.abs().max() <= 2 + 1e-5 for c in crops)
+
+
+def test_fashion_mnist_config_file_is_the_preset():
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[1] / "configs" / "dino" / "fashion_mnist.yaml"
+    from_file = resolve_config(yaml.safe_load(path.read_text()))
+    assert from_file == resolve_config(preset="fashion-mnist")
+    assert from_file.teacher_temp == from_file.warmup_teacher_temp == 0.04 and from_file.freeze_last_layer == 0

@@ -40,8 +40,13 @@ class DINOHead(nn.Module):
             self.last_layer.parametrizations.weight.original0.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, p=2)
-        return self.last_layer(x)
+        x = self.mlp(x)
+        # The prototype scores are cosines in [-1, 1] that the loss divides by temperatures down to
+        # 0.04: in bf16 (steps of 2^-8 near 1) that would quantise the teacher's logits by ~0.2, so
+        # the normalisation and the last layer run in float32 under autocast.
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.normalize(x.float(), dim=-1, p=2)
+            return self.last_layer(x)
 
 
 class MultiCropNet(nn.Module):
