@@ -27,8 +27,14 @@ from ..models import create_model
 from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
 from ..train.checkpoint import load_state, rng_state, save_state, set_rng_state
-from ..train.engine import NonFiniteLossError, _autocast, _resolve_amp, _seed, _set_threads
-from ..train.engine import _run_dir as _engine_run_dir
+from ..train.engine import (
+    NonFiniteLossError,
+    autocast_context,
+    prepare_run_dir,
+    resolve_amp,
+    seed_everything,
+    set_threads,
+)
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
 from ..train.optim import build_param_groups
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
@@ -160,19 +166,19 @@ def _run_dir(cfg: DinoConfig, env: dist_utils.DistEnv, state: dict | None) -> Pa
     """The run directory (made on rank 0; default ``runs/dino-<data>-<time>``), checked like ``xcit train``'s."""
     if not cfg.output and state is None:
         cfg = replace(cfg, output=str(Path("runs") / f"dino-{Path(cfg.data).name}-{datetime.now():%Y%m%d-%H%M%S}"))
-    return _engine_run_dir(cfg, env, Path(state["path"]) if state is not None else None)
+    return prepare_run_dir(cfg, env, Path(state["path"]) if state is not None else None)
 
 
 def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     t_start = time.time()
     cfg, state = _resume(cfg)
-    thread_note = _set_threads(cfg, env)
+    thread_note = set_threads(cfg, env)
     loader, sampler, data_info = build_pretrain_data(cfg, env)
     steps_per_epoch = len(loader)
     global_batch = cfg.batch_size * env.world_size
     lr = cfg.lr * global_batch / 256
-    amp_dtype = _resolve_amp(cfg.amp, env.device)
-    _seed(cfg.seed)  # the same initial weights on every rank
+    amp_dtype = resolve_amp(cfg.amp, env.device)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
     student, teacher = build_networks(cfg, data_info["in_chans"])
     n_crops = MultiCropSpec.from_config(cfg).n_crops
     dino_loss = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum)
@@ -356,7 +362,7 @@ def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: di
         g["lr"] = values["lr"] * g.get("lr_scale", 1.0)
         if g["decayed"]:
             g["weight_decay"] = values["wd"]
-    with _autocast(env.device, amp_dtype):
+    with autocast_context(env.device, amp_dtype):
         with torch.no_grad():
             teacher_out = teacher(crops[:2])
         student_out = net(crops)
