@@ -17,6 +17,7 @@ from xcit.dino import (
     build_networks,
     build_schedules,
     knn_classify,
+    koleo_loss,
     pretrain,
     resolve_config,
     update_teacher,
@@ -103,6 +104,31 @@ def test_loss_decreases_in_a_few_steps():
         update_teacher(student, teacher, 0.996)
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_koleo_spreads_the_features_and_is_wired_into_the_step():
+    torch.manual_seed(0)
+    spread = torch.eye(8)  # orthonormal rows: nearest neighbour at distance sqrt(2)
+    assert torch.allclose(koleo_loss(spread), torch.tensor(-0.5 * math.log(2.0)), atol=1e-5)
+    clustered = torch.eye(8) * 0.05 + torch.ones(8, 8)  # all rows close to one direction
+    assert koleo_loss(clustered) > koleo_loss(spread) + 1.0
+    x = clustered.clone().requires_grad_(True)
+    opt = torch.optim.SGD([x], lr=0.05)
+    first = koleo_loss(x).item()
+    for _ in range(20):
+        opt.zero_grad()
+        koleo_loss(x).backward()
+        opt.step()
+    assert koleo_loss(x).item() < first - 0.5
+    with pytest.raises(ValueError, match="B >= 2"):
+        koleo_loss(torch.randn(1, 4))
+    # the student returns its backbone features with its head outputs, one row per crop image
+    cfg = _tiny_cfg(koleo_weight=0.1)
+    student, _ = build_networks(cfg, 1)
+    crops = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.randn(4, 1, 4, 4)]
+    out, features = student(crops, return_features=True)
+    assert out.shape == (12, cfg.out_dim) and features.shape == (12, student.backbone.embed_dim)
+    assert torch.allclose(student.head(features), out)
 
 
 def test_teacher_gets_no_gradient_and_follows_the_ema():
@@ -231,6 +257,7 @@ def test_knn_and_linear_commands(tmp_path, capsys):
     (dict(out_dim=0), "out_dim"),
     (dict(blur_prob=[0.5, 2.0, 0.1]), "blur_prob"),
     (dict(center_momentum=1.0), "center_momentum"),
+    (dict(koleo_weight=-0.1), "koleo_weight"),
     (dict(time_budget_min=-3), "time_budget_min"),
     (dict(model="xcit_huge"), "unknown model"),
     (dict(lr_typo=1.0), "unknown DINO option"),

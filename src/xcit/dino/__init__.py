@@ -5,12 +5,12 @@ from .config import PRESETS, DinoConfig, resolve_config
 from .head import DINOHead, MultiCropNet
 from .knn import extract_features, knn_classify, knn_evaluate, load_feature_model
 from .linear import linear_probe
-from .loss import DINOLoss
+from .loss import DINOLoss, koleo_loss
 from .schedules import DinoSchedules, build_schedules
 from .train import DinoResult, build_networks, pretrain, update_teacher
 
 __all__ = [
     "PRESETS", "BatchMultiCrop", "DINOHead", "DINOLoss", "DinoConfig", "DinoResult", "DinoSchedules", "MultiCropNet",
     "MultiCropSpec", "PILMultiCrop", "build_networks", "build_schedules", "extract_features", "knn_classify",
-    "knn_evaluate", "linear_probe", "load_feature_model", "pretrain", "resolve_config", "update_teacher",
+    "knn_evaluate", "koleo_loss", "linear_probe", "load_feature_model", "pretrain", "resolve_config", "update_teacher",
 ]

@@ -72,6 +72,8 @@ class DinoConfig:
     warmup_teacher_temp_epochs: float = _opt(30.0, "teacher temperature warm-up length in epochs", "optim")
     student_temp: float = _opt(0.1, "student temperature", "optim")
     center_momentum: float = _opt(0.9, "momentum of the centre of teacher outputs", "optim")
+    koleo_weight: float = _opt(0.0, "weight of DINOv2's KoLeo regulariser on the student's global-crop features "
+                               "(0: off, as in DINO)", "optim")
 
     # --- run
     output: str | None = _opt(None, "run directory (default runs/dino-<data>-<time>)", "run")
@@ -173,6 +175,7 @@ def validate(cfg: DinoConfig) -> None:
         need(num(v) and v >= 0, f"expected {name} >= 0, got {v}")
     need(num(cfg.momentum_teacher) and 0 <= cfg.momentum_teacher <= 1,
          f"expected momentum_teacher in [0, 1], got {cfg.momentum_teacher}")
+    need(num(cfg.koleo_weight) and cfg.koleo_weight >= 0, f"expected koleo_weight >= 0, got {cfg.koleo_weight}")
     need(num(cfg.center_momentum) and 0 <= cfg.center_momentum < 1,
          f"expected center_momentum in [0, 1), got {cfg.center_momentum}")
     need(num(cfg.drop_path) and 0 <= cfg.drop_path < 1, f"expected drop_path in [0, 1), got {cfg.drop_path}")

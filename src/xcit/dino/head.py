@@ -66,7 +66,9 @@ class MultiCropNet(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor,
+                return_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Head outputs of all crops; with ``return_features`` also the backbone features they came from."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features, start = [], 0
@@ -76,7 +78,9 @@ class MultiCropNet(nn.Module):
                 end += 1
             features.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(features))
+        features = torch.cat(features)
+        out = self.head(features)
+        return (out, features) if return_features else out
 
 
 def last_layer_params(net: nn.Module) -> list[nn.Parameter]:

@@ -48,3 +48,17 @@ class DINOLoss(nn.Module):
             stats = dist_utils.all_reduce_sum(stats.cpu(), env).to(self.center.device)
         batch_center = stats[:-1] / stats[-1]
         self.center.mul_(self.center_momentum).add_(batch_center[None], alpha=1 - self.center_momentum)
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """DINOv2's KoLeo regulariser: ``-mean(log d_i)``, ``d_i`` the distance from each L2-normalised row of
+    ``features`` (B, D) to its nearest other row. Minimising it spreads the batch over the sphere, which
+    counters the dimensional collapse of the features that k-NN retrieval suffers from."""
+    if features.dim() != 2 or len(features) < 2:
+        raise ValueError(f"expected features (B, D) with B >= 2, got shape {tuple(features.shape)}")
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        similarity = x @ x.T
+        similarity.fill_diagonal_(-2.0)
+        nearest = similarity.argmax(dim=1)
+    return -torch.log((x - x[nearest]).norm(dim=-1) + eps).mean()
