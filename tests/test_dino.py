@@ -302,3 +302,4 @@ def test_fashion_mnist_config_file_is_the_preset():
     from_file = resolve_config(yaml.safe_load(path.read_text()))
     assert from_file == resolve_config(preset="fashion-mnist")
     assert from_file.teacher_temp == from_file.warmup_teacher_temp == 0.04 and from_file.freeze_last_layer == 0
+    assert from_file.koleo_weight == 0.1
