@@ -303,3 +303,24 @@ def test_fashion_mnist_config_file_is_the_preset():
     assert from_file == resolve_config(preset="fashion-mnist")
     assert from_file.teacher_temp == from_file.warmup_teacher_temp == 0.04 and from_file.freeze_last_layer == 0
     assert from_file.koleo_weight == 0.1
+
+
+def test_knn_compare_script_statistics_and_run(monkeypatch, capsys):
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).parents[1] / "scripts" / "knn_compare.py"
+    spec = importlib.util.spec_from_file_location("knn_compare", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.mcnemar_p(0, 0) == 1.0 and script.mcnemar_p(7, 7) == 1.0
+    assert script.mcnemar_p(0, 10) == pytest.approx(2 / 1024)
+    assert script.mcnemar_p(30, 10) == pytest.approx(script.mcnemar_p(10, 30)) and script.mcnemar_p(30, 10) < 0.01
+    torch.manual_seed(0)
+    assert script.effective_rank(torch.randn(4000, 8)) == pytest.approx(8, rel=0.05)
+    assert script.effective_rank(torch.randn(500, 1) * torch.randn(1, 8)) == pytest.approx(1, abs=0.01)
+    monkeypatch.setattr(sys, "argv", ["knn_compare.py", "pixels", "pixels", "--data", "digits"])
+    script.main()
+    out = capsys.readouterr().out
+    assert "pixels - pixels: +0.00 points" in out and "McNemar p = 1" in out
