@@ -218,6 +218,14 @@ def test_pretrain_writes_a_teacher_checkpoint_and_resumes_exactly(tmp_path, monk
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_pretrain_with_koleo_logs_it_and_spreads_the_features(tmp_path):
+    run = pretrain(_tiny_cfg(epochs=2, koleo_weight=0.5, output=str(tmp_path / "koleo")))
+    records = [json.loads(line) for line in (tmp_path / "koleo" / "metrics.jsonl").read_text().splitlines()]
+    koleo = [r["koleo"] for r in records if r["kind"] == "step"]
+    assert len(koleo) == run.steps and all(math.isfinite(k) for k in koleo)
+    assert sum(koleo[-3:]) < sum(koleo[:3])  # the regulariser is minimised
+
+
 def test_knn_on_separable_features_is_perfect_and_linear_probe_learns():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(5, 16, generator=g) * 5

@@ -365,14 +365,15 @@ def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: di
     with autocast_context(env.device, amp_dtype):
         with torch.no_grad():
             teacher_out = teacher(crops[:2])
-        student_out = net(crops, return_features=cfg.koleo_weight > 0)
-    if cfg.koleo_weight > 0:
-        student_out, features = student_out
-        values["koleo"] = sum(koleo_loss(f) for f in features[:len(teacher_out)].chunk(2)) / 2
-        loss = dino_loss(student_out, teacher_out, values["teacher_temp"], env) + cfg.koleo_weight * values["koleo"]
-        values["koleo"] = float(values["koleo"].detach())
-    else:
-        loss = dino_loss(student_out, teacher_out, values["teacher_temp"], env)
+        if cfg.koleo_weight > 0:
+            student_out, features = net(crops, return_features=True)
+        else:
+            student_out = net(crops)
+    loss = dino_loss(student_out, teacher_out, values["teacher_temp"], env)
+    if cfg.koleo_weight > 0:  # on the student's features of the 2 global crops, one crop at a time
+        koleo = sum(koleo_loss(f) for f in features[:len(teacher_out)].chunk(2)) / 2
+        loss = loss + cfg.koleo_weight * koleo
+        values["koleo"] = float(koleo.detach())
     reduced = float(dist_utils.all_reduce_sum(loss.detach().double().cpu().view(1), env)[0]) / env.world_size
     if not math.isfinite(reduced):
         raise NonFiniteLossError(f"the DINO loss is {reduced} at step {step + 1}; stopping (weights not updated). "
