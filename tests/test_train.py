@@ -298,3 +298,25 @@ def test_bundled_yaml_presets_are_valid(capsys):
     for f in files:
         assert cli_main(["train", "--config", str(f), "--print-config"]) == 0, f
         capsys.readouterr()
+
+
+def test_metrics_file_is_strict_json_and_reads_back_non_finite_values(tmp_path):
+    import json
+    import math
+
+    from xcit.train.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path, enabled=True, tensorboard=False)
+    writer.write("step", 1, loss=float("nan"), entropy=float("inf"), lr=torch.tensor(0.5))
+    writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # how files written before nulls held them
+        f.write('{"kind": "step", "step": 2, "loss": "nan", "entropy": "-inf", "lr": 0.25}\n')
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0], parse_constant=no_constants)["loss"] is None
+    first, second = read_metrics(tmp_path / "metrics.jsonl")
+    assert math.isnan(first["loss"]) and math.isnan(first["entropy"]) and first["lr"] == 0.5
+    assert math.isnan(second["loss"]) and second["entropy"] == -math.inf and second["lr"] == 0.25

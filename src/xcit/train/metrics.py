@@ -84,15 +84,25 @@ def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.item()
     if isinstance(v, float):
-        return round(v, 6) if math.isfinite(v) else str(v)
+        return round(v, 6) if math.isfinite(v) else None  # JSON has no NaN / inf: null
     return v
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}  # how older files wrote them
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file (a run resumed several times appends to it)."""
+    """All records of a ``metrics.jsonl`` file (a run resumed several times appends to it). A null (a NaN
+    or infinite value, which JSON numbers cannot hold) reads back as NaN; older files' "nan" / "inf" /
+    "-inf" strings as those floats."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for record in records:
+        for key, value in record.items():
+            if value is None or (isinstance(value, str) and value in _NON_FINITE):
+                record[key] = math.nan if value is None else _NON_FINITE[value]
+    return records
 
 
 def progress_bar(total: int, desc: str, enabled: bool):
