@@ -369,3 +369,32 @@ def test_the_real_stardist_image_when_installed():
 
     image, labels = load_nuclei()
     assert image.shape == labels.shape == (512, 512) and len(np.unique(labels)) - 1 == 125
+
+
+@pytest.mark.parametrize("command, folder", [(["segment", "train"], "segment"), (["detect", "train"], "detect"),
+                                             (["dino"], "dino")])
+def test_bundled_task_configs_load_through_their_commands(command, folder):
+    from xcit.cli import build_parser
+    from xcit.cli.config import _chosen_subparser, load_config
+
+    parser = build_parser()
+    sub = _chosen_subparser(parser, command)
+    files = sorted((Path(__file__).parents[1] / "configs" / folder).glob("*.yaml"))
+    assert files
+    for path in files:
+        values = load_config(path, sub)  # SystemExit on a key or value the command does not take
+        assert values, path
+    if folder == "segment":  # the ADE20k files once said `amp: off`, which YAML reads as False
+        from xcit.segment.train import _amp_dtype
+
+        assert all(_amp_dtype(load_config(p, sub).get("amp", "none"), torch.device("cpu")) is None for p in files)
+
+
+def test_yaml_boolean_for_a_choice_option_is_explained(tmp_path):
+    from xcit.cli import build_parser
+    from xcit.cli.config import _chosen_subparser, load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("amp: off\n")
+    with pytest.raises(SystemExit, match="YAML reads unquoted off/on/no/yes as a boolean"):
+        load_config(path, _chosen_subparser(build_parser(), ["segment", "train"]))

@@ -33,6 +33,9 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
             value = action.type(value)
         elif action.type is not None and isinstance(value, list):
             value = [action.type(v) for v in value]
+        if isinstance(value, bool) and action.choices is not None and value not in action.choices:
+            raise SystemExit(f"{parser.prog}: error: {key}: {value} in {path}: YAML reads unquoted off/on/no/yes "
+                             f"as a boolean; write one of {list(action.choices)} (quoted if need be)")
         if action.choices is not None and value is not None and value not in action.choices:
             raise SystemExit(f"{parser.prog}: error: {key}={value!r} in {path}; choose from {list(action.choices)}")
         values[dest] = value

@@ -65,6 +65,8 @@ def _eval_settings(args: argparse.Namespace, base, prefix: str = ""):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..train.config import AMP_MODES
+
     seg = sub.add_parser("segment", help="semantic segmentation (Semantic FPN / UperNet on the XCiT pyramid)",
                          description="Semantic segmentation with XCiT backbones. See docs/segmentation.md.")
     tasks = seg.add_subparsers(dest="segment_command", required=True, metavar="ACTION")
@@ -111,7 +113,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--min-lr", type=float, default=None, help="(0)")
     g.add_argument("--time-limit-min", type=float, default=None,
                    help="stop after this many minutes; the poly schedule then runs on elapsed time")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default=None, help="mixed precision (fp16: CUDA only)")
+    g.add_argument("--amp", choices=AMP_MODES, default=None,
+                   help="mixed precision: none (default), bf16, fp16 (CUDA only), auto")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     g = p.add_argument_group("augmentation")
     g.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="PX", help="random crop H [W] (512)")
@@ -144,7 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None)
     _eval_options(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    p.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision: none, bf16, fp16 (CUDA only), auto")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
     add_config_option(p)
     p.set_defaults(func=run_eval)

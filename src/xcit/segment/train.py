@@ -16,6 +16,8 @@ from ..models import MODELS, param_groups, resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path as resume_state_path
 from ..train.checkpoint import save_state
+from ..train.config import AMP_MODES
+from ..train.engine import resolve_amp
 from ..train.metrics import MetricsWriter
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
 from .engine import PolySchedule, plot_history
@@ -70,7 +72,7 @@ class TrainConfig:
     power: float = 1.0
     min_lr: float = 0.0
     time_limit_min: float | None = None
-    amp: str = "off"  # off, bf16, fp16 (CUDA)
+    amp: str = "none"  # none, bf16, fp16 (CUDA), auto: xcit.train.engine.resolve_amp
     grad_checkpointing: bool = False
     # augmentation
     crop_size: list[int] = field(default_factory=lambda: [512, 512])
@@ -108,15 +110,9 @@ def _resolve_dataset(cfg: TrainConfig) -> tuple[DatasetInfo, int, int, bool]:
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "off":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":
-        if device.type != "cuda":
-            raise ValueError("expected --amp fp16 only on CUDA (use bf16 on CPU), got device cpu")
-        return torch.float16
-    raise ValueError(f"expected amp in off, bf16, fp16, got {amp!r}")
+    if amp not in AMP_MODES:
+        raise ValueError(f"expected amp in {AMP_MODES}, got {amp!r}")
+    return resolve_amp(amp, device)
 
 
 def _loop(loader, sampler):
@@ -290,7 +286,7 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
         aux_loss = F.cross_entropy(aux.float(), masks, ignore_index=ignore) if aux is not None else None
         total = loss + cfg.aux_weight * aux_loss if aux_loss is not None else loss
         if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} at step {step}; lower --lr or use --amp off")
+            raise FloatingPointError(f"loss is {total.item()} at step {step}; lower --lr or use --amp none")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()
         scaler.step(optimizer)
@@ -327,7 +323,7 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", settings: EvalSettings | None = None,
-                        device: str = "auto", amp: str = "off", num_classes: int | None = None,
+                        device: str = "auto", amp: str = "none", num_classes: int | None = None,
                         ignore_index: int | None = None, reduce_zero_label: bool | None = None) -> tuple[dict, list[str]]:
     """Metrics of a segmentation checkpoint on ``data``/``split``; returns (metrics, class names)."""
     ctx = dist_utils.setup(device)
