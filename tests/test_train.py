@@ -320,3 +320,15 @@ def test_metrics_file_is_strict_json_and_reads_back_non_finite_values(tmp_path):
     first, second = read_metrics(tmp_path / "metrics.jsonl")
     assert math.isnan(first["loss"]) and math.isnan(first["entropy"]) and first["lr"] == 0.5
     assert math.isnan(second["loss"]) and second["entropy"] == -math.inf and second["lr"] == 0.25
+
+
+def test_poly_schedule_warms_up_decays_and_follows_a_time_limit():
+    from xcit.train.optim import PolySchedule
+
+    s = PolySchedule(base_lr=1.0, total_steps=100, warmup_steps=10, warmup_ratio=0.1, power=1.0, min_lr=0.0)
+    assert s.lr(0) == pytest.approx(0.1)  # warm-up starts at warmup_ratio of the scheduled rate
+    assert s.lr(10) == pytest.approx(0.9) and s.lr(50) == pytest.approx(0.5) and s.lr(100) == pytest.approx(0.0)
+    squared = PolySchedule(1.0, 100, power=2.0, min_lr=0.1)
+    assert squared.lr(50) == pytest.approx(0.9 * 0.25 + 0.1)
+    timed = PolySchedule(1.0, 1000, time_limit_s=60.0)  # wall clock ahead of the step count wins
+    assert timed.lr(10, elapsed_s=30.0) == pytest.approx(0.5) and timed.lr(10, elapsed_s=90.0) == 0.0

@@ -329,7 +329,7 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
 
 
 def _plot(out: Path, masks: bool) -> None:
-    from ..segment.engine import plot_history
+    from ..train.plots import plot_history
 
     try:
         plot_history(out / "metrics.jsonl", out / "curves.png", metric="mask_ap50" if masks else "box_ap50")

@@ -19,8 +19,9 @@ from ..train.checkpoint import save_state
 from ..train.config import AMP_MODES
 from ..train.engine import resolve_amp
 from ..train.metrics import MetricsWriter
+from ..train.optim import PolySchedule
+from ..train.plots import plot_history
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
-from .engine import PolySchedule, plot_history
 from .metrics import ConfusionMatrix, format_metrics
 from .model import FORMAT, build_segmenter, load_segmenter, segmenter_config, segmenter_from_config
 

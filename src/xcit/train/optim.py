@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -83,3 +84,33 @@ def build_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, total_step
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
     )
+
+
+@dataclass
+class PolySchedule:
+    """Poly decay (segmentation's schedule) ``(base - min) * (1 - progress) ** power + min`` after a linear warm-up.
+
+    ``progress`` is the larger of step / total_steps and elapsed / time_limit_s, so a run capped by
+    wall-clock time still anneals its learning rate to the end. Warm-up (mmseg's 'linear') starts
+    at ``warmup_ratio`` of the scheduled rate and reaches it after ``warmup_steps``.
+    """
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+    warmup_ratio: float = 1e-6
+    power: float = 1.0
+    min_lr: float = 0.0
+    time_limit_s: float | None = None
+
+    def progress(self, step: int, elapsed_s: float = 0.0) -> float:
+        p = step / max(self.total_steps, 1)
+        if self.time_limit_s:
+            p = max(p, elapsed_s / self.time_limit_s)
+        return min(max(p, 0.0), 1.0)
+
+    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
+        lr = (self.base_lr - self.min_lr) * (1.0 - self.progress(step, elapsed_s)) ** self.power + self.min_lr
+        if step < self.warmup_steps:
+            lr *= 1.0 - (1.0 - step / self.warmup_steps) * (1.0 - self.warmup_ratio)
+        return lr

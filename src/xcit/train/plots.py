@@ -1,6 +1,8 @@
 """The end-of-run figure: loss, accuracy and learning-rate curves from ``metrics.jsonl``."""
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from .metrics import read_metrics
@@ -89,3 +91,41 @@ def _num(v) -> float:
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def plot_history(jsonl: str | os.PathLike, out: str | os.PathLike, metric: str = "miou") -> Path | None:
+    """Training loss and learning rate, and eval ``metric``, against step, as one PNG (the figure of
+    ``xcit segment train`` and ``xcit detect train``: "train" and "eval" records)."""
+    records = read_metrics(Path(jsonl))
+    # a resumed run appends: keep the last record of each step so the curves do not double back
+    train = sorted({r["step"]: r for r in records if r.get("kind") == "train"}.values(), key=lambda r: r["step"])
+    evals = sorted({r["step"]: r for r in records if r.get("kind") == "eval" and _is_finite(r.get(metric))}.values(),
+                   key=lambda r: r["step"])
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    if train:
+        axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="loss")
+        axes[0].set_xlabel("step")
+        axes[0].set_ylabel("training loss")
+        lr_ax = axes[0].twinx()
+        lr_ax.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:orange", alpha=0.6)
+        lr_ax.set_ylabel("learning rate", color="tab:orange")
+    if evals:
+        axes[1].plot([r["step"] for r in evals], [100 * r[metric] for r in evals], marker="o")
+        axes[1].set_xlabel("step")
+        axes[1].set_ylabel(f"{metric} (%)")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
