@@ -326,12 +326,13 @@ class XCABlock(_FusableMixin, nn.Module):
     def _forward_fused(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """Inference with LayerScale and norm1/norm2 affines folded into the projections (``fuse``)."""
         self._check_fused_inference()
-        c = x.shape[-1]
         fz = self._fz
-        x = fp.xca(F.layer_norm(x, (c,), None, None, self.norm1.eps), fz("qkv_w"), fz("qkv_b"), fz("proj_w"),
-                   fz("proj_b"), self.attn.temperature, self.attn.num_heads, residual=x)
+        # the norms' own (constant) shapes: a traced x.shape[-1] would be a graph value to ONNX's layer_norm
+        x = fp.xca(F.layer_norm(x, self.norm1.normalized_shape, None, None, self.norm1.eps), fz("qkv_w"), fz("qkv_b"),
+                   fz("proj_w"), fz("proj_b"), self.attn.temperature, self.attn.num_heads, residual=x)
         x = self.local_mp(self.norm3(x), hp, wp, residual=x)
-        h = fp.linear(F.layer_norm(x, (c,), None, None, self.norm2.eps), fz("fc1_w"), fz("fc1_b"), gelu=True)
+        h = fp.linear(F.layer_norm(x, self.norm2.normalized_shape, None, None, self.norm2.eps), fz("fc1_w"),
+                      fz("fc1_b"), gelu=True)
         return fp.linear_add(h, fz("fc2_w"), fz("fc2_b"), x)
 
     def _forward_plain(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
