@@ -385,9 +385,9 @@ def test_bundled_task_configs_load_through_their_commands(command, folder):
         values = load_config(path, sub)  # SystemExit on a key or value the command does not take
         assert values, path
     if folder == "segment":  # the ADE20k files once said `amp: off`, which YAML reads as False
-        from xcit.segment.train import _amp_dtype
+        from xcit.train.engine import resolve_amp
 
-        assert all(_amp_dtype(load_config(p, sub).get("amp", "none"), torch.device("cpu")) is None for p in files)
+        assert all(resolve_amp(load_config(p, sub).get("amp", "none"), torch.device("cpu")) is None for p in files)
 
 
 def test_yaml_boolean_for_a_choice_option_is_explained(tmp_path):

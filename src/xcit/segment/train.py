@@ -16,7 +16,6 @@ from ..models import MODELS, param_groups, resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path as resume_state_path
 from ..train.checkpoint import save_state
-from ..train.config import AMP_MODES
 from ..train.engine import resolve_amp
 from ..train.metrics import MetricsWriter
 from ..train.optim import PolySchedule
@@ -110,12 +109,6 @@ def _resolve_dataset(cfg: TrainConfig) -> tuple[DatasetInfo, int, int, bool]:
     return info, num_classes, ignore, rzl
 
 
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp not in AMP_MODES:
-        raise ValueError(f"expected amp in {AMP_MODES}, got {amp!r}")
-    return resolve_amp(amp, device)
-
-
 def _loop(loader, sampler):
     epoch = 0
     while True:
@@ -179,7 +172,7 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"expected --batch-size divisible by the {ctx.world_size} processes, got {cfg.batch_size}")
     per_proc = cfg.batch_size // ctx.world_size
-    amp_dtype = _amp_dtype(cfg.amp, ctx.device)
+    amp_dtype = resolve_amp(cfg.amp, ctx.device)
 
     tr_img, tr_msk = split_dirs(cfg.data, cfg.train_split)
     va_img, va_msk = split_dirs(cfg.data, cfg.val_split)
@@ -340,7 +333,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", s
         dataset = SegmentationFolder(images, masks, n, ignore_index=ignore, reduce_zero_label=rzl)
         if settings is None:
             settings = EvalSettings(**meta.get("eval", {}))
-        metrics = evaluate(model, dataset, settings, ctx, _amp_dtype(amp, ctx.device), progress=True)
+        metrics = evaluate(model, dataset, settings, ctx, resolve_amp(amp, ctx.device), progress=True)
         classes = meta.get("classes") or [f"class{i}" for i in range(n)]
         return metrics, classes
     finally:

@@ -27,7 +27,7 @@ from ..data.transforms import BatchEvalTransform, BatchTrainTransform, folder_ev
 from ..models.weights import CheckpointError, save_checkpoint
 from . import distributed as dist_utils
 from .checkpoint import load_state, rng_state, save_state, set_rng_state
-from .config import TrainConfig, resolve_config, save_config, validate
+from .config import AMP_MODES, TrainConfig, resolve_config, save_config, validate
 from .losses import DistillationLoss, LabelCrossEntropy, SoftTargetCrossEntropy
 from .metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
 from .model_setup import build_model, build_teacher, drop_path_rate
@@ -77,6 +77,8 @@ class RunResult:
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of an ``--amp`` mode (auto, bf16, fp16, none) on ``device``; None means fp32."""
+    if mode not in AMP_MODES:
+        raise ValueError(f"expected amp in {AMP_MODES}, got {mode!r}")
     if mode == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

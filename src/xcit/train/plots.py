@@ -99,7 +99,7 @@ def plot_history(jsonl: str | os.PathLike, out: str | os.PathLike, metric: str =
     records = read_metrics(Path(jsonl))
     # a resumed run appends: keep the last record of each step so the curves do not double back
     train = sorted({r["step"]: r for r in records if r.get("kind") == "train"}.values(), key=lambda r: r["step"])
-    evals = sorted({r["step"]: r for r in records if r.get("kind") == "eval" and _is_finite(r.get(metric))}.values(),
+    evals = sorted({r["step"]: r for r in records if r.get("kind") == "eval" and math.isfinite(_num(r.get(metric)))}.values(),
                    key=lambda r: r["step"])
     if not train and not evals:
         return None
@@ -125,7 +125,3 @@ def plot_history(jsonl: str | os.PathLike, out: str | os.PathLike, metric: str =
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _is_finite(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
