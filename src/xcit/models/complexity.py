@@ -14,17 +14,15 @@ def count_macs(model: nn.Module, img_size: tuple[int, int] = (224, 224), batch: 
     """Multiply-accumulates of one forward pass (FLOPs / 2 as counted by torch), per image.
 
     Counts the matrix products and convolutions (what the paper reports as "FLOPs") of the
-    reference computation (the plain path: the fast path's algebra changes which products run);
-    runs on the meta device when the model is there, so even the large models cost no compute.
+    reference computation (the plain model, not an optimised one: folding changes which products
+    run); runs on the meta device when the model is there, so even the large models cost no compute.
     """
-    from .fastpath import plain_path
-
     param = next(model.parameters())
     x = torch.empty(batch, model.in_chans, *img_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), plain_path(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)

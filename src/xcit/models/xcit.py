@@ -1,6 +1,7 @@
 """The XCiT classifier and its dense-prediction pyramid, built on one shared trunk."""
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -66,22 +67,16 @@ class XCiTTrunk(nn.Module):
     def depth(self) -> int:
         return len(self.blocks)
 
-    def fuse(self) -> "XCiTTrunk":
-        """Fold BatchNorm, LayerScale and LayerNorm affines into neighbouring weights for inference.
+    def optimize(self, **options) -> nn.Module:
+        """An inference copy of this model with folded weights and fused kernels (this model is unchanged).
 
-        In place (folded copies live in non-persistent buffers: parameters and state dict are
-        unchanged); sets eval mode, and training raises until :meth:`unfuse` or ``load_state_dict``.
-        See :mod:`xcit.models.fuse`.
+        Same as :func:`xcit.optimize`; see :mod:`xcit.models.optimize` for ``options``.
         """
-        from .fuse import fuse_model
+        from .optimize import optimize
 
-        return fuse_model(self)
+        return optimize(self, **options)
 
-    def unfuse(self) -> "XCiTTrunk":
-        """Undo :meth:`fuse`: compute from the parameters again."""
-        from .fuse import unfuse_model
-
-        return unfuse_model(self)
+    fuse = optimize  # the earlier spelling; it now returns a new model instead of changing this one
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute XCA blocks in the backward pass to save activation memory (same results)."""
@@ -96,6 +91,12 @@ class XCiTTrunk(nn.Module):
             raise ValueError(f"expected {expected}, got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"expected {expected}, got dtype {x.dtype}; convert images with x.float() / 255")
+        dtype = self.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(
+                f"expected input of the model's dtype {dtype}, got {x.dtype}; convert with x.to({dtype}), "
+                f"cast the model (model.to({x.dtype})) or run under torch.autocast"
+            )
         b, c, h, w = x.shape
         if c != self.in_chans:
             raise ValueError(f"expected {expected}, got {c} channels (shape {tuple(x.shape)})")
@@ -110,9 +111,16 @@ class XCiTTrunk(nn.Module):
                 "image or batch, or model.eval()"
             )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's floating-point weights: what inputs must have outside autocast."""
+        tensors = (t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point())
+        return next(tensors, torch.empty(0)).dtype
+
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Patch tokens (B, N, C) with positional encoding, and the grid size (Hp, Wp)."""
-        self.check_input(x)
+        if not _is_fx_tracing():
+            self.check_input(x)
         x, hp, wp = self.patch_embed(x)
         if self.pos_embeder is not None:
             x = x + self.pos_embeder(hp, wp).to(x.dtype)
@@ -294,14 +302,16 @@ class XCiTPyramid(XCiTTrunk):
         """Smallest image side for which every level is non-empty (the stride-32 pooling needs one cell)."""
         return max(self.strides) - self.patch_size + 1
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        self.check_input(x)
+    def check_input(self, x: torch.Tensor) -> None:
+        super().check_input(x)
         least = self.min_input_size()
         if min(x.shape[-2:]) < least:
             raise ValueError(
                 f"expected images of at least {least}x{least} pixels for the stride-32 level of a patch-"
                 f"{self.patch_size} pyramid, got {x.shape[-2]}x{x.shape[-1]}"
             )
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         maps = self.get_intermediate_layers(x, self.out_indices)
         fpns = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         return OrderedDict((str(i), fpn(m)) for i, (fpn, m) in enumerate(zip(fpns, maps)))
@@ -375,6 +385,11 @@ def _batchnorm_safe_recompute(block: nn.Module):
         yield
 
     return lambda: (nothing(), restore_stats())
+
+
+def _is_fx_tracing() -> bool:
+    """Under FX symbolic tracing shapes are proxies: input checks cannot branch on them."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 def _ceil_div(a: int, b: int) -> int:

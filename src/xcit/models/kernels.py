@@ -1,0 +1,301 @@
+"""Kernels of the optimised inference model (:mod:`xcit.models.optimize`), exact algebra throughout.
+
+Each function computes what a group of XCiT modules computes, from (folded) weights rather than
+through the modules: XCA with the attention folded into the value and output projections,
+class attention from the cls query alone, convolutions and linears with their GELU or residual
+addition fused. ``dnn=True`` runs fp32 CPU products through oneDNN's fused kernels
+(``torch.ops.mkldnn``) in eager execution; under tracing, export or ``torch.compile`` every
+function uses ``aten`` operations only (so exported graphs hold no op outside ``aten``) and avoids
+branching on dynamic sizes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORM_EPS = 1e-12  # F.normalize's clamp
+FOLD_CHOICES = ("auto", "always", "never")
+
+
+def _has_onednn() -> bool:
+    try:
+        ops = torch.ops.mkldnn
+        return bool(torch.backends.mkldnn.is_available()) and hasattr(ops, "_linear_pointwise") and hasattr(
+            ops, "_convolution_pointwise"
+        )
+    except Exception:  # pragma: no cover - exotic builds
+        return False
+
+
+HAS_ONEDNN = _has_onednn()
+
+
+def graph_capture() -> bool:
+    """Whether the forward is being traced, exported or compiled rather than run eagerly."""
+    return (
+        torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+        or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    )
+
+
+def exporting() -> bool:
+    """Graph capture whose sizes must stay symbolic (export, tracing): no branch on token counts."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _dnn_fp32(dnn: bool, *tensors: torch.Tensor | None) -> bool:
+    """oneDNN fp32 kernels apply: asked for, eager, CPU fp32 tensors, no autocast."""
+    if not (dnn and HAS_ONEDNN) or graph_capture() or torch.is_autocast_enabled("cpu"):
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+
+
+def _dnn_bf16_autocast(dnn: bool, x: torch.Tensor) -> bool:
+    """CPU bf16 autocast where oneDNN's bf16 kernels with a fused GELU can be called directly (eager)."""
+    return (
+        dnn and HAS_ONEDNN and x.device.type == "cpu" and not graph_capture()
+        and torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+
+
+def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(torch.bfloat16)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype products run in: the autocast dtype where autocast is on, else ``x``'s."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Linear layers and convolutions
+# --------------------------------------------------------------------------------------------
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False, dnn: bool = True
+) -> torch.Tensor:
+    """``F.linear`` (then exact GELU if ``gelu``), one fused oneDNN kernel where it applies."""
+    if _dnn_fp32(dnn, x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                                  "none" if gelu else "")
+    if gelu and _dnn_bf16_autocast(dnn, x):
+        # What autocast would run (bf16 matmul, oneDNN) with the GELU fused into it.
+        return torch.ops.mkldnn._linear_pointwise(_bf16(x), _bf16(weight), _bf16(bias), "gelu", [], "none")
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def linear_add(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor, dnn: bool = True
+) -> torch.Tensor:
+    """``other + F.linear(x, weight, bias)``, added in place into the fresh product when eager."""
+    y = linear(x, weight, bias, dnn=dnn)
+    if not graph_capture() and y.shape == other.shape and y.dtype == other.dtype:
+        return y.add_(other)
+    return other + y
+
+
+def conv2d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int, groups: int,
+    gelu: bool = False, dnn: bool = True,
+) -> torch.Tensor:
+    """``F.conv2d`` (then exact GELU if ``gelu``), one fused oneDNN kernel where it applies."""
+    if _dnn_fp32(dnn, x, weight, bias):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, weight, bias, [padding, padding], [stride, stride], [1, 1], groups, "gelu" if gelu else "none", [],
+            "none" if gelu else None,
+        )
+    if gelu and _dnn_bf16_autocast(dnn, x):
+        return torch.ops.mkldnn._convolution_pointwise(
+            _bf16(x), _bf16(weight), _bf16(bias), [padding, padding], [stride, stride], [1, 1], groups, "gelu", [],
+            "none",
+        )
+    y = F.conv2d(x, weight, bias, stride, padding, 1, groups)
+    return F.gelu(y) if gelu else y
+
+
+def conv2d_add(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int, groups: int, other: torch.Tensor,
+    dnn: bool = True,
+) -> torch.Tensor:
+    """``other + F.conv2d(x, ...)`` (stride 1), one fused oneDNN kernel where it applies."""
+    channels_last = torch.channels_last
+    if (
+        _dnn_fp32(dnn, x, weight, bias, other) and other.is_contiguous(memory_format=channels_last)
+        and x.is_contiguous(memory_format=channels_last)
+    ):
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, other, weight, bias, [padding, padding], [1, 1], [1, 1], groups, "add", None, None, [], None
+        )
+    return other + F.conv2d(x, weight, bias, 1, padding, 1, groups)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-covariance attention
+# --------------------------------------------------------------------------------------------
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """``softmax(normalize(q) @ normalize(k).T * temperature)`` from unnormalised q, k (B, h, d, N).
+
+    The Gram matrix q k^T is divided by the outer product of the row norms (clamped at 1e-12 like
+    ``F.normalize``). Norms, scaling and softmax in fp32. Returns fp32 (B, h, d, d).
+    """
+    gram = torch.matmul(q, k.transpose(-2, -1))
+    nq = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS)
+    nk = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS)
+    row = temperature.reshape(-1, 1).float() / nq  # (B, h, d): temperature folded into the query scale
+    return (gram.float() * row.unsqueeze(-1) / nk.unsqueeze(-2)).softmax(dim=-1)
+
+
+def fold_choice(fold: str, n_tokens: int, dim: int) -> bool:
+    """Whether XCA folds the attention into the projections: ``"auto"`` folds when N > C.
+
+    Under export and tracing the token count is symbolic, so nothing is folded there.
+    """
+    if fold == "never" or exporting():
+        return False
+    return fold == "always" or n_tokens > dim
+
+
+def xca(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    w_proj: torch.Tensor,
+    b_proj: torch.Tensor | None,
+    temperature: torch.Tensor,
+    num_heads: int,
+    residual: torch.Tensor | None = None,
+    fold: str = "auto",
+    dnn: bool = True,
+) -> torch.Tensor:
+    """Cross-covariance attention of tokens ``x`` (B, N, C), plus ``residual`` if given.
+
+    Queries and keys are produced channel-major, (2C, B*N) = W_qk @ X^T, so the per-head Gram
+    matrices read contiguous rows. Then either values in token layout, the d x d attention applied
+    per head and the output projection; or (folding, N > C) the attention folded into one
+    per-image matrix M = W_proj blockdiag(A) W_v, c = W_proj blockdiag(A) b_v + b_proj and
+    y = x M^T + c, which skips the value projection and the attention product.
+    """
+    b, n, c = x.shape
+    h = num_heads
+    d = c // h
+    qk = linear(w_qkv[: 2 * c], x.reshape(b * n, c), None, dnn=dnn)  # (2C, B*N): channels as rows
+    if b_qkv is not None:
+        qk = qk + b_qkv[: 2 * c, None].to(qk.dtype)
+    qk = qk.view(2, h, d, b, n).permute(0, 3, 1, 2, 4)  # (2, B, h, d, N)
+    attn = channel_attention(qk[0], qk[1], temperature)  # (B, h, d, d) fp32
+    w_v = w_qkv[2 * c:]
+    b_v = b_qkv[2 * c:] if b_qkv is not None else None
+    if fold_choice(fold, n, c):
+        return _xca_folded(x, attn, w_v, b_v, w_proj, b_proj, residual, dnn)
+    v = linear(x, w_v, b_v, dnn=dnn).view(b, n, h, d)
+    out = torch.matmul(v.transpose(1, 2), attn.to(v.dtype).transpose(-2, -1))  # (B, h, N, d)
+    out = out.transpose(1, 2).reshape(b, n, c)
+    if residual is None:
+        return linear(out, w_proj, b_proj, dnn=dnn)
+    return linear_add(out, w_proj, b_proj, residual, dnn=dnn)
+
+
+def _xca_folded(
+    x: torch.Tensor, attn: torch.Tensor, w_v: torch.Tensor, b_v: torch.Tensor | None, w_proj: torch.Tensor,
+    b_proj: torch.Tensor | None, residual: torch.Tensor | None, dnn: bool,
+) -> torch.Tensor:
+    b, n, c = x.shape
+    h, d = attn.shape[1], attn.shape[-1]
+    dtype = autocast_dtype(x)
+    a = attn.to(dtype)
+    # P = W_proj blockdiag(A): (B, C, C), C^2 d multiply-adds per image.
+    p = torch.matmul(w_proj.to(dtype).view(c, h, d).transpose(0, 1), a)  # (B, h, C_out, d)
+    p = p.permute(0, 2, 1, 3).reshape(b, c, c)
+    # M = P W_v for all images in one product (C^3 per image).
+    m = linear(p.reshape(b * c, c), w_v.to(dtype).t().contiguous(), None, dnn=dnn).view(b, c, c)
+    bias = torch.matmul(p, b_v.to(dtype)) if b_v is not None else None  # (B, C)
+    if b_proj is not None:
+        bias = b_proj.to(dtype).expand(b, c) if bias is None else bias + b_proj.to(dtype)
+    if graph_capture():  # one batched product, no Python loop over the batch
+        y = torch.matmul(x.to(dtype), m.transpose(1, 2))
+        y = y if bias is None else y + bias[:, None]
+        return y if residual is None else residual + y
+    outs = []
+    for i in range(b):  # per image: oneDNN's fused linear beats a batched product here
+        bi = None if bias is None else bias[i]
+        outs.append(linear(x[i], m[i], bi, dnn=dnn) if residual is None else linear_add(x[i], m[i], bi, residual[i], dnn=dnn))
+    return torch.stack(outs)
+
+
+def class_attention(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    b_qkv: torch.Tensor | None,
+    w_proj: torch.Tensor,
+    b_proj: torch.Tensor | None,
+    num_heads: int,
+    scale: float,
+    dnn: bool = True,
+) -> torch.Tensor:
+    """CaiT class attention output for the cls token, (B, 1, C), computing one query only.
+
+    logits_h = x (W_k,h^T q_h) + q_h . b_k,h and out_h = W_v,h (a_h^T x) + b_v,h sum(a_h), so
+    neither keys nor values of the N patch tokens are materialised: O(N C h) instead of O(N C^2).
+    """
+    b, t, c = x.shape
+    h = num_heads
+    d = c // h
+    w_k, w_v = w_qkv[c:].view(2, h, d, c).unbind(0)
+    q = linear(x[:, 0], w_qkv[:c], None if b_qkv is None else b_qkv[:c], dnn=dnn).view(b, h, 1, d) * scale
+    u = torch.matmul(q, w_k.to(q.dtype))  # (B, h, 1, C)
+    logits = torch.matmul(u.squeeze(2), x.transpose(1, 2).to(u.dtype))  # (B, h, T)
+    if b_qkv is not None:
+        logits = logits + torch.matmul(q, b_qkv[c: 2 * c].view(h, d, 1).to(q.dtype)).squeeze(-1)
+    attn = logits.float().softmax(dim=-1)
+    z = torch.matmul(attn.to(autocast_dtype(x)), x.to(autocast_dtype(x)))  # (B, h, C)
+    out = torch.matmul(z.unsqueeze(2), w_v.transpose(1, 2).to(z.dtype)).squeeze(2)  # (B, h, d)
+    if b_qkv is not None:
+        out = out + b_qkv[2 * c:].view(h, d).to(out.dtype) * attn.sum(dim=-1, keepdim=True).to(out.dtype)
+    return linear(out.reshape(b, 1, c), w_proj, b_proj, dnn=dnn)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero-padding border correction for a per-channel affine folded through a depthwise conv
+# --------------------------------------------------------------------------------------------
+
+
+def subtract_border_taps(y: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
+    """In place: ``y[b, c, r, s] -= sum of taps[c, i, j] over kernel taps that fall in the zero padding``.
+
+    A depthwise conv of ``z + t`` (``t`` a per-channel constant) equals the conv of ``z`` plus
+    ``t * sum(kernel)`` except near the border, where padded taps contribute nothing; with
+    ``taps = t * kernel`` this restores exactness there. Cost: border rows and columns only.
+
+    Each side is corrected independently (rows missed at the top, at the bottom, columns at the
+    left, at the right, and the doubly subtracted corner taps added back). The missed tap sets of
+    opposite sides are disjoint, so this is exact for every grid size, including 1 x W grids where
+    one row is both the top and the bottom row; with ``padding == 1`` it indexes only rows/columns
+    0 and -1, so it needs no concrete grid size (dynamic shapes under torch.export).
+    """
+    k = taps.shape[-1]
+    p = padding
+    hh, ww = y.shape[-2:]
+    if p != 1 and (hh < p or ww < p):  # pragma: no cover - only LPI kernels > 3 on tiny grids
+        raise ValueError(f"grid {hh}x{ww} smaller than the padding {p}")
+    taps = taps.to(y.dtype)
+    for r in range(p):
+        top = list(range(0, p - r))
+        bottom = list(range(k - (p - r), k))
+        y[:, :, r, :] -= taps[:, top, :].sum(dim=(1, 2))[:, None]
+        y[:, :, -1 - r, :] -= taps[:, bottom, :].sum(dim=(1, 2))[:, None]
+        y[:, :, :, r] -= taps[:, :, top].sum(dim=(1, 2))[:, None]
+        y[:, :, :, -1 - r] -= taps[:, :, bottom].sum(dim=(1, 2))[:, None]
+    for r in range(p):
+        rows = ((r, list(range(0, p - r))), (-1 - r, list(range(k - (p - r), k))))
+        for s in range(p):
+            cols = ((s, list(range(0, p - s))), (-1 - s, list(range(k - (p - s), k))))
+            for ri, mr in rows:
+                for si, ms in cols:
+                    y[:, :, ri, si] += taps[:, mr][:, :, ms].sum(dim=(1, 2))
+    return y

@@ -1,0 +1,276 @@
+"""The inference transform: ``optimize(model)`` returns a faster copy of an XCiT for inference only.
+
+The model that :func:`xcit.create_model` returns is an ordinary ``nn.Module`` (hooks, LoRA,
+quantisation, FX, export and training all see every layer). This transform is the one place where
+speed is allowed to bypass modules. It deep-copies the model and replaces the stem, the XCA blocks
+and the class-attention blocks with inference modules holding folded weights (computed in
+float64, exact algebra; fp32 results match the plain model to rounding):
+
+* stem: each ``Conv2d(bias=False) -> BatchNorm2d`` becomes one convolution with bias,
+  w' = w * s, b' = t with s = gamma / sqrt(var + eps), t = beta - mean * s, GELU fused in;
+* XCA block: ``norm1``'s affine into ``attn.qkv`` (W' = W diag(g), b' = b + W beta), ``gamma1``
+  into ``attn.proj`` (rows scaled), ``norm2``'s affine into ``mlp.fc1``, ``gamma2`` into ``mlp.fc2``;
+  XCA folds its d x d attention into the value and output projections when tokens outnumber
+  channels (``fold``);
+* LPI: the BatchNorm and ``gamma3`` into ``conv2`` (depthwise): w' = gamma3 s w,
+  b' = gamma3 (b + t sum(w)); the BN shift does not pass through zero padding, so the missing
+  taps' share ``gamma3 t w[i, j]`` is subtracted on the border rows and columns;
+* class attention from the cls query alone (keys and values of the patches never materialised);
+* residual additions and GELUs fused into the products (oneDNN post-ops on CPU, ``dnn``).
+
+Not folded: ``norm3`` (its shift would need border terms before the GELU), the class-attention
+blocks' norms (their norm1 output is also added to the residual) and the final norm.
+
+The result is inference-only (its parameters are frozen; training mode raises), works under bf16
+autocast, and still exports: under tracing, ``torch.export``, both ONNX exporters and
+``torch.compile`` every kernel uses ``aten`` operations only (:mod:`xcit.models.kernels`).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels as K
+from .layers import LPI, ClassAttentionBlock, ConvPatchEmbed, XCABlock, map_to_tokens, tokens_to_map
+
+__all__ = ["optimize", "is_optimized", "OptimizedPatchEmbed", "OptimizedXCABlock", "OptimizedClassAttentionBlock"]
+
+
+class _InferenceOnly(nn.Module):
+    """Base of the optimised modules: holds the kernel options and refuses training mode."""
+
+    def __init__(self, fold: str, dnn: bool) -> None:
+        super().__init__()
+        self.fold = fold
+        self.dnn = dnn
+
+    def _check_eval(self) -> None:
+        if self.training:
+            raise RuntimeError(
+                f"{type(self).__name__} is part of an inference model (xcit.optimize); train the original model "
+                "instead, or call .eval()"
+            )
+
+    def extra_repr(self) -> str:
+        return f"fold={self.fold!r}, dnn={self.dnn}"
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics")
+    s = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight.double()
+    t = -bn.running_mean.double() * s
+    if bn.bias is not None:
+        t = t + bn.bias.double()
+    return s, t
+
+
+def _fold_norm_into_linear(norm: nn.LayerNorm, lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of ``lin(norm_without_affine(x))`` equal to ``lin(norm(x))``."""
+    w = lin.weight.double()
+    b = lin.bias.double() if lin.bias is not None else w.new_zeros(w.shape[0])
+    if norm.bias is not None:
+        b = b + w @ norm.bias.double()
+    if norm.weight is not None:
+        w = w * norm.weight.double()[None, :]
+    return w, b
+
+
+def _fold_scale_into_linear(gamma: torch.Tensor, lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights of ``lin'(x) = gamma * lin(x)``."""
+    g = gamma.double()
+    b = lin.bias.double() * g if lin.bias is not None else torch.zeros_like(g)
+    return lin.weight.double() * g[:, None], b
+
+
+def _require_module(module: nn.Module, kind: type, what: str) -> None:
+    if type(module) is not kind:
+        raise ValueError(
+            f"cannot optimise {what}: expected {kind.__name__}, found {type(module).__name__} (a replaced or wrapped "
+            "module, e.g. LoRA or quantisation); merge or remove the replacement first, or use the plain model"
+        )
+
+
+class OptimizedPatchEmbed(_InferenceOnly):
+    """The convolutional stem with each BatchNorm folded into its convolution, GELU fused, channels-last."""
+
+    def __init__(self, embed: ConvPatchEmbed, fold: str = "auto", dnn: bool = True) -> None:
+        super().__init__(fold, dnn)
+        self.patch_size = embed.patch_size
+        stages = [m for m in embed.proj if isinstance(m, nn.Sequential)]
+        self.num_stages = len(stages)
+        with torch.no_grad():
+            for i, stage in enumerate(stages):
+                conv, bn = stage
+                _require_module(conv, nn.Conv2d, f"stem stage {i}")
+                _require_module(bn, nn.BatchNorm2d, f"stem stage {i}")
+                s, t = _bn_scale_shift(bn)
+                w = conv.weight.double() * s[:, None, None, None]
+                b = t if conv.bias is None else t + s * conv.bias.double()
+                dtype = conv.weight.dtype
+                self.register_buffer(f"weight{i}", w.to(dtype).contiguous(memory_format=torch.channels_last))
+                self.register_buffer(f"bias{i}", b.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        self._check_eval()
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i in range(self.num_stages):
+            x = K.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), 2, 1, 1,
+                         gelu=i < self.num_stages - 1, dnn=self.dnn)
+        hp, wp = x.shape[-2], x.shape[-1]
+        return map_to_tokens(x), hp, wp
+
+
+class OptimizedXCABlock(_InferenceOnly):
+    """An XCA block with LayerScale, LayerNorm and BatchNorm affines folded, residuals fused."""
+
+    def __init__(self, block: XCABlock, fold: str = "auto", dnn: bool = True) -> None:
+        super().__init__(fold, dnn)
+        attn, lpi, mlp = block.attn, block.local_mp, block.mlp
+        for name, module, kind in (
+            ("attn.qkv", attn.qkv, nn.Linear), ("attn.proj", attn.proj, nn.Linear), ("mlp.fc1", mlp.fc1, nn.Linear),
+            ("mlp.fc2", mlp.fc2, nn.Linear), ("norm1", block.norm1, nn.LayerNorm), ("norm2", block.norm2, nn.LayerNorm),
+            ("local_mp", lpi, LPI), ("local_mp.conv1", lpi.conv1, nn.Conv2d), ("local_mp.bn", lpi.bn, nn.BatchNorm2d),
+            ("local_mp.conv2", lpi.conv2, nn.Conv2d),
+        ):
+            _require_module(module, kind, f"XCA block {name}")
+        if lpi.conv2.groups != lpi.conv2.in_channels:
+            raise ValueError("LPI conv2 must be depthwise to fold its BatchNorm")
+        self.num_heads = attn.num_heads
+        # the norms' own (constant) shapes: a traced x.shape[-1] would be a graph value to ONNX's layer_norm
+        self.dim = tuple(block.norm1.normalized_shape)
+        self.norm1_eps, self.norm2_eps = block.norm1.eps, block.norm2.eps
+        self.norm3 = copy.deepcopy(block.norm3)
+        self.conv1 = copy.deepcopy(lpi.conv1)
+        self.padding = lpi.conv2.padding[0]
+        dtype = attn.qkv.weight.dtype
+        with torch.no_grad():
+            folded = {
+                "qkv": _fold_norm_into_linear(block.norm1, attn.qkv),
+                "proj": _fold_scale_into_linear(block.gamma1, attn.proj),
+                "fc1": _fold_norm_into_linear(block.norm2, mlp.fc1),
+                "fc2": _fold_scale_into_linear(block.gamma2, mlp.fc2),
+            }
+            for name, (w, b) in folded.items():
+                self.register_buffer(f"{name}_weight", w.to(dtype))
+                self.register_buffer(f"{name}_bias", b.to(dtype))
+            self.register_buffer("temperature", attn.temperature.detach().clone())
+            s, t = _bn_scale_shift(lpi.bn)
+            g = block.gamma3.double()
+            w = lpi.conv2.weight.double()  # (C, 1, K, K), depthwise
+            b = lpi.conv2.bias.double() if lpi.conv2.bias is not None else torch.zeros_like(g)
+            self.register_buffer("conv2_weight", (w * (g * s)[:, None, None, None]).to(dtype))
+            self.register_buffer("conv2_bias", (g * (b + t * w.sum(dim=(1, 2, 3)))).to(dtype))
+            self.register_buffer("border_taps", ((g * t)[:, None, None] * w[:, 0]).to(dtype))
+
+    def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        self._check_eval()
+        x = K.xca(F.layer_norm(x, self.dim, None, None, self.norm1_eps), self.qkv_weight, self.qkv_bias,
+                  self.proj_weight, self.proj_bias, self.temperature, self.num_heads, residual=x, fold=self.fold,
+                  dnn=self.dnn)
+        x = self._lpi(x, hp, wp)
+        h = K.linear(F.layer_norm(x, self.dim, None, None, self.norm2_eps), self.fc1_weight,
+                     self.fc1_bias, gelu=True, dnn=self.dnn)
+        return K.linear_add(h, self.fc2_weight, self.fc2_bias, x, dnn=self.dnn)
+
+    def _lpi(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
+        """x + gamma3 * LPI(norm3(x)), with BN and gamma3 in conv2 and the residual fused into it."""
+        c1 = self.conv1
+        z = K.conv2d(tokens_to_map(self.norm3(x), hp, wp), c1.weight, c1.bias, 1, c1.padding[0], c1.groups,
+                     gelu=True, dnn=self.dnn)
+        y = K.conv2d_add(z, self.conv2_weight, self.conv2_bias, self.padding, self.conv2_weight.shape[0],
+                         tokens_to_map(x, hp, wp), dnn=self.dnn)
+        K.subtract_border_taps(y, self.border_taps, self.padding)
+        return map_to_tokens(y)
+
+
+class OptimizedClassAttentionBlock(_InferenceOnly):
+    """A class-attention block computing the cls query alone; patch tokens updated elementwise."""
+
+    def __init__(self, block: ClassAttentionBlock, fold: str = "auto", dnn: bool = True) -> None:
+        super().__init__(fold, dnn)
+        for name, module, kind in (
+            ("attn.qkv", block.attn.qkv, nn.Linear), ("attn.proj", block.attn.proj, nn.Linear),
+            ("norm1", block.norm1, nn.LayerNorm), ("norm2", block.norm2, nn.LayerNorm),
+            ("mlp.fc1", block.mlp.fc1, nn.Linear), ("mlp.fc2", block.mlp.fc2, nn.Linear),
+        ):
+            _require_module(module, kind, f"class-attention block {name}")
+        self.norm1 = copy.deepcopy(block.norm1)
+        self.norm2 = copy.deepcopy(block.norm2)
+        self.num_heads = block.attn.num_heads
+        self.scale = block.attn.scale
+        self.tokens_norm = block.tokens_norm
+        with torch.no_grad():
+            for name, lin in (("qkv", block.attn.qkv), ("proj", block.attn.proj), ("fc1", block.mlp.fc1),
+                              ("fc2", block.mlp.fc2)):
+                self.register_buffer(f"{name}_weight", lin.weight.detach().clone())
+                self.register_buffer(f"{name}_bias", None if lin.bias is None else lin.bias.detach().clone())
+            self.register_buffer("gamma1", block.gamma1.detach().clone())
+            self.register_buffer("gamma2", block.gamma2.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_eval()
+        # The official arithmetic, cls token and patch tokens apart:
+        # cls -> norm2(x_c + g1 * attn_c) + g2 * mlp(.), patches -> norm2?(x_p + g1 * norm1(x)_p) * 2.
+        xn = self.norm1(x)
+        attn = K.class_attention(xn, self.qkv_weight, self.qkv_bias, self.proj_weight, self.proj_bias,
+                                 self.num_heads, self.scale, dnn=self.dnn)
+        cls = self.norm2(torch.addcmul(x[:, :1], attn, self.gamma1))
+        patches = torch.addcmul(x[:, 1:], xn[:, 1:], self.gamma1)
+        if self.tokens_norm:
+            patches = self.norm2(patches)
+        hidden = K.linear(cls, self.fc1_weight, self.fc1_bias, gelu=True, dnn=self.dnn)
+        cls = torch.addcmul(cls, K.linear(hidden, self.fc2_weight, self.fc2_bias, dnn=self.dnn), self.gamma2)
+        return torch.cat([cls, patches * 2], dim=1)
+
+
+def optimize(model: nn.Module, *, fold: str = "auto", dnn: bool = True) -> nn.Module:
+    """An inference-only copy of ``model`` (an XCiT classifier, pyramid or trunk) with folded weights.
+
+    Args:
+        model: an XCiT built by this package; it is not modified.
+        fold: XCA attention folding into the projections: ``"auto"`` (when tokens outnumber
+            channels), ``"always"`` or ``"never"``.
+        dnn: run fp32 CPU products through oneDNN's fused kernels in eager execution (on CPUs
+            whose BLAS is slow in fp32 this is about twice as fast; elsewhere about even).
+
+    Returns a new model in eval mode with frozen weights; its forward raises in training mode.
+    Options live on the returned model's modules: two optimised models with different options run
+    side by side (threads included).
+    """
+    if fold not in K.FOLD_CHOICES:
+        raise ValueError(f"fold must be one of {K.FOLD_CHOICES}, got {fold!r}")
+    if not isinstance(dnn, bool):
+        raise ValueError(f"dnn must be True or False, got {dnn!r}")
+    if is_optimized(model):
+        raise ValueError("the model is already optimised (xcit.optimize returns a new model; optimise the original)")
+    if not any(isinstance(m, (ConvPatchEmbed, XCABlock)) for m in model.modules()):
+        raise ValueError(f"expected an XCiT model (with a ConvPatchEmbed stem and XCA blocks), got {type(model).__name__}")
+    out = copy.deepcopy(model).eval()
+    _replace(out, fold, dnn)
+    out.eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
+def _replace(module: nn.Module, fold: str, dnn: bool) -> None:
+    for name, child in module.named_children():
+        if type(child) is ConvPatchEmbed:
+            setattr(module, name, OptimizedPatchEmbed(child, fold, dnn))
+        elif type(child) is XCABlock:
+            setattr(module, name, OptimizedXCABlock(child, fold, dnn))
+        elif type(child) is ClassAttentionBlock:
+            setattr(module, name, OptimizedClassAttentionBlock(child, fold, dnn))
+        else:
+            _replace(child, fold, dnn)
+
+
+def is_optimized(model: nn.Module) -> bool:
+    """Whether ``model`` contains modules of the inference transform."""
+    return any(isinstance(m, _InferenceOnly) for m in model.modules())
