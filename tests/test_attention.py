@@ -151,19 +151,3 @@ def test_cli_writes_figures_for_any_size_and_skips_unreadable(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == ["a_attention.png", "a_xca1.png"]
     with Image.open(out / "a_attention.png") as img:
         assert img.width > img.height > 50
-
-
-def test_maps_are_unchanged_by_inference_fusion():
-    """Fused blocks bypass their attention modules; the maps come from the blocks' inputs and stay exact."""
-    model = _tiny(seed=4)
-    if not hasattr(model, "fuse"):
-        pytest.skip("this version of XCiT has no fuse()")
-    x = torch.randn(2, 3, 24, 20)
-    with torch.no_grad():
-        ref = forward_with_attention(model, x, xca_blocks=[0, 1])
-        model.fuse()
-        fused = forward_with_attention(model, x, xca_blocks=[0, 1])
-    torch.testing.assert_close(fused.logits, ref.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(fused.cls_attn, ref.cls_attn, atol=1e-5, rtol=1e-4)
-    for b in (0, 1):
-        torch.testing.assert_close(fused.xca[b], ref.xca[b], atol=1e-5, rtol=1e-4)

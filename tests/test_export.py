@@ -64,28 +64,27 @@ def test_onnx_parity_at_three_sizes(tmp_path):
     assert max(r["max_abs_diff"] for r in rows) < ATOL, rows
 
 
-def test_fuse_is_offered_only_when_the_model_has_it():
+def test_prepare_for_export_optimize_gives_the_same_logits():
     model = _model()
-    if hasattr(model, "fuse"):
-        fused = ex.prepare_for_export(_model(), fuse=True)
-        x = torch.randn(2, 3, 28, 20)
-        with torch.no_grad():
-            torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
-    else:
-        with pytest.raises(ValueError, match="fuse"):
-            ex.prepare_for_export(model, fuse=True)
+    optimized = ex.prepare_for_export(_model(), optimize=True)
+    x = torch.randn(2, 3, 28, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_export_is_dynamic_and_exact(tmp_path):
-    """The fused inference model (`xcit export --fuse`) exports with dynamic batch, height and width
-    (a fixed-size trace would fail the parity check at the other sizes) and matches PyTorch."""
-    fused = ex.prepare_for_export(_model(), fuse=True)
+def test_optimized_export_is_dynamic_and_exact(tmp_path):
+    """The inference transform (`xcit export --optimize`) exports with dynamic batch, height and width
+    under torch.export and both ONNX exporters (a fixed-size trace would fail the parity check at the
+    other sizes) and matches PyTorch."""
+    pytest.importorskip("onnxscript")
+    optimized = ex.prepare_for_export(_model(), optimize=True)
     for name, export, check in (
         ("f.pt2", ex.export_program, ex.check_program),
-        ("f.onnx", lambda m, p, **kw: ex.export_onnx(m, p, exporter="torchscript", **kw), ex.check_onnx),
+        ("t.onnx", lambda m, p, **kw: ex.export_onnx(m, p, exporter="torchscript", **kw), ex.check_onnx),
+        ("d.onnx", lambda m, p, **kw: ex.export_onnx(m, p, exporter="dynamo", **kw), ex.check_onnx),
     ):
-        path = export(fused, tmp_path / name, example_size=(28, 28))
-        assert max(r["max_abs_diff"] for r in check(fused, path, SIZES)) < ATOL
+        path = export(optimized, tmp_path / name, example_size=(28, 28))
+        assert max(r["max_abs_diff"] for r in check(optimized, path, SIZES)) < ATOL, name
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -94,8 +93,7 @@ def test_a_fixed_size_onnx_file_is_refused(tmp_path):
     failing: such a file must be removed and reported, never shipped."""
     path = tmp_path / "static.onnx"
     model = _model()
-    with ex.export_mode(model):
-        torch.onnx.export(model, (torch.randn(1, 3, 28, 28),), path, dynamo=False, input_names=["image"])
+    torch.onnx.export(model, (torch.randn(1, 3, 28, 28),), path, dynamo=False, input_names=["image"])
     with pytest.raises(ex.ExportError, match="fixed batch, height, width"):
         ex._check_dynamic_onnx(path, "dynamo")
     assert not path.exists()

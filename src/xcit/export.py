@@ -43,40 +43,20 @@ def _dims(patch_size: int) -> dict[int, torch.export.Dim]:
     return {0: dim("batch", min=1, max=65536), 2: dim("height", min=least, max=16384), 3: dim("width", min=least, max=16384)}
 
 
-def _is_fused(model: nn.Module) -> bool:
-    return any(getattr(m, "fused", False) for m in model.modules())
+def _hint(model: nn.Module) -> str:
+    from .models import is_optimized
+
+    return " (an optimised model: try exporting the plain one)" if is_optimized(model) else ""
 
 
-@contextlib.contextmanager
-def export_mode(model: nn.Module):
-    """Trace with standard ATen operators only.
-
-    The layers' CPU fast path (``xcit.models.fastpath``, where present) may call oneDNN-specific
-    kernels (not in ONNX) and pick an XCA formulation by comparing the token count with the channels
-    (a branch on a dynamic size). An unfused model is traced on the plain reference path; a fused one
-    (its folded weights live on the fast path) on the fast path without oneDNN and without folding.
-    """
-    try:
-        from .models import fastpath
-    except ImportError:  # a version of the layers without a fast path
-        yield
-        return
-    fused = _is_fused(model)
-    with fastpath.settings(onednn=False, fold="never") if fused else fastpath.plain_path():
-        yield
-
-
-def prepare_for_export(model: nn.Module, fuse: bool = False) -> nn.Module:
-    """The model in eval mode; with ``fuse`` its re-parameterised inference form (``model.fuse()``)."""
+def prepare_for_export(model: nn.Module, optimize: bool = False) -> nn.Module:
+    """The model in eval mode; with ``optimize`` its inference transform (:func:`xcit.optimize`)."""
     model = model.eval()
-    if fuse:
-        if not hasattr(model, "fuse"):
-            raise ValueError(
-                "expected a model with a fuse() method for --fuse; this version of XCiT has no inference "
-                "re-parameterisation yet (pending), export without --fuse"
-            )
-        fused = model.fuse()
-        model = (fused if isinstance(fused, nn.Module) else model).eval()
+    if optimize:
+        from .models import is_optimized
+        from .models import optimize as optimize_model
+
+        model = model if is_optimized(model) else optimize_model(model)
     return model
 
 
@@ -109,7 +89,7 @@ def export_onnx(
     large = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.5e9  # ONNX protobuf limit is 2 GB
     log = io.StringIO()  # the dynamo exporter narrates its steps on stdout: shown only if it fails
     try:
-        with torch.no_grad(), export_mode(model), warnings.catch_warnings(), contextlib.redirect_stdout(log):
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             warnings.simplefilter("ignore", category=DeprecationWarning)
             if kind == "dynamo":
@@ -126,8 +106,7 @@ def export_onnx(
                 )
     except Exception as err:
         sys.stderr.write("".join(log.getvalue().splitlines(keepends=True)[-30:]))
-        hint = " (a fused model: export without --fuse)" if _is_fused(model) else ""
-        raise ExportError(f"the {kind} ONNX exporter failed{hint}: {type(err).__name__}: {str(err)[:1200]}") from err
+        raise ExportError(f"the {kind} ONNX exporter failed{_hint(model)}: {type(err).__name__}: {str(err)[:1200]}") from err
     _check_dynamic_onnx(path, kind)
     return path
 
@@ -149,7 +128,7 @@ def _check_dynamic_onnx(path: Path, kind: str) -> None:
         path.unlink()
         raise ExportError(
             f"the {kind} ONNX exporter produced fixed {', '.join(fixed)} (input shape {dims}): the model could "
-            "not be traced with dynamic sizes. Try --exporter torchscript, or export without --fuse."
+            "not be traced with dynamic sizes. Try --exporter torchscript, or export without --optimize."
         )
 
 
@@ -158,7 +137,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: t
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    with torch.no_grad(), export_mode(model):
+    with torch.no_grad():
         try:
             program = torch.export.export(model, (_example(model, example_size),), dynamic_shapes=(_dims(model.patch_size),))
         except Exception as err:
@@ -166,7 +145,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: t
                 raise
             raise ExportError(
                 "torch.export could not trace the model with dynamic batch, height and width"
-                f"{' (a fused model: export without --fuse)' if _is_fused(model) else ''}:\n{str(err)[:1500]}"
+                f"{_hint(model)}:\n{str(err)[:1500]}"
             ) from err
     torch.export.save(program, path)
     return path

@@ -7,7 +7,7 @@ subprocess (Linux VmHWM after resetting it, minus the resident size before the f
 Results: a markdown report (targets, tables, machine, command), a log-log PNG and a JSON file.
 
 Contenders:
-* ``this`` - this project, eager, fast path (``this-fused``: after ``model.fuse()``);
+* ``this`` - this project, eager, the plain model (``this-fused``: its inference transform ``xcit.optimize``);
 * ``timm`` - ``timm``'s XCiT with the same weights (its default, non-fused XCA path);
 * ``vit``  - a DeiT-style ViT of the same width, depth and patch size (heads = C / 64) with
   torch's scaled-dot-product attention, timm's ``VisionTransformer`` (``dynamic_img_size``).
@@ -208,31 +208,25 @@ def build(impl: str, model_name: str, train: bool = False):
         return ref.train(train)
     ours.train(train)
     if impl == "this-fused":
-        ours.fuse()
+        from ..models import optimize
+
+        return optimize(ours)
     return ours
 
 
 def model_flops(impl: str, model_name: str, res: int, batch: int, executed: bool = False) -> float:
     """FLOPs of one forward pass (torch.utils.flop_counter on the meta device).
 
-    XCiT: the reference algorithm (plain path), the same for this project and timm; with
-    ``executed`` the fast path's own count (fewer after folding), matmuls through ATen.
+    XCiT: the reference algorithm (the plain model), the same for this project and timm; with
+    ``executed`` the optimised model's own count (fewer after folding), matmuls through ATen.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ..models import fastpath
-
     with torch.device("meta"):
-        model = build("vit" if impl == "vit" else "this", model_name).eval()
+        model = build("vit" if impl == "vit" else "this-fused" if executed else "this", model_name).eval()
         x = torch.empty(batch, 3, res, res)
-    if impl == "vit":
-        ctx = fastpath.settings()
-    elif executed:
-        ctx = fastpath.settings(onednn=False)
-    else:
-        ctx = fastpath.plain_path()
-    with torch.no_grad(), ctx, FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return float(counter.get_total_flops())
 
@@ -504,13 +498,13 @@ def profile_breakdown(model, x) -> dict:
 
 
 def bf16_agreement(checkpoint: str, data: str = "fashion-mnist", split: str = "val", batch_size: int = 256) -> dict:
-    """Top-1 predictions of a trained checkpoint in fp32 and under bf16 autocast (fused, fast path)."""
+    """Top-1 predictions of a trained checkpoint in fp32 and under bf16 autocast (the optimised model)."""
     import torch
 
     from ..data.datasets import TensorImageDataset, build_dataset
     from ..data.loader import ShardSampler, build_loader
     from ..data.transforms import BatchEvalTransform
-    from ..models import create_model
+    from ..models import create_model, optimize
     from ..models.weights import read_metadata as read_model_metadata
 
     meta = read_model_metadata(checkpoint)
@@ -524,7 +518,7 @@ def bf16_agreement(checkpoint: str, data: str = "fashion-mnist", split: str = "v
                             std=tuple(saved.get("std") or dataset.std), interpolation=saved.get("interpolation", "bicubic"))
     loader = build_loader(dataset, ShardSampler(len(dataset), num_replicas=1, rank=0), batch_size, batch_transform=tf,
                           workers=0)
-    model = create_model(checkpoint=checkpoint, in_chans=chans).eval().fuse()
+    model = optimize(create_model(checkpoint=checkpoint, in_chans=chans))
     same = n = correct32 = correct16 = 0
     t32 = t16 = 0.0
     with torch.inference_mode():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 LABELS = {
     "this": "this project (fast path)",
-    "this-fused": "this project, `model.fuse()`",
+    "this-fused": "this project, `xcit.optimize(model)`",
     "this-plain": "this project, plain path",
     "timm": "timm XCiT",
     "vit": "ViT (SDPA), same width/depth",

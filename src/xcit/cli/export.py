@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", "-o", default="exported", metavar="DIR", help="default: exported")
     p.add_argument("--name", default=None, help="file stem (default: the checkpoint's or model's name)")
     p.add_argument("--formats", nargs="+", choices=["onnx", "pt2"], default=["onnx", "pt2"], help="default: both")
-    p.add_argument("--fuse", action="store_true", help="export the re-parameterised inference model (model.fuse())")
+    p.add_argument("--optimize", action="store_true",
+                   help="export the inference transform (xcit.optimize: folded weights, fused kernels) instead of the plain model")
+    p.add_argument("--fuse", dest="optimize", action="store_true", help=argparse.SUPPRESS)  # the earlier spelling
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="ONNX exporter: dynamo (torch.export-based, needs onnxscript) or torchscript; auto prefers dynamo")
@@ -39,7 +41,7 @@ def run_export(args: argparse.Namespace) -> int:
     from .. import export as ex
 
     inf = load_model(args, img_size=args.img_size)
-    model = ex.prepare_for_export(inf.model, fuse=args.fuse)
+    model = ex.prepare_for_export(inf.model, optimize=args.optimize)
     if args.checkpoint is not None:
         stem = args.name or Path(args.checkpoint).stem
     else:
@@ -49,7 +51,7 @@ def run_export(args: argparse.Namespace) -> int:
     size = inf.img_size
     sizes = ex.check_sizes(size, inf.model.patch_size)
     sidecar = {
-        **inf.sidecar(), "fused": args.fuse, "input": ex.INPUT_NAME, "output": ex.OUTPUT_NAME,
+        **inf.sidecar(), "optimized": args.optimize, "input": ex.INPUT_NAME, "output": ex.OUTPUT_NAME,
         "layout": "NCHW float32, normalised: (pixel / 255 - mean) / std", "min_size": inf.model.patch_size + 1,
     }
     ok = True

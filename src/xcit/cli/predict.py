@@ -62,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show", type=int, default=20,
                    help="with --output, also print the table when there are at most this many images (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-optimize", dest="optimize", action="store_false",
+                   help="run the plain model instead of its inference transform (xcit.optimize; same outputs, faster)")
     add_config_option(p)
     p.set_defaults(func=run_predict)
 
@@ -75,7 +77,7 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"expected --top-k >= 1, got {args.top_k}")
     inf = load_model(args, img_size=args.img_size, crop_pct=args.crop_pct)
-    predictor = Predictor(inf, next(inf.model.parameters()).device)
+    predictor = Predictor(inf, next(inf.model.parameters()).device, optimize=args.optimize)
     k = min(args.top_k, inf.num_classes)
     writer = PredictionWriter(args.output, args.format, k) if args.output else None
     show = writer is None or len(paths) <= args.show  # the table streams to stdout as batches complete

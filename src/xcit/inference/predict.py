@@ -104,10 +104,14 @@ def _torch_threads(n: int | None):
 class Predictor:
     """Top-k predictions of a classifier over image files, in input order, in batches."""
 
-    def __init__(self, inf: InferenceModel, device: str | torch.device = "cpu") -> None:
+    def __init__(self, inf: InferenceModel, device: str | torch.device = "cpu", optimize: bool = True) -> None:
+        """``optimize`` runs the inference transform (:func:`xcit.optimize`: same outputs, faster)."""
+        from ..models import optimize as optimize_model
+
         self.inf = inf
         self.device = torch.device(device)
-        self.model = inf.model.eval().to(self.device)
+        model = inf.model.eval().to(self.device)
+        self.model = optimize_model(model) if optimize else model
 
     @classmethod
     def load(cls, checkpoint=None, model_name: str | None = None, device: str | torch.device = "cpu", **kwargs) -> Predictor:

@@ -155,8 +155,8 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tenso
     dtype = torch.promote_types(gram.dtype, torch.float32)
     q, k = q.to(dtype), k.to(dtype)
     # sqrt(sum of squares) over the token axis; measured 3x faster here than vector_norm(dim=-2)
-    nq = (q * q).sum(dim=-2).sqrt().clamp_min(NORM_EPS)  # (B, h, d)
-    nk = (k * k).sum(dim=-2).sqrt().clamp_min(NORM_EPS)
+    nq = (q * q).sum(dim=-2).sqrt().clamp_min(1e-12)  # (B, h, d); 1e-12 is F.normalize's clamp
+    nk = (k * k).sum(dim=-2).sqrt().clamp_min(1e-12)
     row = temperature.reshape(-1, 1).to(dtype) / nq
     return (gram.to(dtype) * row.unsqueeze(-1) / nk.unsqueeze(-2)).softmax(dim=-1)
 

@@ -82,6 +82,7 @@ class XCiTTrunk(nn.Module):
         """Recompute XCA blocks in the backward pass to save activation memory (same results)."""
         self.grad_checkpointing = enable
 
+    @torch.jit.unused
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the expectation if ``x`` is not a usable image batch."""
         expected = f"a float tensor of shape (B, {self.in_chans}, H, W) with B, H, W >= 1"
@@ -112,6 +113,7 @@ class XCiTTrunk(nn.Module):
             )
 
     @property
+    @torch.jit.unused
     def dtype(self) -> torch.dtype:
         """The dtype of the model's floating-point weights: what inputs must have outside autocast."""
         tensors = (t for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point())
@@ -119,22 +121,26 @@ class XCiTTrunk(nn.Module):
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Patch tokens (B, N, C) with positional encoding, and the grid size (Hp, Wp)."""
-        if not _is_fx_tracing():
-            self.check_input(x)
+        if not torch.jit.is_scripting():
+            if not _is_fx_tracing():  # under FX, shapes are proxies the checks cannot branch on
+                self.check_input(x)
         x, hp, wp = self.patch_embed(x)
         if self.pos_embeder is not None:
             x = x + self.pos_embeder(hp, wp).to(x.dtype)
         return self.pos_drop(x), hp, wp
 
     def _run_block(self, block: XCABlock, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, hp, wp, use_reentrant=False, context_fn=_batchnorm_safe_recompute(block))
         return block(x, hp, wp)
 
     def forward_blocks(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """Run all XCA blocks over (B, N, C) tokens of an ``hp`` x ``wp`` grid."""
         for block in self.blocks:
-            x = self._run_block(block, x, hp, wp)
+            if torch.jit.is_scripting():  # TorchScript: no gradient checkpointing
+                x = block(x, hp, wp)
+            else:
+                x = self._run_block(block, x, hp, wp)
         return x
 
     def get_intermediate_layers(self, x: torch.Tensor, indices: Sequence[int]) -> list[torch.Tensor]:

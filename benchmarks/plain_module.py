@@ -1,0 +1,153 @@
+"""The plain model and the inference transform against timm and against an earlier version of this project.
+
+Contenders, all with the same weights (xcit_small_12_p16 by default, seed 0, BatchNorm statistics
+perturbed): timm's XCiT (fp32, eager), this project's plain ``create_model`` model, its inference
+transform ``xcit.optimize(model)``, and the fused model of an earlier commit (``--baseline REV``,
+default the last commit before the plain-module change; its ``xcit/models`` package is read with
+``git show`` and imported under another name). Each round times one forward of every contender in
+turn (process CPU time, interleaved), so machine noise falls on all of them alike; the table gives
+medians and ratios. Pin it to one core:
+
+    taskset -c 0 .venv/bin/python benchmarks/plain_module.py --threads 1 --rounds 9
+
+Writes benchmarks/plain_module.json and prints a markdown table (pasted into RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASELINE = "d2cf1f5"  # main before the plain-module change: layers with the fast path, model.fuse()
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_family_model() -> str:
+    info = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key = line.split(":", 1)[0].strip()
+        if key in ("cpu family", "model", "vendor_id") and key not in info:
+            info[key] = line.split(":", 1)[1].strip()
+    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+
+
+def load_baseline(rev: str, workdir: Path):
+    """The ``xcit.models`` package of commit ``rev`` as the importable package ``xcit_baseline_models``."""
+    pkg = workdir / "xcit_baseline_models"
+    pkg.mkdir()
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:src/xcit/models"],
+                           check=True, capture_output=True, text=True).stdout.split()
+    for name in names:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/xcit/models/{name}"], check=True,
+                              capture_output=True, text=True).stdout
+        (pkg / name).write_text(text)
+    sys.path.insert(0, str(workdir))
+    return importlib.import_module("xcit_baseline_models")
+
+
+def perturb_bn(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def build(model_name: str, baseline_rev: str | None, workdir: Path) -> dict:
+    import timm
+    from timm.models.xcit import checkpoint_filter_fn
+
+    import xcit
+
+    torch.manual_seed(0)
+    plain = xcit.create_model(model_name)
+    perturb_bn(plain)
+    plain.eval()
+    state = plain.state_dict()
+    ref = timm.create_model(model_name + "_224", pretrained=False)
+    ref.load_state_dict(checkpoint_filter_fn({"model": dict(state)}, ref))  # the filter edits its input
+    models = {"timm": ref.eval(), "plain": plain, "optimized": xcit.optimize(plain)}
+    if baseline_rev:
+        old = load_baseline(baseline_rev, workdir)
+        fused = old.create_model(model_name)
+        fused.load_state_dict(state)
+        models["baseline-fused"] = fused.eval().fuse()
+    return models
+
+
+def run_case(models: dict, x: torch.Tensor, rounds: int) -> dict:
+    times: dict[str, list[float]] = {k: [] for k in models}
+    outputs = {}
+    with torch.inference_mode():
+        for name, m in models.items():  # warm-up, and the outputs for the agreement column
+            outputs[name] = m(x).float()
+        for _ in range(rounds):
+            for name, m in models.items():
+                t0 = time.process_time()
+                m(x)
+                times[name].append(time.process_time() - t0)
+    ref = outputs["plain"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        name: {"median_s": med[name], "times_s": times[name], "vs_timm": med["timm"] / med[name],
+               "max_abs_logit_diff_vs_plain": float((outputs[name] - ref).abs().max())}
+        for name in models
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="xcit_small_12_p16")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--batch", type=int, default=16, help="batch of the 224 case (default 16)")
+    ap.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the earlier fused model ('' to skip)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "plain_module.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build(args.model, args.baseline or None, Path(tmp))
+        gen = torch.Generator().manual_seed(0)
+        cases = {f"224, batch {args.batch}": torch.randn(args.batch, 3, 224, 224, generator=gen),
+                 "1024x1024, batch 1": torch.randn(1, 3, 1024, 1024, generator=gen)}
+        results = {}
+        for label, x in cases.items():
+            print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+            results[label] = run_case(models, x, args.rounds)
+    command = "taskset -c 0 .venv/bin/python benchmarks/plain_module.py " + " ".join(sys.argv[1:])
+    record = {"cpu": cpu_name(), "cpu_id": cpu_family_model(), "torch": torch.__version__, "threads": args.threads,
+              "model": args.model, "rounds": args.rounds, "baseline": args.baseline, "command": command.strip(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
+    Path(args.out).write_text(json.dumps(record, indent=1))
+    labels = {"timm": "timm XCiT, fp32", "plain": "this project, plain `create_model` model",
+              "optimized": "this project, `xcit.optimize(model)`",
+              "baseline-fused": f"this project at {args.baseline}, `model.fuse()` (before the plain-module change)"}
+    heads = list(cases)
+    print(f"\n{args.model}, fp32, {args.threads} thread(s), process CPU time, median of {args.rounds} interleaved "
+          f"rounds; {record['cpu']} ({record['cpu_id']}); `{record['command']}`\n")
+    print("| | " + " | ".join(heads) + " |")
+    print("|---|" + "---:|" * len(heads))
+    for name in models:
+        cells = [f"{results[h][name]['median_s']:.3f} s ({results[h][name]['vs_timm']:.2f}x timm)" for h in heads]
+        print(f"| {labels[name]} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""``xcit.optimize``: the inference transform computes the plain model's logits, leaves it unchanged,
+refuses training, keeps its options per model, and its exactness tricks hold at every grid size."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import xcit
+from conftest import randomize, tiny_model
+from xcit.models import create_model, is_optimized, optimize
+from xcit.models import kernels as K
+from xcit.models.layers import XCA, channel_attention
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return randomize(create_model("xcit_nano_12_p16"), seed=21).eval()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def test_optimized_logits_match_plain(nano):
+    """max |logit difference| <= 1e-4 (fp32) for every option, including 1-row / 1-column / 1-token grids."""
+    variants = {(fold, dnn): optimize(nano, fold=fold, dnn=dnn) for fold in ("auto", "never", "always") for dnn in (True, False)}
+    for batch, size in ((1, (224, 224)), (2, (200, 173)), (2, (16, 64)), (2, (48, 16)), (2, (1, 1))):
+        x = torch.randn(batch, 3, *size)
+        with torch.no_grad():
+            ref = nano(x)
+            for options, model in variants.items():
+                assert _max_diff(model(x), ref) <= 1e-4, (size, options)
+
+
+def test_optimized_patch8_tokens_norm_and_pyramid():
+    m = randomize(create_model("xcit_tiny_12_p8"), seed=22).eval()
+    x = torch.randn(2, 3, 72, 56)
+    with torch.no_grad():
+        assert _max_diff(optimize(m)(x), m(x)) <= 1e-4
+        assert _max_diff(optimize(m).forward_features(x), m.forward_features(x)) <= 1e-4
+    pyramid = randomize(xcit.create_pyramid("xcit_nano_12_p16"), seed=23).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref, out = pyramid(x), optimize(pyramid)(x)
+    assert ref.keys() == out.keys() and all(_max_diff(out[k], ref[k]) <= 1e-4 for k in ref)
+
+
+def test_the_original_is_unchanged_and_the_copy_is_inference_only(nano):
+    before = {k: v.clone() for k, v in nano.state_dict().items()}
+    optimized = nano.optimize()  # the method spelling
+    after = nano.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not is_optimized(nano) and is_optimized(optimized)
+    assert not optimized.training and not any(p.requires_grad for p in optimized.parameters())
+    optimized.train()
+    with pytest.raises(RuntimeError, match="inference"):
+        optimized(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="already optimised"):
+        optimize(optimized.eval())
+
+
+def test_bad_options_and_wrapped_modules_are_refused(nano):
+    with pytest.raises(ValueError, match="fold"):
+        optimize(nano, fold="sometimes")
+    with pytest.raises(ValueError, match="XCiT"):
+        optimize(nn.Linear(3, 3))
+    wrapped = randomize(tiny_model(), seed=1).eval()
+    wrapped.blocks[0].attn.qkv = nn.Sequential(wrapped.blocks[0].attn.qkv)
+    with pytest.raises(ValueError, match="attn.qkv.*Sequential"):
+        optimize(wrapped)
+
+
+def test_bf16_autocast_close_to_fp32(nano):
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = nano(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = optimize(nano)(x)
+    assert torch.isfinite(out).all()
+    assert _max_diff(out, ref) < 0.05 * ref.abs().max().item()
+
+
+def test_two_models_with_different_options_run_at_once_in_two_threads(nano):
+    """Options belong to each optimised model: no process-wide switch to race on."""
+    folded, unfolded = optimize(nano, fold="always"), optimize(nano, fold="never", dnn=False)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = nano(x)
+    errors: list[float] = []
+
+    def run(model):
+        with torch.no_grad():
+            for _ in range(3):
+                errors.append(_max_diff(model(x), ref))
+
+    threads = [threading.Thread(target=run, args=(m,)) for m in (folded, unfolded)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 6 and max(errors) <= 1e-4
+    assert [m.fold for m in folded.modules() if hasattr(m, "fold")][0] == "always"
+
+
+def test_compile_fullgraph_of_the_optimized_model():
+    torch._dynamo.reset()
+    m = optimize(randomize(tiny_model(patch_size=8, embed_dim=48, depth=2, num_heads=4), seed=24))
+    x = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        assert _max_diff(torch.compile(m, fullgraph=True, dynamic=False)(x), m(x)) <= 1e-5
+
+
+def test_fold_choice_by_shape():
+    assert K.fold_choice("auto", 196, 384) is False and K.fold_choice("auto", 4096, 384) is True
+    assert K.fold_choice("always", 1, 384) and not K.fold_choice("never", 10**6, 384)
+
+
+def test_channel_attention_equals_normalised_queries_and_keys():
+    """The Gram-matrix route equals F.normalize over tokens (the official computation), zero rows included."""
+    torch.manual_seed(3)
+    q, k = torch.randn(2, 3, 50, 8), torch.randn(2, 3, 50, 8)  # (B, h, N, d)
+    q[:, :, :, 2] = 0  # a channel whose query is zero over all tokens: F.normalize's 1e-12 clamp gives logits 0
+    temperature = torch.rand(3, 1, 1) + 0.5
+    qn, kn = F.normalize(q.transpose(-2, -1), dim=-1), F.normalize(k.transpose(-2, -1), dim=-1)
+    ref = ((qn @ kn.transpose(-2, -1)) * temperature).softmax(-1)
+    torch.testing.assert_close(channel_attention(q, k, temperature), ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(K.channel_attention(q.transpose(-2, -1), k.transpose(-2, -1), temperature), ref,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_xca_matches_the_official_transcription_with_attention_dropout():
+    """XCA in training mode, attention dropout on, against a line-by-line official forward (same RNG)."""
+    torch.manual_seed(5)
+    m = XCA(48, 4, attn_drop=0.3).train()
+    x = torch.randn(2, 30, 48)
+
+    def official(x):
+        b, n, c = x.shape
+        qkv = m.qkv(x).reshape(b, n, 3, 4, c // 4).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.transpose(-2, -1) for t in qkv.unbind(0))
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * m.temperature
+        attn = m.attn_drop(attn.softmax(dim=-1))
+        return m.proj((attn @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+
+    torch.manual_seed(7)
+    ref = official(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(m(x), ref, atol=2e-6, rtol=1e-5)
+    with torch.no_grad():
+        assert _max_diff(m.eval()(x), ref) > 1e-3  # the dropout was really applied
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (1, 5), (6, 1), (2, 2), (5, 7)])
+def test_subtract_border_taps_equals_conv_of_constant(grid):
+    """conv(pad(z + t)) = conv(pad(z)) + t * sum(w) - border taps, for every grid size."""
+    torch.manual_seed(12)
+    c = 5
+    z = torch.randn(2, c, *grid)
+    t = torch.randn(c)
+    w = torch.randn(c, 1, 3, 3)
+    ref = F.conv2d(z + t[:, None, None], w, padding=1, groups=c)
+    y = F.conv2d(z, w, t * w.sum(dim=(1, 2, 3)), padding=1, groups=c)
+    K.subtract_border_taps(y, t[:, None, None] * w[:, 0], 1)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
