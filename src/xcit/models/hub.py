@@ -92,9 +92,9 @@ def resolve_pretrained(name: str) -> tuple[str, Path]:
 
 def weights_file(spec: str | os.PathLike) -> Path:
     """``spec`` as a local file: an existing path as is, a hub / release / classification name fetched (or
-    found in its cache). Raises ``FileNotFoundError`` naming the accepted forms otherwise."""
+    found in its cache). Raises :class:`CheckpointError` naming the accepted forms otherwise."""
     from .registry import resolve_name
-    from .weights import download_file, download_release
+    from .weights import CheckpointError, download_file, download_release
 
     path = Path(spec)
     if path.is_file():
@@ -108,8 +108,8 @@ def weights_file(spec: str | os.PathLike) -> Path:
     try:
         resolve_name(name)
     except ValueError:
-        raise FileNotFoundError(
-            f"{name!r} is neither a file nor a known weights name (a classification name such as "
+        raise CheckpointError(
+            f"checkpoint {name!r} does not exist or is not a file, nor is it a known weights name (a classification name such as "
             f"xcit_small_12_p16_224.fb_in1k, hf-hub:OWNER/REPO, {DINO_MODELS[0]}, maskrcnn_xcit_tiny_12_p16, "
             "sem_fpn_xcit_tiny_12_p16, upernet_xcit_tiny_12_p16)"
         ) from None

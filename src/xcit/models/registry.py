@@ -135,7 +135,7 @@ def create_model(
             (official and DINO files) or through the ``huggingface_hub`` client and its cache (``hf-hub:``).
         overrides: any other :class:`XCiT` argument (``patch_size=4``, ``eta``, ...).
     """
-    from .hub import DINO_MODELS, HF_PREFIX, hub_architecture, resolve_pretrained
+    from .hub import DINO_MODELS, HF_PREFIX, resolve_pretrained, weights_file
     from .weights import download_release, inspect_checkpoint, load_checkpoint
 
     if checkpoint is not None and pretrained:
@@ -147,7 +147,9 @@ def create_model(
             name, checkpoint = resolve_pretrained(name)
             pretrained = False
         else:
-            name = hub_architecture(name[len(HF_PREFIX):]) if name.startswith(HF_PREFIX) else name[len("dino_"):]
+            name = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name[len("dino_"):]
+    if checkpoint is not None:
+        checkpoint = weights_file(checkpoint)  # a path, or a hub / DINO / release name
     if pretrained:
         if name is None:
             raise ValueError("pretrained=True needs a model name")
