@@ -281,3 +281,23 @@ def test_release_names_fail_at_once_without_network(tmp_path, monkeypatch):
         load_detector("maskrcnn_xcit_tiny_12_p16")
     with pytest.raises(RuntimeError, match=r"upernet_xcit_small_12_p8\.pth"):
         load_segmenter("upernet_xcit_small_12_p8")
+
+
+def test_cli_predicts_with_the_official_files(coco_tiny, tmp_path, capsys):
+    """`xcit detect predict` / `xcit segment predict` take the release files as --checkpoint."""
+    from PIL import Image
+
+    from xcit.cli import main
+
+    Image.fromarray((np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    rc = main(["detect", "predict", str(tmp_path / "a.png"), "--checkpoint", str(coco_tiny[0]), "--out", str(tmp_path / "det"),
+               "--test-size", "128", "--max-size", "192", "--device", "cpu"])
+    assert rc == 0
+    found = json.loads((tmp_path / "det" / "predictions.json").read_text())
+    assert found["annotations"] and {d["category_id"] for d in found["annotations"]} == {4}  # COCO id of "motorcycle"
+    assert {"id": 4, "name": "motorcycle"} in found["categories"]
+    state = synthetic(MMSEG["sem_fpn_xcit_tiny_12_p16"]["state_dict"])
+    torch.save({"meta": {}, "state_dict": state}, tmp_path / "sem_fpn.pth")
+    rc = main(["segment", "predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "sem_fpn.pth"),
+               "--out", str(tmp_path / "seg"), "--scale", "128", "64", "--device", "cpu"])
+    assert rc == 0 and (tmp_path / "seg" / "a_mask.png").is_file()
