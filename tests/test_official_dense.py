@@ -301,3 +301,10 @@ def test_cli_predicts_with_the_official_files(coco_tiny, tmp_path, capsys):
     rc = main(["segment", "predict", str(tmp_path / "a.png"), "--checkpoint", str(tmp_path / "sem_fpn.pth"),
                "--out", str(tmp_path / "seg"), "--scale", "128", "64", "--device", "cpu"])
     assert rc == 0 and (tmp_path / "seg" / "a_mask.png").is_file()
+
+
+def test_compact_mask_pasting_thresholds_at_one_half():
+    mask = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    boxes = torch.tensor([[1.2, 2.5, 30.0, 20.0], [10.0, 10.0, 45.5, 38.0]])
+    full, compact = paste_masks_mmdet(mask, boxes, (40, 50)), paste_masks_mmdet(mask, boxes, (40, 50), compact=True)
+    assert compact.dtype == torch.bool and torch.equal(compact, full >= 0.5)

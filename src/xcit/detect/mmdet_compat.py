@@ -49,7 +49,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
 from ..models.weights import CheckpointError, infer_architecture, load_file
-from .model import NativeSizeTransform
+from .model import COMPACT_MASK_BYTES, NativeSizeTransform
 
 FINEST_SCALE = 56
 FEATMAP_STRIDES = (4, 8, 16, 32)
@@ -139,11 +139,12 @@ class MMDetBoxCoder(BoxCoder):
         return torch.stack([gx - 0.5 * gw, gy - 0.5 * gh, gx + 0.5 * gw, gy + 0.5 * gh], dim=2).flatten(1)
 
 
-def paste_masks_mmdet(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def paste_masks_mmdet(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], compact: bool = False) -> torch.Tensor:
     """(N, 1, H, W) probabilities: each (M, M) mask sampled at the image's pixel centres inside its box
-    (``grid_sample``, align_corners=False, zero outside), as mmdet 2.x's ``_do_paste_mask``."""
+    (``grid_sample``, align_corners=False, zero outside), as mmdet 2.x's ``_do_paste_mask``; with
+    ``compact`` thresholded at mmdet's 0.5 into ``bool`` (for images too large for float masks)."""
     h, w = size
-    out = masks.new_zeros((masks.shape[0], 1, h, w))
+    out = torch.zeros((masks.shape[0], 1, h, w), dtype=torch.bool if compact else masks.dtype, device=masks.device)
     for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
         xa, ya = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
         xb, yb = min(math.ceil(x1) + 1, w), min(math.ceil(y1) + 1, h)
@@ -152,7 +153,8 @@ def paste_masks_mmdet(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int,
         gx = (torch.arange(xa, xb, device=masks.device, dtype=torch.float32) + 0.5 - x0) / max(x1 - x0, 1e-6) * 2 - 1
         gy = (torch.arange(ya, yb, device=masks.device, dtype=torch.float32) + 0.5 - y0) / max(y1 - y0, 1e-6) * 2 - 1
         grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
-        out[i, 0, ya:yb, xa:xb] = F.grid_sample(masks[i:i + 1].float(), grid, align_corners=False)[0, 0].to(out.dtype)
+        pasted = F.grid_sample(masks[i:i + 1].float(), grid, align_corners=False)[0, 0]
+        out[i, 0, ya:yb, xa:xb] = pasted >= 0.5 if compact else pasted.to(out.dtype)
     return out
 
 
@@ -180,7 +182,7 @@ class MMDetTransform(NativeSizeTransform):
         result = GeneralizedRCNNTransform.postprocess(self, result, image_shapes, original_image_sizes)
         for r, m, size in zip(result, masks, original_image_sizes):
             if m is not None:
-                r["masks"] = paste_masks_mmdet(m, r["boxes"], size)
+                r["masks"] = paste_masks_mmdet(m, r["boxes"], size, compact=m.shape[0] * size[0] * size[1] * 4 > COMPACT_MASK_BYTES)
         return result
 
 
