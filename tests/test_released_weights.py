@@ -121,3 +121,16 @@ def test_dino_release_urls():
     assert release_file_url("maskrcnn_xcit_small_24_p8") == "https://dl.fbaipublicfiles.com/xcit/coco/maskrcnn_xcit_small_24_p8.pth"
     assert release_file_url("sem_fpn_xcit_medium_24_p16") == "https://dl.fbaipublicfiles.com/xcit/ade/sem_fpn_xcit_medium_24_p16.pth"
     assert release_file_url("xcit_small_12_p16") is None
+
+
+def test_unreachable_hub_fails_at_once(tmp_path, monkeypatch):
+    """Online mode, nothing cached, the endpoint unreachable: an error naming the file at once, from the
+    connection probe (ConnectionRefusedError) rather than after the client's retries (~30 s)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(RuntimeError, match=r"model\.safetensors of the Hugging Face Hub repository 'timm/xcit_nano") as err:
+        xcit.create_model(f"hf-hub:{REPO}", pretrained=True)
+    assert isinstance(err.value.__cause__, ConnectionRefusedError)

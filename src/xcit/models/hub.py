@@ -48,23 +48,38 @@ def dense_release_arch(name: str) -> tuple[str, str] | None:
 
 
 def hub_file(repo_id: str, filename: str = "model.safetensors") -> Path:
-    """A file of a Hugging Face Hub model repository, from the hub's cache or downloaded into it."""
+    """A file of a Hugging Face Hub model repository: from the hub's cache when it holds it (no network
+    touched), else downloaded into that cache. Fails at once when the hub is unreachable or offline."""
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
     except ImportError as err:
         raise ImportError(f"loading {HF_PREFIX}{repo_id} needs the huggingface_hub package: pip install 'xcit[hub]'") from err
     try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except Exception:  # not cached: fall through to the network
+        pass
+    try:
+        if not constants.HF_HUB_OFFLINE:
+            _reachable(constants.ENDPOINT)
         return Path(hf_hub_download(repo_id, filename))
-    except Exception as err:  # offline, not cached, unknown repository, HTTP errors: all mean "not available here"
-        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
-
+    except Exception as err:  # offline, unreachable, unknown repository, HTTP errors: all mean "not available here"
+        text = str(err).splitlines()[0] if str(err) else ""
         raise RuntimeError(
-            f"could not get {filename} of the Hugging Face Hub repository {repo_id!r} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
-            f"{'Offline mode is on (HF_HUB_OFFLINE=1) and the' if HF_HUB_OFFLINE else 'The'} hub cache {HF_HUB_CACHE} "
-            f"does not hold it. Without network access, run `huggingface-cli download {repo_id}` elsewhere and copy "
-            "the cache folder here (set HF_HUB_CACHE to it), or download the file and pass checkpoint=PATH."
+            f"could not get {filename} of the Hugging Face Hub repository {repo_id!r} ({type(err).__name__}: {text}). "
+            f"{'Offline mode is on (HF_HUB_OFFLINE=1) and the' if constants.HF_HUB_OFFLINE else 'The'} hub cache "
+            f"{constants.HF_HUB_CACHE} does not hold it. Without network access, run `huggingface-cli download {repo_id}` "
+            "elsewhere and copy the cache folder here (set HF_HUB_CACHE to it), or download the file and pass checkpoint=PATH."
         ) from err
+
+
+def _reachable(endpoint: str, timeout: float = 5.0) -> None:
+    """Raise ``OSError`` at once when ``endpoint``'s host cannot be reached (the hub client would retry for ~30 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+        pass
 
 
 def hub_architecture(repo_id: str) -> str:
