@@ -203,6 +203,21 @@ def test_anchors_are_mmdets_unrounded_ones():
     assert base[0, 0] != round(float(base[0, 0]))  # torchvision would round -22.63 to -23
 
 
+def test_anchor_grid_uses_the_configured_strides():
+    """An 800 x 1088 padded image: P6 is 13 x 17 cells; mmdet places them 64 px apart (torchvision: 800 // 13 = 61)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    sizes, ratios = tuple((8 * s,) for s in (4, 8, 16, 32, 64)), ((0.5, 1.0, 2.0),) * 5
+    grids = [(200, 272), (100, 136), (50, 68), (25, 34), (13, 17)]
+    feats = [torch.zeros(1, 1, h, w) for h, w in grids]
+    anchors = MMDetAnchorGenerator(sizes, ratios)(ImageList(torch.zeros(1, 3, 800, 1088), [(800, 1067)]), feats)[0]
+    counts = [3 * h * w for h, w in grids]
+    p6 = anchors[sum(counts[:4]):].view(13, 17, 3, 4)
+    centres = (p6[..., :2] + p6[..., 2:]) / 2
+    assert torch.allclose(centres[12, 16, 1], torch.tensor([16 * 64.0, 12 * 64.0]))
+    assert torch.allclose(p6[0, 0, 1], torch.tensor([-256.0, -256.0, 256.0, 256.0]))  # scale 8 x stride 64, ratio 1
+
+
 def test_mask_pasting_matches_pixel_centre_sampling():
     mask = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     box = torch.tensor([[10.3, 5.7, 40.1, 33.9]])

@@ -16,7 +16,8 @@ RoI pooling                   RoIAlign aligned=True, sampling_ratio=0      :clas
 RoI -> FPN level              floor(log2(sqrt(area) / 56 + 1e-6)),         the same (torchvision: canonical 224 at
                               clamped to 0..3                              level 4, eps inside the log differently)
 anchors                       scale 8 x stride, ratios 0.5 / 1 / 2,        :class:`MMDetAnchorGenerator` (torchvision
-                              centre offset 0, *not rounded*               rounds the base anchors to integers)
+                              centre offset 0, *not rounded*, strides      rounds the base anchors and takes the stride
+                              4 / 8 / 16 / 32 / 64                         as padded size // grid: 61 for P6 at 800 px)
 box decoding                  delta2bbox, stds (.1,.1,.2,.2) RCNN /        :class:`MMDetBoxCoder`: weights 10,10,5,5 / 1;
                               1 RPN, dw/dh clamped to +-log(1000/16)       both-sided clamp (torchvision: upper only)
 box widths                    x2 - x1 (mmdet 2.x: no +1)                   the same as torchvision
@@ -108,7 +109,13 @@ class MMDetRoIAlign(nn.Module):
 
 
 class MMDetAnchorGenerator(AnchorGenerator):
-    """torchvision's generator without its rounding of the base anchors (mmdet 2.x keeps them fractional)."""
+    """torchvision's generator with mmdet 2.x's anchors: base anchors not rounded to integers, and the
+    configured strides (4..64) rather than ``padded size // grid size`` (61 for P6 of an 800-pixel side,
+    whose grid is 13 after padding to 32 and the stride-2 pooling)."""
+
+    def __init__(self, sizes, aspect_ratios, strides=(4, 8, 16, 32, 64)) -> None:
+        super().__init__(sizes, aspect_ratios)
+        self.strides = tuple(strides)
 
     def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
         scales = torch.as_tensor(scales, dtype=dtype, device=device)
@@ -118,6 +125,14 @@ class MMDetAnchorGenerator(AnchorGenerator):
         ws = (w_ratios[:, None] * scales[None, :]).view(-1)
         hs = (h_ratios[:, None] * scales[None, :]).view(-1)
         return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=1)
+
+    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        grid_sizes = [f.shape[-2:] for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, dtype=torch.int64, device=device)] * 2 for s in self.strides[:len(grid_sizes)]]
+        self.set_cell_anchors(dtype, device)
+        per_level = torch.cat(self.grid_anchors(grid_sizes, strides))
+        return [per_level for _ in image_list.image_sizes]
 
 
 class MMDetBoxCoder(BoxCoder):
@@ -191,7 +206,7 @@ def apply_mmdet_conventions(model: nn.Module) -> nn.Module:
     RoIAlign, level mapping, anchors, box decoding, test resize and mask pasting (in place; returned)."""
     rpn, roi = model.rpn, model.roi_heads
     old = rpn.anchor_generator
-    rpn.anchor_generator = MMDetAnchorGenerator(old.sizes, old.aspect_ratios)
+    rpn.anchor_generator = MMDetAnchorGenerator(old.sizes, old.aspect_ratios, strides=(4, 8, 16, 32, 64))
     rpn.box_coder = MMDetBoxCoder((1.0, 1.0, 1.0, 1.0))
     rpn.min_size = 0.0
     roi.box_coder = MMDetBoxCoder(RCNN_WEIGHTS)
