@@ -270,6 +270,7 @@ def test_official_ade20k_file_loads_with_its_test_pipeline(name, tmp_path):
     own = model.state_dict()
     if name.startswith("sem_fpn"):  # scale_heads.3.4 (third conv after two Upsample modules) -> block 2
         assert torch.equal(own["decode_head.scale_heads.3.2.1.running_var"], state["decode_head.scale_heads.3.4.bn.running_var"])
+        assert model.head_config["fpn_upsample"] == "x2"
         assert model.head_config["fpn_channels"] == 192  # the neck is as wide as the backbone in these configs
     else:
         assert torch.equal(own["aux_head.conv.0.weight"], state["auxiliary_head.convs.0.conv.weight"])
@@ -323,3 +324,30 @@ def test_compact_mask_pasting_thresholds_at_one_half():
     boxes = torch.tensor([[1.2, 2.5, 30.0, 20.0], [10.0, 10.0, 45.5, 38.0]])
     full, compact = paste_masks_mmdet(mask, boxes, (40, 50)), paste_masks_mmdet(mask, boxes, (40, 50), compact=True)
     assert compact.dtype == torch.bool and torch.equal(compact, full >= 0.5)
+
+
+def test_semantic_fpn_upsamples_by_two_like_mmseg():
+    """mmseg's FPNHead: x2 bilinear after each conv above level 0, each level resized to level 0 before the sum."""
+    import torch.nn.functional as F
+
+    from xcit.segment.heads import SemanticFPNHead
+
+    torch.manual_seed(0)
+    head = SemanticFPNHead([8] * 4, 3, fpn_channels=8, channels=4, upsample="x2").eval()
+    size_mode = SemanticFPNHead([8] * 4, 3, fpn_channels=8, channels=4).eval()
+    size_mode.load_state_dict(head.state_dict())
+    feats = [torch.randn(1, 8, h, w) for h, w in [(20, 28), (10, 14), (5, 7), (2, 3)]]  # a 5 x 7 stride-16 grid
+    with torch.no_grad():
+        pyramid = head.neck(feats)
+        expected = None
+        for level, (blocks, x) in enumerate(zip(head.scale_heads, pyramid)):
+            for block in blocks:
+                x = block(x)
+                if level:
+                    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(20, 28), mode="bilinear", align_corners=False) if x.shape[-2:] != (20, 28) else x
+            expected = x if expected is None else expected + x
+        assert torch.allclose(head(feats), head.classifier(expected), atol=1e-6)
+        assert not torch.allclose(head(feats), size_mode(feats), atol=1e-4)  # level 3 (2 x 3) -> 16 x 24, not 20 x 28
+        even = [torch.randn(1, 8, h, w) for h, w in [(16, 24), (8, 12), (4, 6), (2, 3)]]
+        assert torch.allclose(head(even), size_mode(even), atol=1e-6)

@@ -23,9 +23,10 @@ fpn_convs / fpn_bottleneck``
 Test pipeline of the configs (kept in the returned meta, used by ``xcit segment eval / predict``):
 keep-ratio resize into 2048 x 512 (sizes ``int(x * s + 0.5)``), whole-image inference (``test_cfg
 mode='whole'`` in all sixteen configs; no sliding window), logits resized bilinearly to the image.
-Known remaining differences: mmseg resized uint8 images with cv2 (no antialiasing; here
-antialiased when shrinking), and its FPNHead upsamples by exactly 2 per step where this head
-resizes to the next level's size (the same whenever the stride-16 grid is even).
+FPNHead's exact-2x upsampling is reproduced (``fpn_upsample="x2"``; it differs from resizing to the
+next level's size when a level's size is odd). Known remaining differences: mmseg resized uint8
+images with cv2 (no antialiasing; here antialiased when shrinking), and applied the softmax after
+resizing logits to the image size (here probabilities are resized; the argmax can differ at edges).
 """
 from __future__ import annotations
 
@@ -83,7 +84,8 @@ def _head_from_shapes(state: dict[str, torch.Tensor]) -> dict:
     """Segmenter head arguments read off the mmseg shapes (Semantic FPN or UperNet, widths, auxiliary head)."""
     num_classes, channels = state["decode_head.conv_seg.weight"].shape[:2]
     if "neck.lateral_convs.0.conv.weight" in state:
-        kw = dict(head="fpn", channels=channels, fpn_channels=state["neck.lateral_convs.0.conv.weight"].shape[0], aux=False)
+        kw = dict(head="fpn", channels=channels, fpn_channels=state["neck.lateral_convs.0.conv.weight"].shape[0], aux=False,
+                  fpn_upsample="x2")
     elif "decode_head.psp_modules.0.1.conv.weight" in state:
         kw = dict(head="upernet", channels=channels, aux=False)
     else:
