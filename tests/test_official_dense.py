@@ -351,3 +351,23 @@ def test_semantic_fpn_upsamples_by_two_like_mmseg():
         assert not torch.allclose(head(feats), size_mode(feats), atol=1e-4)  # level 3 (2 x 3) -> 16 x 24, not 20 x 28
         even = [torch.randn(1, 8, h, w) for h, w in [(16, 24), (8, 12), (4, 6), (2, 3)]]
         assert torch.allclose(head(even), size_mode(even), atol=1e-6)
+
+
+def test_test_resize_follows_mmdet():
+    """Keep-ratio into 1333 x 800 with mmdet's rounding, 8-bit values, normalised after resizing, padded to 32."""
+    import torch.nn.functional as F
+
+    from xcit.detect.mmdet_compat import MMDetTransform
+
+    t = MMDetTransform([800], 800, 1333, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()
+    image = torch.randint(0, 256, (3, 427, 640), generator=torch.Generator().manual_seed(0)).float() / 255
+    batch, _ = t([image])
+    scale = min(1333 / 640, 800 / 427)
+    size = (int(427 * scale + 0.5), int(640 * scale + 0.5))  # mmcv.rescale_size
+    assert tuple(batch.image_sizes[0]) == size == (800, 1199)
+    assert batch.tensors.shape[-2:] == (800, 1216)  # padded to a multiple of 32
+    resized = (F.interpolate(image[None] * 255, size=size, mode="bilinear", align_corners=False)[0]).round()
+    mean, std = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1), torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+    diff = (batch.tensors[0, :, :800, :1199] - (resized - mean) / std).abs()
+    assert diff.max() <= 1 / 57.12 + 1e-4  # at most one 8-bit level, where float error flips a rounding tie
+    assert (diff > 1e-4).float().mean() < 1e-4

@@ -26,9 +26,10 @@ RPN test                      1000 per level, NMS 0.7 across levels,       the s
 RCNN test                     score > 0.05, class-wise NMS 0.5, 100 kept   the same (torchvision also drops boxes
                                                                            under 0.01 px, kept as is)
 test resize                   keep ratio into 1333 x 800, sizes rounded    :class:`MMDetTransform`: the same sizes,
-                              (int(x * s + 0.5)), cv2 bilinear on uint8    bilinear on float (no uint8 rounding)
-normalisation, padding        ImageNet mean / std x 255; pad to 32         the same (normalised before resizing: equal
-                                                                           for bilinear, up to uint8 rounding)
+                              (int(x * s + 0.5)), cv2 bilinear on uint8    bilinear, rounded to 8-bit levels (up to
+                                                                           cv2's fixed-point weights)
+normalisation, padding        ImageNet mean / std x 255 after resizing;    the same order (torchvision normalises
+                              pad to 32                                    before resizing)
 mask pasting                  grid_sample of the 28 x 28 mask over the     :func:`paste_masks_mmdet`, the same
                               box (pixel centres), threshold 0.5           (torchvision: expand by 1 px + interpolate)
 ============================  ===========================================  ==========================================
@@ -175,15 +176,24 @@ def paste_masks_mmdet(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int,
 
 class MMDetTransform(NativeSizeTransform):
     """Test-time resize as mmdet's ``Resize(keep_ratio=True)`` into (max_size, test_size): scale =
-    min(max / long side, test / short side), sizes ``int(x * scale + 0.5)``; masks pasted as mmdet."""
+    min(max / long side, test / short side), sizes ``int(x * scale + 0.5)``, bilinear (cv2's
+    INTER_LINEAR: half-pixel centres, no antialiasing) on 8-bit values, rounded, then normalised;
+    masks pasted as mmdet."""
+
+    def _mmdet_test(self) -> bool:
+        return not self.training and self.test_size != 0
+
+    def normalize(self, image):
+        return image if self._mmdet_test() else super().normalize(image)  # mmdet normalises after resizing
 
     def resize(self, image, target=None):
-        if self.training or self.test_size == 0:
+        if not self._mmdet_test():
             return super().resize(image, target)
         h, w = image.shape[-2:]
         scale = min(self.max_size / max(h, w), self.test_size / min(h, w))
         size = (int(h * scale + 0.5), int(w * scale + 0.5))
         image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+        image = super().normalize((image * 255).round().clamp(0, 255) / 255)  # the uint8 image mmdet resized
         if target is not None and "boxes" in target:
             from torchvision.models.detection.transform import resize_boxes
 
