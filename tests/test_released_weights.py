@@ -55,6 +55,10 @@ def test_hub_weights_for_the_pyramid_and_the_pretrained_option(hub_cache):
     pyramid = xcit.create_pyramid(f"hf-hub:{REPO}", pretrained=True)
     backbone = build_backbone(checkpoint=f"hf-hub:{REPO}")  # what --pretrained of `xcit segment/detect train` calls
     timm_state = hub_cache.state_dict()
+    from xcit.inference.loading import load_for_inference
+
+    inference = load_for_inference(f"hf-hub:{REPO}")  # what `xcit predict --checkpoint hf-hub:...` calls
+    assert len(inference.classes) == 1000 and inference.img_size == (224, 224)
     for net in (pyramid, backbone):
         assert torch.equal(net.state_dict()["pos_embeder.token_projection.weight"], timm_state["pos_embed.token_projection.weight"])
         assert torch.equal(net.state_dict()["blocks.11.attn.qkv.weight"], timm_state["blocks.11.attn.qkv.weight"])

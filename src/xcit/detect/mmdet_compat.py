@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import OrderedDict
 from typing import Any
 
 import torch

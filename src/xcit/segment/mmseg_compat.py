@@ -41,7 +41,6 @@ from ..models.weights import CheckpointError, infer_architecture, load_file
 from .ade20k import ADE20K_CLASSES
 from .heads import Segmenter
 
-_BN = r"(?:conv|bn)"
 _RULES = [
     (r"^backbone\.", lambda m: "backbone."),
     (r"^neck\.lateral_convs\.(\d+)\.conv\.", lambda m: f"decode_head.neck.lateral.{m[1]}."),
