@@ -81,6 +81,10 @@ def test_official_coco_file_loads_and_predicts_in_coco_order(coco_tiny):
     assert meta["classes"] == list(COCO_CLASSES) and meta["category_ids"][:3] == [1, 2, 3] and meta["category_ids"][-1] == 90
     assert model.detector_config["conventions"] == "mmdet" and model.transform.test_size == 800
     assert model.transform.max_size == 1333 and model.roi_heads.box_roi_pool.aligned
+    from xcit.detect.model import detector_from_config
+
+    rebuilt = detector_from_config(model.detector_config)  # what `xcit detect` checkpoints store: conventions kept
+    assert type(rebuilt.transform).__name__ == "MMDetTransform" and type(rebuilt.rpn.box_coder).__name__ == "MMDetBoxCoder"
     # every tensor of the file is in the model (renamed, permuted or padded), none invented
     own = model.state_dict()
     assert torch.equal(own["backbone.body.blocks.11.attn.qkv.weight"], state["backbone.blocks.11.attn.qkv.weight"])
