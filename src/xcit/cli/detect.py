@@ -16,7 +16,7 @@ _HELP = {
     "images": "image root for the file names in both files (default: ROOT/images for ROOT/annotations/*.json)",
     "out": "run folder: last.pt, best.pt, metrics.jsonl, curves.png, summary.json, train.log",
     "kind": "mask_rcnn (boxes + masks) or faster_rcnn (boxes)",
-    "backbone": "XCiT architecture, e.g. xcit_tiny_12_p16", "pretrained": "classification or DINO checkpoint for the backbone",
+    "backbone": "XCiT architecture, e.g. xcit_tiny_12_p16", "pretrained": "backbone weights: classification or DINO checkpoint, or a name (hf-hub:timm/..., dino_xcit_small_12_p16)",
     "out_indices": "XCA blocks feeding the pyramid (default 3 5 7 11 / 7 11 15 23)",
     "drop_path": "stochastic depth (default: the named model's dense-task rate)",
     "fpn_channels": "FPN width (256)", "anchor_sizes": "anchor size per level P2..P6 (32 64 128 256 512)",
@@ -78,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     p = tasks.add_parser("eval", help="COCO box (and mask) AP of a checkpoint on a COCO file")
-    p.add_argument("--checkpoint", default=None, help="detection checkpoint (best.pt / last.pt)")
+    p.add_argument("--checkpoint", default=None, help="detection checkpoint (best.pt / last.pt), an official COCO file or its name (maskrcnn_xcit_tiny_12_p16)")
     p.add_argument("--json", dest="coco_json", default=None, metavar="FILE", help="COCO file of the images to evaluate")
     p.add_argument("--data", default=None, metavar="ROOT", help="a prepared dataset (evaluates ROOT/annotations/val.json)")
     p.add_argument("--images", default=None, help="image root (default: ROOT/images, else the JSON's folder)")
@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = tasks.add_parser("predict", help="PNG overlays and a COCO-format JSON of the detections in images or folders")
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
-    p.add_argument("--checkpoint", default=None, help="detection checkpoint")
+    p.add_argument("--checkpoint", default=None, help="detection checkpoint, an official COCO file or its name (maskrcnn_xcit_tiny_12_p16)")
     p.add_argument("--out", default="detections", help="output folder (NAME_overlay.png, predictions.json)")
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
     _test_options(p)

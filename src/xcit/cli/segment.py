@@ -92,7 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="0 is 'other' (ignored) and k is class k-1, as in ADE20k")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=None, metavar="NAME", help="XCiT architecture, e.g. xcit_small_12_p16")
-    g.add_argument("--pretrained", default=None, metavar="CKPT", help="classification or DINO checkpoint for the backbone")
+    g.add_argument("--pretrained", default=None, metavar="CKPT", help="backbone weights: a classification or DINO checkpoint, or a name (hf-hub:timm/..., dino_xcit_small_12_p16, xcit_small_12_p16_224.fb_in1k)")
     for name in ("patch-size", "embed-dim", "depth", "num-heads"):
         g.add_argument(f"--{name}", type=int, default=None, help="custom backbone shape (overrides the named one)")
     g.add_argument("--out-indices", type=int, nargs=4, default=None, metavar="I", help="XCA blocks feeding the pyramid")
@@ -139,7 +139,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
     p = tasks.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a split")
-    p.add_argument("--checkpoint", required=False, default=None, help="segmentation checkpoint (best.pt / last.pt)")
+    p.add_argument("--checkpoint", required=False, default=None, help="segmentation checkpoint (best.pt / last.pt), an official ADE20k file or its name (upernet_xcit_small_12_p16, sem_fpn_...)")
     p.add_argument("--data", default=None, help="dataset root")
     p.add_argument("--split", default="validation")
     p.add_argument("--num-classes", type=int, default=None)
@@ -154,7 +154,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = tasks.add_parser("predict", help="coloured PNG masks and overlays for images or folders")
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
-    p.add_argument("--checkpoint", default=None, help="segmentation checkpoint")
+    p.add_argument("--checkpoint", default=None, help="segmentation checkpoint, an official ADE20k file or its name (upernet_xcit_small_12_p16)")
     p.add_argument("--out", default="predictions", help="output folder (NAME_mask.png, NAME_overlay.png)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
     _eval_options(p)

@@ -24,10 +24,12 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..models import MODELS, XCiTPyramid, resolve_name
+from ..models.weights import CheckpointError
 from ..segment.model import build_backbone
 
 FORMAT = "xcit-detector-1"
 KINDS = ("mask_rcnn", "faster_rcnn")
+CONVENTIONS = ("torchvision", "mmdet")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -135,12 +137,17 @@ def detector_config(
     score_thresh: float = 0.05,
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
+    conventions: str = "torchvision",
 ) -> dict[str, Any]:
     """The detector settings (defaults: the paper's Mask R-CNN with FPN(256), multi-scale 480..800 training).
 
     ``min_size`` lists the shorter sides drawn at training time; ``test_size`` is the test-time
     shorter side (default: the largest of ``min_size``); 0 in either keeps images at their size.
+    ``conventions="mmdet"`` computes RoIAlign, anchors, box decoding, test resize and mask pasting
+    as mmdetection 2.11 did (see :mod:`xcit.detect.mmdet_compat`; used for the official COCO weights).
     """
+    if conventions not in CONVENTIONS:
+        raise ValueError(f"expected conventions in {CONVENTIONS}, got {conventions!r}")
     if kind not in KINDS:
         raise ValueError(f"expected a detector kind in {KINDS}, got {kind!r}")
     if num_classes < 1:
@@ -159,6 +166,7 @@ def detector_config(
         rpn_post_nms_train=rpn_post_nms_train, rpn_pre_nms_test=rpn_pre_nms_test, rpn_post_nms_test=rpn_post_nms_test,
         roi_batch_size=roi_batch_size, detections_per_img=detections_per_img, score_thresh=score_thresh,
         image_mean=list(image_mean or IMAGENET_MEAN), image_std=list(image_std or IMAGENET_STD),
+        **({"conventions": conventions} if conventions != "torchvision" else {}),
     )
 
 
@@ -183,6 +191,10 @@ def assemble(body: XCiTPyramid, cfg: dict[str, Any]) -> nn.Module:
         model = FasterRCNN(backbone, None, **common)
     model.transform = NativeSizeTransform(cfg["min_size"], cfg["test_size"], cfg["max_size"], cfg["image_mean"], cfg["image_std"])
     model.detector_config = dict(cfg)
+    if cfg.get("conventions") == "mmdet":
+        from .mmdet_compat import apply_mmdet_conventions
+
+        apply_mmdet_conventions(model)
     return model
 
 
@@ -258,8 +270,22 @@ def read_detector_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """(detector in eval mode, meta) from a checkpoint written by ``xcit detect train``."""
-    raw = read_detector_checkpoint(path)
+    """(detector in eval mode, meta) from a checkpoint written by ``xcit detect train``, or from an official
+    COCO release file (mmdet 2.11 layout; a path or a name such as ``maskrcnn_xcit_tiny_12_p16``)."""
+    from ..models.hub import dense_release_arch, weights_file
+
+    if dense_release_arch(os.fspath(path)) is not None and not os.path.isfile(path):
+        path = weights_file(path)
+    try:
+        raw = read_detector_checkpoint(path)
+    except CheckpointError:
+        from ..models.weights import load_file
+        from .mmdet_compat import is_mmdet_checkpoint, load_mmdet_detector
+
+        other = load_file(path)
+        if not is_mmdet_checkpoint(other):
+            raise
+        return load_mmdet_detector(path, other)
     model = detector_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})

@@ -133,6 +133,9 @@ def load_for_inference(
     if model_name is not None:
         default_size = resolve_name(model_name).img_size
     if checkpoint is not None:
+        from ..models.hub import weights_file
+
+        checkpoint = weights_file(checkpoint)  # a path, or a hub / DINO / release name
         meta = read_metadata(checkpoint)
         model = create_model(model_name, checkpoint=checkpoint)
         source = os.fspath(checkpoint)

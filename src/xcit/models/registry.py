@@ -123,19 +123,33 @@ def create_model(
     """Build a named XCiT classifier, optionally loading weights.
 
     Args:
-        name: official (``xcit_small_12_p16``) or timm (``xcit_small_12_p16_224.fb_in1k``) name.
-            May be omitted when ``checkpoint`` is given: the architecture is read from its shapes.
+        name: official (``xcit_small_12_p16``) or timm (``xcit_small_12_p16_224.fb_in1k``) name, a
+            Hugging Face Hub repository (``hf-hub:timm/xcit_nano_12_p16_224.fb_in1k``) or a DINO backbone
+            (``dino_xcit_small_12_p16``, no head). May be omitted when ``checkpoint`` is given: the
+            architecture is read from its shapes.
         num_classes: head size; default 1000, or the checkpoint's head size when loading one.
         in_chans: input channels (1 for grey images).
         drop_path_rate: stochastic depth, the same in every XCA block (official recipe).
         checkpoint: weights file (official release, timm, bare state dict or ``.safetensors``).
-        pretrained: download the official release weights ``name`` refers to.
+        pretrained: the release weights ``name`` refers to: downloaded once into the torch hub cache
+            (official and DINO files) or through the ``huggingface_hub`` client and its cache (``hf-hub:``).
         overrides: any other :class:`XCiT` argument (``patch_size=4``, ``eta``, ...).
     """
+    from .hub import DINO_MODELS, HF_PREFIX, resolve_pretrained, weights_file
     from .weights import download_release, inspect_checkpoint, load_checkpoint
 
     if checkpoint is not None and pretrained:
         raise ValueError("give either checkpoint= or pretrained=True, not both")
+    if isinstance(name, str) and (name.startswith(HF_PREFIX) or name in DINO_MODELS):
+        if name in DINO_MODELS and num_classes is None:
+            num_classes = 0  # DINO backbones have no classifier
+        if pretrained:
+            name, checkpoint = resolve_pretrained(name)
+            pretrained = False
+        else:
+            name = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name[len("dino_"):]
+    if checkpoint is not None:
+        checkpoint = weights_file(checkpoint)  # a path, or a hub / DINO / release name
     if pretrained:
         if name is None:
             raise ValueError("pretrained=True needs a model name")

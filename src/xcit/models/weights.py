@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .mmpretrain import MMPRETRAIN_MARK, from_mmpretrain
 from .registry import MODELS, release_url, resolve_name
 
 PathLike = str | os.PathLike
@@ -53,20 +54,29 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
         arch = json.loads(meta["arch"]) if "arch" in meta else {}
     else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            if "global" not in str(err).lower():  # corrupt data, not a forbidden object
-                raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated)") from err
-            raise CheckpointError(
-                f"{path}: refused to load, the file holds Python objects beyond tensors and plain "
-                "containers, and unpickling them could run arbitrary code. Re-save just the state "
-                "dict (torch.save({'model': model.state_dict()}, path)) from a trusted environment."
-            ) from err
-        except (RuntimeError, EOFError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+        raw = load_file(path)
         arch = raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), dict) else {}
     return to_official_layout(_unwrap(raw, path)), arch
+
+
+def load_file(path: PathLike):
+    """The object saved in a ``.pth`` file, read with ``torch.load(weights_only=True)`` (tensors and plain
+    containers only), with a :class:`CheckpointError` that says what is wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "global" not in str(err).lower():  # corrupt data, not a forbidden object
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated)") from err
+        raise CheckpointError(
+            f"{path}: refused to load, the file holds Python objects beyond tensors and plain "
+            "containers, and unpickling them could run arbitrary code. Re-save just the state "
+            "dict (torch.save({'model': model.state_dict()}, path)) from a trusted environment."
+        ) from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
 
 
 def read_metadata(path: PathLike) -> dict:
@@ -154,7 +164,10 @@ def _looks_like_state_dict(obj: dict) -> bool:
 
 
 def to_official_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename timm keys to the official ones: ``pos_embed.`` -> ``pos_embeder.``, q/k/v -> fused qkv."""
+    """Rename timm keys to the official ones: ``pos_embed.`` -> ``pos_embeder.``, q/k/v -> fused qkv;
+    mmpretrain classifiers (``backbone.xca_layers.*``) are renamed first (:mod:`xcit.models.mmpretrain`)."""
+    if any(k.startswith(MMPRETRAIN_MARK) for k in state):
+        state = from_mmpretrain(state)
     out: dict[str, torch.Tensor] = {}
     split: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -294,7 +307,15 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = No
 
 def download_release(name: str, *, timeout: float = 15.0) -> Path:
     """Fetch the official release file for ``name`` into the torch hub cache (once) and return it."""
-    url = release_url(name)
+    return download_file(release_url(name), f"the weights of {resolve_name(name).arch}", timeout=timeout)
+
+
+def download_file(url: str, what: str, *, timeout: float = 15.0) -> Path:
+    """``url`` saved once under the torch hub cache (``checkpoints/<file name>``); the cached file when present.
+
+    Without network access this fails at once with a message naming the file, where to put it and
+    the ``XCIT_WEIGHTS_URL`` mirror option.
+    """
     target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
     if target.is_file():
         return target
@@ -307,7 +328,7 @@ def download_release(name: str, *, timeout: float = 15.0) -> Path:
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError, TimeoutError) as err:
         raise RuntimeError(
-            f"could not download the weights of {resolve_name(name).arch} from {url} ({err}). "
+            f"could not download {what} from {url} ({err}). "
             "Without network access, download the file elsewhere and pass checkpoint=PATH, "
             f"or place it at {target}, or point XCIT_WEIGHTS_URL at a mirror."
         ) from err

@@ -66,14 +66,19 @@ class SemanticFPNHead(nn.Module):
 
     Level i (stride 4 * 2^i) goes through max(1, i) blocks of 3x3 conv -> norm -> ReLU, each but
     the level-0 one followed by 2x bilinear upsampling; the stride-4 results are summed, then
-    dropout and a 1x1 classifier.
+    dropout and a 1x1 classifier. ``upsample="size"`` resizes each step to the next level's size;
+    ``"x2"`` doubles the size and resizes the sum's terms at the end, as mmseg's FPNHead (the two
+    differ only when a level's size is odd).
     """
 
     def __init__(
         self, in_channels: Sequence[int], num_classes: int, fpn_channels: int = 256, channels: int = 128,
-        norm: str = "bn", dropout: float = 0.1,
+        norm: str = "bn", dropout: float = 0.1, upsample: str = "size",
     ) -> None:
         super().__init__()
+        if upsample not in ("size", "x2"):
+            raise ValueError(f"expected upsample 'size' or 'x2', got {upsample!r}")
+        self.upsample = upsample
         self.neck = FPNNeck(in_channels, fpn_channels)
         self.scale_heads = nn.ModuleList()
         for level in range(len(in_channels)):
@@ -89,9 +94,11 @@ class SemanticFPNHead(nn.Module):
         for level, (blocks, x) in enumerate(zip(self.scale_heads, pyramid)):
             for k, block in enumerate(blocks):
                 x = block(x)
-                if level > 0:  # up one level per block: stride 4 * 2^level -> ... -> 4
+                if level > 0 and self.upsample == "x2":
+                    x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+                elif level > 0:  # up one level per block: stride 4 * 2^level -> ... -> 4
                     x = _resize(x, sizes[level - k - 1])
-            out = x if out is None else out + x
+            out = x if out is None else out + _resize(x, out.shape[-2:])
         return self.classifier(self.dropout(out))
 
 
@@ -168,7 +175,7 @@ class Segmenter(nn.Module):
     def __init__(
         self, backbone: XCiTPyramid, num_classes: int, head: str = "upernet", channels: int | None = None,
         norm: str = "bn", dropout: float = 0.1, aux: bool | None = None, aux_channels: int | None = None,
-        aux_level: int = 2, fpn_channels: int = 256,
+        aux_level: int = 2, fpn_channels: int = 256, fpn_upsample: str = "size",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -183,7 +190,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         if head == "fpn":
             channels = 128 if channels is None else channels
-            self.decode_head = SemanticFPNHead(in_ch, num_classes, fpn_channels, channels, norm, dropout)
+            self.decode_head = SemanticFPNHead(in_ch, num_classes, fpn_channels, channels, norm, dropout, fpn_upsample)
         else:
             channels = 512 if channels is None else channels
             self.decode_head = UperNetHead(in_ch, num_classes, channels, norm=norm, dropout=dropout)
@@ -193,6 +200,7 @@ class Segmenter(nn.Module):
         self.head_config = dict(
             head=head, channels=channels, norm=norm, dropout=dropout, aux=aux, aux_channels=aux_channels,
             aux_level=aux_level, fpn_channels=fpn_channels,
+            **({"fpn_upsample": fpn_upsample} if fpn_upsample != "size" else {}),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

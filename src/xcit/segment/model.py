@@ -44,10 +44,15 @@ def build_backbone(
 
     With a checkpoint the architecture is read from its shapes (``name`` may be omitted); every
     trunk weight must be present and fit, else :class:`CheckpointError` names the difference.
+    ``checkpoint`` may also name released weights (``hf-hub:timm/...``, ``dino_xcit_small_12_p16``,
+    ``xcit_small_12_p16_224.fb_in1k``; see :mod:`xcit.models.hub`).
     """
+    from ..models.hub import weights_file
+
     arch: dict = {}
     state = None
     if checkpoint is not None:
+        checkpoint = weights_file(checkpoint)  # a path, or a hub / DINO / release name
         state = read_backbone_state(checkpoint)
         found = infer_architecture(state)
         arch = {k: found[k] for k in _ARCH_KEYS if k in found}
@@ -123,10 +128,23 @@ def save_segmenter(model: Segmenter, path: str | os.PathLike, meta: dict | None 
 
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
-    """(model in eval mode, meta) from a checkpoint written by :func:`save_segmenter` or by training."""
+    """(model in eval mode, meta) from a checkpoint written by :func:`save_segmenter` or by training, or from
+    an official ADE20k release file (mmseg 0.11 layout; a path or a name such as ``upernet_xcit_tiny_12_p16``)."""
+    from ..models.hub import dense_release_arch, weights_file
     from ..train.checkpoint import read_task_checkpoint
 
-    raw = read_task_checkpoint(path, FORMAT, "segment", map_location)
+    if dense_release_arch(os.fspath(path)) is not None and not os.path.isfile(path):
+        path = weights_file(path)
+    try:
+        raw = read_task_checkpoint(path, FORMAT, "segment", map_location)
+    except CheckpointError:
+        from ..models.weights import load_file
+        from .mmseg_compat import is_mmseg_checkpoint, load_mmseg_segmenter
+
+        other = load_file(path)
+        if not is_mmseg_checkpoint(other):
+            raise
+        return load_mmseg_segmenter(path, other)
     model = segmenter_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})
