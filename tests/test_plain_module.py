@@ -264,3 +264,16 @@ def test_input_dtype_mismatch_is_a_value_error_before_any_layer(model):
             model(_x().to(dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast is not a mismatch
         assert model(_x().to(torch.bfloat16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_both_exporters_dynamic_with_onnxruntime_parity(model, exporter, tmp_path):
+    pytest.importorskip("onnxruntime")
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript")
+    from xcit import export as ex
+
+    path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(48, 40), exporter=exporter)
+    sizes = ex.check_sizes((48, 40), model.patch_size)  # square-ish, rectangular, not a multiple of the patch
+    rows = ex.check_onnx(model, path, sizes)
+    assert len(rows) == 3 and max(r["max_abs_diff"] for r in rows) < 1e-4, rows

@@ -30,17 +30,20 @@ def _has_onednn() -> bool:
 HAS_ONEDNN = _has_onednn()
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch < 2.6 has no such query
+
+
 def graph_capture() -> bool:
     """Whether the forward is being traced, exported or compiled rather than run eagerly."""
     return (
-        torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-        or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        torch.compiler.is_compiling() or _is_exporting() or torch.jit.is_tracing() or torch.jit.is_scripting()
+        or torch.onnx.is_in_onnx_export()
     )
 
 
 def exporting() -> bool:
     """Graph capture whose sizes must stay symbolic (export, tracing): no branch on token counts."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return _is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 def _dnn_fp32(dnn: bool, *tensors: torch.Tensor | None) -> bool:
