@@ -189,7 +189,8 @@ def xca(
     d = c // h
     qk = linear(w_qkv[: 2 * c], x.reshape(b * n, c), None, dnn=dnn)  # (2C, B*N): channels as rows
     if b_qkv is not None:
-        qk = qk + b_qkv[: 2 * c, None].to(qk.dtype)
+        bias = b_qkv[: 2 * c, None].to(qk.dtype)
+        qk = qk + bias if graph_capture() else qk.add_(bias)
     qk = qk.view(2, h, d, b, n).permute(0, 3, 1, 2, 4)  # (2, B, h, d, N)
     attn = channel_attention(qk[0], qk[1], temperature)  # (B, h, d, d) fp32
     w_v = w_qkv[2 * c:]

@@ -318,10 +318,11 @@ class ClassAttentionBlock(nn.Module):
         self.tokens_norm = tokens_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.gamma1 * self.attn(self.norm1(x))
+        x = torch.addcmul(x, self.attn(self.norm1(x)), self.gamma1)
         if self.tokens_norm:
             x = self.norm2(x)
+            cls = x[:, :1]
         else:
-            x = torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
-        cls = x[:, :1] + self.gamma2 * self.mlp(x[:, :1])
+            cls = self.norm2(x[:, :1])
+        cls = torch.addcmul(cls, self.mlp(cls), self.gamma2)
         return torch.cat([cls, 2 * x[:, 1:]], dim=1)
