@@ -112,12 +112,44 @@ class WarmupCosine:
         return self.lr(step) / self.base_lr
 
 
+class EpochCosine:
+    """The official schedule: timm 0.4.9's ``CosineLRScheduler`` stepped once, after each epoch.
+
+    ``main.py`` calls ``lr_scheduler.step(epoch)`` at the end of epoch ``epoch``, so epoch ``e``
+    (0-based) runs at ``f(max(e - 1, 0))``: the first two epochs at ``warmup_lr``. ``f(t)`` is a
+    linear warm-up over ``warmup_epochs``, then ``min + (base - min) / 2 * (1 + cos(pi * t / epochs))``
+    (timm's cosine counts the warm-up epochs: ``warmup_prefix=False``).
+    """
+
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
+                 min_lr: float, kind: str = "cosine") -> None:
+        self.base_lr, self.epochs, self.steps_per_epoch = float(base_lr), int(epochs), max(int(steps_per_epoch), 1)
+        self.warmup_epochs, self.warmup_lr, self.min_lr, self.kind = float(warmup_epochs), float(warmup_lr), float(min_lr), kind
+
+    def lr(self, step: int) -> float:
+        t = max(step // self.steps_per_epoch - 1, 0)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + t * (self.base_lr - self.warmup_lr) / self.warmup_epochs
+        if self.kind == "constant":
+            return self.base_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.epochs))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.base_lr
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int, warmup_steps: int,
-                    warmup_lr: float, min_lr: float, kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration ``LambdaLR`` following :class:`WarmupCosine` (group lr scales are kept)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
-    )
+                    warmup_lr: float, min_lr: float, kind: str = "cosine", *,
+                    steps_per_epoch: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped every iteration (group lr scales are kept): :class:`WarmupCosine`, or with
+    ``steps_per_epoch`` the official once-per-epoch :class:`EpochCosine` (warm-up then in epochs:
+    ``warmup_steps / steps_per_epoch``)."""
+    if steps_per_epoch:
+        schedule = EpochCosine(base_lr, total_steps // steps_per_epoch, steps_per_epoch, warmup_steps / steps_per_epoch,
+                               warmup_lr, min_lr, kind)
+    else:
+        schedule = WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 @dataclass
