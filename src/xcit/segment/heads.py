@@ -70,7 +70,7 @@ class SemanticFPNHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: Sequence[int], num_classes: int, fpn_channels: int = 256, channels: int = 128,
+        self, in_channels: Sequence[int], num_classes: int, fpn_channels: int = 384, channels: int = 128,
         norm: str = "bn", dropout: float = 0.1,
     ) -> None:
         super().__init__()
@@ -168,7 +168,7 @@ class Segmenter(nn.Module):
     def __init__(
         self, backbone: XCiTPyramid, num_classes: int, head: str = "upernet", channels: int | None = None,
         norm: str = "bn", dropout: float = 0.1, aux: bool | None = None, aux_channels: int | None = None,
-        aux_level: int = 2, fpn_channels: int = 256,
+        aux_level: int = 2, fpn_channels: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -183,6 +183,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         if head == "fpn":
             channels = 128 if channels is None else channels
+            fpn_channels = in_ch[-1] if fpn_channels is None else fpn_channels  # the official configs: the backbone's width
             self.decode_head = SemanticFPNHead(in_ch, num_classes, fpn_channels, channels, norm, dropout)
         else:
             channels = 512 if channels is None else channels

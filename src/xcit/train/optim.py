@@ -52,16 +52,18 @@ def build_param_groups(
     return [split[k] for k in sorted(split)]
 
 
-def dense_param_groups(model: nn.Module, weight_decay: float, rule: str = "mmcv") -> list[dict]:
+def dense_param_groups(model: nn.Module, weight_decay: float, rule: str = "mmcv", *,
+                       exempt_per_channel: bool = False) -> list[dict]:
     """Groups of the detection / segmentation recipes.
 
     ``"mmcv"`` is the official configs' ``paramwise_cfg=dict(custom_keys={'norm': decay_mult=0})``
     under mmcv's default constructor: no decay for parameters whose name contains ``norm``, decay
     for all others, biases, BatchNorm and XCA temperatures included. ``"bias-norm"`` is the
-    classification rule (:func:`build_param_groups`: biases, 1-d parameters and per-channel ones exempt).
+    classification rule (:func:`build_param_groups`: biases and 1-d parameters exempt, and with
+    ``exempt_per_channel`` the per-channel ones too).
     """
     if rule == "bias-norm":
-        return build_param_groups(model, weight_decay, exempt_per_channel=True)
+        return build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel)
     if rule != "mmcv":
         raise ValueError(f"expected a weight-decay rule in {WD_RULES}, got {rule!r}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
