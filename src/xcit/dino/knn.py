@@ -87,7 +87,11 @@ DINO_CROP_PCT = 0.875  # eval_knn.py / eval_linear.py: Resize(256) + CenterCrop(
 def default_crop_pct(data: str) -> float:
     """DINO's 0.875 for image folders; 1.0 for the small in-memory datasets (Fashion-MNIST, digits, IDX),
     whose 28x28 / 8x8 images are whole objects and whose recorded numbers used the full image."""
-    return 1.0 if dataset_kind(data) in ("fashion-mnist", "digits", "idx") else DINO_CROP_PCT
+    try:
+        kind = dataset_kind(data)
+    except ValueError:  # reported, clearly, when the dataset is built
+        return DINO_CROP_PCT
+    return 1.0 if kind in ("fashion-mnist", "digits", "idx") else DINO_CROP_PCT
 
 
 def feature_dataset(source: FeatureSource, data: str, split: str, classes: list[str] | None = None):
