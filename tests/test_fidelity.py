@@ -36,14 +36,16 @@ def _resolved() -> dict[str, object]:
     from xcit.detect.train import DetectConfig
     from xcit.segment.train import TrainConfig as SegmentConfig
 
-    return {"train": train_config.resolve_config(preset="imagenet"), "dino": dino_config.resolve_config(preset="imagenet"),
-            "detect": DetectConfig(), "segment": SegmentConfig()}
+    return {"train": train_config.resolve_config(preset="imagenet"),
+            "dino": dino_config.resolve_config(preset="imagenet"), "detect": DetectConfig(), "segment": SegmentConfig()}
 
 
 def _yaml_files() -> dict[str, list[Path]]:
     configs = REPO / "configs"
-    return {"train": sorted(configs.glob("imagenet_xcit_*.yaml")), "dino": sorted((configs / "dino").glob("imagenet_*.yaml")),
-            "detect": [configs / "detect" / "coco_mask_rcnn.yaml"], "segment": [configs / "segment" / "ade20k_fpn.yaml"]}  # (UperNet: 160k iterations)
+    return {"train": sorted(configs.glob("imagenet_xcit_*.yaml")),
+            "dino": sorted((configs / "dino").glob("imagenet_*.yaml")),
+            "detect": [configs / "detect" / "coco_mask_rcnn.yaml"],
+            "segment": [configs / "segment" / "ade20k_fpn.yaml"]}  # (UperNet: 160k iterations)
 
 
 def test_every_paper_preset_resolves_to_the_official_defaults():
@@ -151,7 +153,8 @@ def test_dino_groups_decay_temperature_and_cls_token():
                                 read_no_weight_decay=cfg.wd_exempt_per_channel)
     decayed = {id(p) for g in groups if g["decayed"] for p in g["params"]}
     assert id(named["backbone.blocks.0.attn.temperature"]) in decayed and id(named["backbone.cls_token"]) in decayed
-    assert id(named["backbone.blocks.0.attn.qkv.bias"]) not in decayed and id(named["backbone.norm.weight"]) not in decayed
+    assert id(named["backbone.blocks.0.attn.qkv.bias"]) not in decayed
+    assert id(named["backbone.norm.weight"]) not in decayed
 
 
 def test_weight_decay_schedule_from_zero_is_applied(tmp_path):

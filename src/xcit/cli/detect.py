@@ -39,8 +39,8 @@ _HELP = {
     "wd_exempt_per_channel": "with --wd-rule bias-norm: also exempt XCA temperatures",
     "crop_policy": "the official 3x recipe's DETR-style random crop on half of the images (--no-crop-policy: none)",
 }
-_CHOICES = {"kind": ["mask_rcnn", "faster_rcnn"], "roi_align": ["mmdet", "torchvision"], "box_loss": ["l1", "smooth_l1"],
-            "wd_rule": ["mmcv", "bias-norm"]}
+_CHOICES = {"kind": ["mask_rcnn", "faster_rcnn"], "roi_align": ["mmdet", "torchvision"],
+            "box_loss": ["l1", "smooth_l1"], "wd_rule": ["mmcv", "bias-norm"]}
 
 
 def _add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:

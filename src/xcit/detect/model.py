@@ -147,7 +147,8 @@ def detector_config(
     torchvision's (:mod:`xcit.detect.recipe`).
     """
     if roi_align not in ROI_ALIGNS or box_loss not in BOX_LOSSES:
-        raise ValueError(f"expected roi_align in {ROI_ALIGNS} and box_loss in {BOX_LOSSES}, got {roi_align!r}, {box_loss!r}")
+        raise ValueError(f"expected roi_align in {ROI_ALIGNS} and box_loss in {BOX_LOSSES}, "
+                         f"got {roi_align!r}, {box_loss!r}")
     if kind not in KINDS:
         raise ValueError(f"expected a detector kind in {KINDS}, got {kind!r}")
     if num_classes < 1:

@@ -51,7 +51,8 @@ def roi_poolers(kind: str) -> dict[str, nn.Module]:
         raise ValueError(f"expected roi_align in {ROI_ALIGNS}, got {kind!r}")
     if kind == "torchvision":
         return dict(box_roi_pool=MultiScaleRoIAlign(LEVELS, 7, 2), mask_roi_pool=MultiScaleRoIAlign(LEVELS, 14, 2))
-    return dict(box_roi_pool=AlignedMultiScaleRoIAlign(LEVELS, 7, 0), mask_roi_pool=AlignedMultiScaleRoIAlign(LEVELS, 14, 0))
+    return dict(box_roi_pool=AlignedMultiScaleRoIAlign(LEVELS, 7, 0),
+                mask_roi_pool=AlignedMultiScaleRoIAlign(LEVELS, 14, 0))
 
 
 class L1RegionProposalNetwork(RegionProposalNetwork):
@@ -89,7 +90,8 @@ class L1RoIHeads(RoIHeads):
             deltas = captured["out"][1]
             deltas = deltas.reshape(len(deltas), -1, 4)
             pos = torch.where(labels > 0)[0]
-            losses["loss_box_reg"] = F.l1_loss(deltas[pos, labels[pos]], targets_[pos], reduction="sum") / labels.numel()
+            box_loss = F.l1_loss(deltas[pos, labels[pos]], targets_[pos], reduction="sum")
+            losses["loss_box_reg"] = box_loss / labels.numel()
             del self._samples
         return result, losses
 

@@ -70,7 +70,8 @@ class DinoConfig:
     clip_grad_mode: str = _opt("per-param", "per-param: each parameter's gradient separately (DINO's "
                                "utils.clip_gradients); global: one norm over all of them", "optim", CLIP_MODES)
     wd_exempt_per_channel: bool = _opt(False, "also exempt per-channel parameters (XCA temperature, cls token) "
-                                       "from weight decay (DINO decays them; only biases and norms are exempt)", "optim")
+                                       "from weight decay (DINO decays them; only biases and norms are exempt)",
+                                       "optim")
     freeze_last_layer: float = _opt(1.0, "epochs during which the head's last layer gets no update", "optim")
     momentum_teacher: float = _opt(0.996, "teacher EMA momentum at the start (cosine to 1)", "optim")
     warmup_teacher_temp: float = _opt(0.04, "teacher temperature at the start", "optim")

@@ -183,7 +183,7 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         if head == "fpn":
             channels = 128 if channels is None else channels
-            fpn_channels = in_ch[-1] if fpn_channels is None else fpn_channels  # the official configs: the backbone's width
+            fpn_channels = in_ch[-1] if fpn_channels is None else fpn_channels  # official: the backbone's width
             self.decode_head = SemanticFPNHead(in_ch, num_classes, fpn_channels, channels, norm, dropout)
         else:
             channels = 512 if channels is None else channels

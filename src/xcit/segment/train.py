@@ -214,7 +214,8 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
     if ctx.distributed:
         model = dist_utils.convert_batchnorm(model, ctx.device)  # SyncBN on GPUs, all-reduce BN on CPU
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(dense_param_groups(model, cfg.weight_decay, cfg.wd_rule), lr=cfg.lr, betas=(0.9, 0.999))
+    groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     time_limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
     schedule = PolySchedule(cfg.lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.power, cfg.min_lr, time_limit)

@@ -126,7 +126,8 @@ class EpochCosine:
     def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
                  min_lr: float, kind: str = "cosine") -> None:
         self.base_lr, self.epochs, self.steps_per_epoch = float(base_lr), int(epochs), max(int(steps_per_epoch), 1)
-        self.warmup_epochs, self.warmup_lr, self.min_lr, self.kind = float(warmup_epochs), float(warmup_lr), float(min_lr), kind
+        self.warmup_epochs, self.warmup_lr, self.min_lr = float(warmup_epochs), float(warmup_lr), float(min_lr)
+        self.kind = kind
 
     def lr(self, step: int) -> float:
         t = max(step // self.steps_per_epoch - 1, 0)
