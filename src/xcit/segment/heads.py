@@ -70,10 +70,11 @@ class SemanticFPNHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: Sequence[int], num_classes: int, fpn_channels: int = 384, channels: int = 128,
+        self, in_channels: Sequence[int], num_classes: int, fpn_channels: int | None = None, channels: int = 128,
         norm: str = "bn", dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        fpn_channels = in_channels[-1] if fpn_channels is None else fpn_channels  # official: the backbone's width
         self.neck = FPNNeck(in_channels, fpn_channels)
         self.scale_heads = nn.ModuleList()
         for level in range(len(in_channels)):
@@ -183,8 +184,8 @@ class Segmenter(nn.Module):
         self.num_classes = num_classes
         if head == "fpn":
             channels = 128 if channels is None else channels
-            fpn_channels = in_ch[-1] if fpn_channels is None else fpn_channels  # official: the backbone's width
             self.decode_head = SemanticFPNHead(in_ch, num_classes, fpn_channels, channels, norm, dropout)
+            fpn_channels = self.decode_head.neck.out_channels
         else:
             channels = 512 if channels is None else channels
             self.decode_head = UperNetHead(in_ch, num_classes, channels, norm=norm, dropout=dropout)
