@@ -140,8 +140,9 @@ def linear_probe(checkpoint: str | os.PathLike | None = None, data: str = "fashi
     """Train a linear classifier on frozen features of the train split; top-1 / top-5 (%) on the test split.
 
     ``protocol`` is ``"dino"`` (DINO's, the default; ``lr`` per 256 images) or ``"precomputed"`` (the
-    fast probe; ``lr`` as given, ``weight_decay`` allowed); ``lr`` and ``probe_batch_size`` (dino: images
-    per process and step; precomputed: features per step over all processes) default to the protocol's. With ``output`` (and the cls feature of a checkpoint) the
+    fast probe; ``lr`` as given, ``weight_decay`` allowed); ``lr`` and ``probe_batch_size`` (dino:
+    images per process and step; precomputed: features per step over all processes) default to the
+    protocol's. With ``output`` (and the cls feature of a checkpoint) the
     backbone and the probe are saved as one XCiT classifier, usable by ``xcit eval`` / ``predict``.
     """
     if protocol not in PROTOCOLS:
@@ -187,7 +188,8 @@ def linear_probe(checkpoint: str | os.PathLike | None = None, data: str = "fashi
         dist_utils.cleanup(env)
     n = int(counts[2])
     result = {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": n, "n_train": n_train,
-              "protocol": protocol, "epochs": epochs, "lr": lr, "crop_pct": crop_pct, "pool": pool if not pixels else "pixels",
+              "protocol": protocol, "epochs": epochs, "lr": lr, "crop_pct": crop_pct,
+              "pool": pool if not pixels else "pixels",
               "features": source.label, "dim": dim, "data": str(data), "split": test_split,
               "seconds": round(time.time() - t0, 1)}
     if train_acc is not None:
