@@ -54,7 +54,7 @@ def test_head_structure_follows_the_paper_defaults():
     assert head.classifier.in_channels == 512 and model.aux_head is not None and model.aux_level == 2
     assert model.aux_head.classifier.in_channels == 256
     fpn = build_segmenter(150, arch=dict(patch_size=16, **TINY), head="fpn")
-    assert fpn.aux_head is None and fpn.decode_head.neck.out_channels == 256
+    assert fpn.aux_head is None and fpn.decode_head.neck.out_channels == TINY["embed_dim"]  # the backbone width
     # level i has max(1, i) conv blocks in the panoptic-FPN semantic branch
     assert [len(blocks) for blocks in fpn.decode_head.scale_heads] == [1, 1, 2, 3]
 

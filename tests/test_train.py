@@ -269,11 +269,12 @@ def test_layer_decay_and_weight_decay_groups():
     assert scale[id(named["blocks.2.attn.qkv.weight"])] == 0.5
     assert scale[id(named["blocks.0.attn.qkv.weight"])] == 0.125
     assert scale[id(named["patch_embed.proj.0.0.weight"])] == 0.0625
-    assert decay[id(named["blocks.0.attn.temperature"])] == 0.0  # exempt (the official code decays it)
+    assert decay[id(named["blocks.0.attn.temperature"])] == 0.05  # decayed, as the official code
     assert decay[id(named["blocks.0.attn.qkv.bias"])] == 0.0 and decay[id(named["head.weight"])] == 0.05
     assert sum(len(g["params"]) for g in groups) == len(named)
-    official = build_param_groups(model, 0.05, exempt_per_channel=False)
-    assert any(p is named["blocks.0.attn.temperature"] for p in official[0]["params"])
+    exempt = build_param_groups(model, 0.05, exempt_per_channel=True)
+    assert any(p is named["blocks.0.attn.temperature"] for p in exempt[1]["params"])
+    assert [g["decayed"] for g in exempt] == [True, False]
 
 
 def test_config_precedence_yaml_and_cli(tmp_path, capsys):

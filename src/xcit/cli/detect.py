@@ -32,7 +32,15 @@ _HELP = {
     "rot90": "random 90-degree turns (top-down imagery)",
     "color_jitter": "brightness / contrast / saturation jitter (hue a quarter of it); 0: off", "eval_interval": "evaluate every N steps (0: at the end only)",
     "strict": "fail on invalid annotations instead of skipping them", "resume": "a last.pt to continue from, or 'auto'",
+    "rpn_post_nms_train": "proposals kept after NMS per image in training (1000, the official configs)",
+    "roi_align": "mmdet (official: aligned, adaptive sampling) or torchvision (aligned=False, 2 samples)",
+    "box_loss": "l1 (official) or smooth_l1 (torchvision, beta 1/9)",
+    "wd_rule": "mmcv (official: no decay only for names containing 'norm') or bias-norm (biases and 1-d exempt)",
+    "wd_exempt_per_channel": "with --wd-rule bias-norm: also exempt XCA temperatures",
+    "crop_policy": "the official 3x recipe's DETR-style random crop on half of the images (--no-crop-policy: none)",
 }
+_CHOICES = {"kind": ["mask_rcnn", "faster_rcnn"], "roi_align": ["mmdet", "torchvision"],
+            "box_loss": ["l1", "smooth_l1"], "wd_rule": ["mmcv", "bias-norm"]}
 
 
 def _add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
@@ -49,7 +57,7 @@ def _add_dataclass_options(p: argparse.ArgumentParser, cls) -> None:
         else:
             kind = int if "int" in hint and "float" not in hint else float if "float" in hint else str
             p.add_argument(flag, type=kind, default=None, help=help_text,
-                           choices=["mask_rcnn", "faster_rcnn"] if f.name == "kind" else None)
+                           choices=_CHOICES.get(f.name))
 
 
 def register(sub: argparse._SubParsersAction) -> None:

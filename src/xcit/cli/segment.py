@@ -99,7 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--drop-path", type=float, default=None, help="stochastic depth (default: the model's dense-task rate)")
     g.add_argument("--head", choices=["fpn", "upernet"], default=None, help="Semantic FPN or UperNet (default)")
     g.add_argument("--channels", type=int, default=None, help="head width (UperNet 512, Semantic FPN 128)")
-    g.add_argument("--fpn-channels", type=int, default=None, help="Semantic FPN neck width (256)")
+    g.add_argument("--fpn-channels", type=int, default=None,
+                   help="Semantic FPN neck width (default: the backbone's, as the official configs: 384 for small)")
     g.add_argument("--norm", choices=["bn", "gn"], default=None, help="head norm: BatchNorm (SyncBN when distributed) or GroupNorm")
     g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None, help="auxiliary FCN head (default: UperNet only)")
     g.add_argument("--aux-weight", type=float, default=None, help="auxiliary loss weight (0.4)")
@@ -108,6 +109,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="images per step over all processes (16)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (6e-5)")
     g.add_argument("--weight-decay", type=float, default=None, help="(0.01)")
+    g.add_argument("--wd-rule", choices=["mmcv", "bias-norm"], default=None,
+                   help="no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, norms, "
+                        "per-channel parameters)")
     g.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up (1500)")
     g.add_argument("--power", type=float, default=None, help="poly power (1.0)")
     g.add_argument("--min-lr", type=float, default=None, help="(0)")

@@ -216,17 +216,18 @@ class CocoDetection(torch.utils.data.Dataset):
     random horizontal flip, and optionally vertical flip and 90-degree rotations (top-down
     imagery such as aerial photos and microscopy) and colour jitter (brightness, contrast,
     saturation by up to ``color_jitter``, hue by a quarter of it). Resizing is the detector's own (multi-scale).
+    ``crop_policy`` adds the official 3x recipe's DETR-style crop to half of the images (:func:`detr_crop`).
     """
 
     def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike | None = None, *, masks: bool = False,
                  train: bool = False, hflip: float = 0.5, vflip: float = 0.0, rot90: bool = False,
-                 color_jitter: float = 0.0, strict: bool = False, seed: int = 0) -> None:
+                 color_jitter: float = 0.0, crop_policy: bool = False, strict: bool = False, seed: int = 0) -> None:
         self.path = Path(annotations)
         self.root = Path(images) if images is not None else self.path.parent
         raw = read_json(self.path)
         self.coco, self.report = clean_coco(raw, self.path, image_root=self.root, need_masks=masks, strict=strict)
         self.masks, self.train = masks, train
-        self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
+        self.hflip, self.vflip, self.rot90, self.crop_policy = hflip, vflip, rot90, crop_policy
         self.jitter = None
         if color_jitter > 0:
             from torchvision.transforms import v2
@@ -275,9 +276,11 @@ class CocoDetection(torch.utils.data.Dataset):
         return image.float().div_(255), target
 
     def augment(self, image: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Random flips (and 90-degree turns) of the image, boxes and masks together."""
+        """Random flips (and 90-degree turns, DETR crops) of the image, boxes and masks together."""
         if self.rng.random() < self.hflip:
             image, target = _flip(image, target, horizontal=True)
+        if self.crop_policy and self.rng.random() < 0.5:
+            image, target = detr_crop(image, target, self.rng)
         if self.rng.random() < self.vflip:
             image, target = _flip(image, target, horizontal=False)
         if self.rot90 and self.rng.random() < 0.5:
@@ -298,6 +301,35 @@ def _flip(image: torch.Tensor, target: dict, horizontal: bool) -> tuple[torch.Te
     if "masks" in target:
         target["masks"] = target["masks"].flip(dim)
     return image.flip(dim), target
+
+
+def detr_crop(image: torch.Tensor, target: dict, rng: random.Random, sizes=(400, 500, 600), max_size: int = 1333,
+              crop=(384, 600)) -> tuple[torch.Tensor, dict]:
+    """The second policy of the official 3x config's ``AutoAugment`` (from DETR), in input pixels.
+
+    mmdet resizes the image (shorter side one of ``sizes``, longer <= ``max_size``), cuts a random
+    crop of ``crop`` pixels (each side drawn in ``[min(side, lo), min(side, hi)]``), drops the boxes
+    left without area, keeps the image even without boxes, then resizes to the multi-scale sizes.
+    Here the crop is taken at the input resolution (the region mmdet's resized crop covers) and the
+    detector's own multi-scale resize follows, one interpolation instead of two.
+    """
+    h, w = image.shape[-2:]
+    short = rng.choice(sizes)
+    factor = min(short / min(h, w), max_size / max(h, w))
+    rh, rw = round(h * factor), round(w * factor)
+    ch, cw = rng.randint(min(rh, crop[0]), min(rh, crop[1])), rng.randint(min(rw, crop[0]), min(rw, crop[1]))
+    oy, ox = rng.randint(0, max(rh - ch, 0)), rng.randint(0, max(rw - cw, 0))
+    y0, x0 = int(oy / factor), int(ox / factor)
+    y1, x1 = min(h, max(y0 + 1, round((oy + ch) / factor))), min(w, max(x0 + 1, round((ox + cw) / factor)))
+    target = dict(target)
+    boxes = target["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=target["boxes"].dtype)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, x1 - x0)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, y1 - y0)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
+    if "masks" in target:
+        target["masks"] = target["masks"][keep, y0:y1, x0:x1]
+    return image[..., y0:y1, x0:x1], target
 
 
 def _transpose(image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:

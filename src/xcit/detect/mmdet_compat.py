@@ -51,9 +51,8 @@ from torchvision.ops import roi_align
 
 from ..models.weights import CheckpointError, infer_architecture, load_file
 from .model import COMPACT_MASK_BYTES, NativeSizeTransform
+from .recipe import FEATMAP_STRIDES, FINEST_SCALE, MMDetRoIAlign, map_roi_levels  # noqa: F401 (re-exported)
 
-FINEST_SCALE = 56
-FEATMAP_STRIDES = (4, 8, 16, 32)
 BBOX_XFORM_CLIP = abs(math.log(16 / 1000))  # mmdet's wh_ratio_clip
 RCNN_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # 1 / target_stds (0.1, 0.1, 0.2, 0.2)
 
@@ -73,39 +72,6 @@ COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66
 
 
 # ----------------------------------------------------------------------------- conventions
-
-
-def map_roi_levels(boxes: torch.Tensor, num_levels: int = 4, finest_scale: int = FINEST_SCALE) -> torch.Tensor:
-    """mmdet's SingleRoIExtractor level of each (x1, y1, x2, y2) box: floor(log2(sqrt(area) / 56 + 1e-6)), clamped."""
-    scale = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
-    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
-
-
-class MMDetRoIAlign(nn.Module):
-    """RoIAlign over FPN levels as mmdet 2.11: ``aligned=True`` (half-pixel shift), adaptive sampling
-    (``sampling_ratio=0``: ceil(bin size) points per bin), mmdet's level mapping, fixed strides.
-
-    Takes what torchvision's ``MultiScaleRoIAlign`` takes: (features dict, boxes per image, image shapes).
-    """
-
-    def __init__(self, output_size: int, featmap_names=("0", "1", "2", "3"), strides=FEATMAP_STRIDES,
-                 sampling_ratio: int = 0, aligned: bool = True, finest_scale: int = FINEST_SCALE) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size)
-        self.featmap_names, self.strides = list(featmap_names), tuple(strides)
-        self.sampling_ratio, self.aligned, self.finest_scale = sampling_ratio, aligned, finest_scale
-
-    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes=None) -> torch.Tensor:
-        feats = [x[n] for n in self.featmap_names]
-        rois = torch.cat([torch.cat([b.new_full((len(b), 1), i), b], dim=1) for i, b in enumerate(boxes)])
-        levels = map_roi_levels(rois[:, 1:], len(feats), self.finest_scale)
-        out = feats[0].new_zeros((len(rois), feats[0].shape[1], *self.output_size))
-        for level, (feat, stride) in enumerate(zip(feats, self.strides)):
-            idx = torch.nonzero(levels == level).squeeze(1)
-            if idx.numel():
-                out[idx] = roi_align(feat, rois[idx].to(feat.dtype), self.output_size, 1.0 / stride,
-                                     self.sampling_ratio, self.aligned).to(out.dtype)
-        return out
 
 
 class MMDetAnchorGenerator(AnchorGenerator):

@@ -26,6 +26,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ..models import MODELS, XCiTPyramid, resolve_name
 from ..models.weights import CheckpointError
 from ..segment.model import build_backbone
+from .recipe import BOX_LOSSES, ROI_ALIGNS, roi_poolers, use_box_loss
 
 FORMAT = "xcit-detector-1"
 KINDS = ("mask_rcnn", "faster_rcnn")
@@ -129,7 +130,7 @@ def detector_config(
     mask_head_channels: int = 256,
     rpn_batch_size: int = 256,
     rpn_pre_nms_train: int = 2000,
-    rpn_post_nms_train: int = 2000,
+    rpn_post_nms_train: int = 1000,
     rpn_pre_nms_test: int = 1000,
     rpn_post_nms_test: int = 1000,
     roi_batch_size: int = 512,
@@ -137,17 +138,24 @@ def detector_config(
     score_thresh: float = 0.05,
     image_mean: list[float] | None = None,
     image_std: list[float] | None = None,
+    roi_align: str = "mmdet",
+    box_loss: str = "l1",
     conventions: str = "torchvision",
 ) -> dict[str, Any]:
     """The detector settings (defaults: the paper's Mask R-CNN with FPN(256), multi-scale 480..800 training).
 
     ``min_size`` lists the shorter sides drawn at training time; ``test_size`` is the test-time
     shorter side (default: the largest of ``min_size``); 0 in either keeps images at their size.
-    ``conventions="mmdet"`` computes RoIAlign, anchors, box decoding, test resize and mask pasting
-    as mmdetection 2.11 did (see :mod:`xcit.detect.mmdet_compat`; used for the official COCO weights).
+    ``roi_align`` and ``box_loss`` choose mmdetection's conventions (the official configs) or
+    torchvision's (:mod:`xcit.detect.recipe`). ``conventions="mmdet"`` also computes anchors, box
+    decoding, test resize and mask pasting as mmdetection 2.11 did (see
+    :mod:`xcit.detect.mmdet_compat`; used for the official COCO weights).
     """
     if conventions not in CONVENTIONS:
         raise ValueError(f"expected conventions in {CONVENTIONS}, got {conventions!r}")
+    if roi_align not in ROI_ALIGNS or box_loss not in BOX_LOSSES:
+        raise ValueError(f"expected roi_align in {ROI_ALIGNS} and box_loss in {BOX_LOSSES}, "
+                         f"got {roi_align!r}, {box_loss!r}")
     if kind not in KINDS:
         raise ValueError(f"expected a detector kind in {KINDS}, got {kind!r}")
     if num_classes < 1:
@@ -166,6 +174,7 @@ def detector_config(
         rpn_post_nms_train=rpn_post_nms_train, rpn_pre_nms_test=rpn_pre_nms_test, rpn_post_nms_test=rpn_post_nms_test,
         roi_batch_size=roi_batch_size, detections_per_img=detections_per_img, score_thresh=score_thresh,
         image_mean=list(image_mean or IMAGENET_MEAN), image_std=list(image_std or IMAGENET_STD),
+        roi_align=roi_align, box_loss=box_loss,
         **({"conventions": conventions} if conventions != "torchvision" else {}),
     )
 
@@ -183,12 +192,15 @@ def assemble(body: XCiTPyramid, cfg: dict[str, Any]) -> nn.Module:
         box_batch_size_per_image=cfg["roi_batch_size"], box_detections_per_img=cfg["detections_per_img"],
         box_score_thresh=cfg["score_thresh"], box_head=TwoMLPHead(c * 7 * 7, cfg["box_head_dim"]),
         box_predictor=_box_predictor(cfg["box_head_dim"], cfg["num_classes"] + 1),
+        **roi_poolers(cfg.get("roi_align", "torchvision")),  # checkpoints from before the option: torchvision's
     )
     if cfg["kind"] == "mask_rcnn":
         m = cfg["mask_head_channels"]
         model = MaskRCNN(backbone, None, mask_head=MaskRCNNHeads(c, [m] * 4, 1), mask_predictor=_mask_predictor(m, cfg["num_classes"] + 1), **common)
     else:
+        common.pop("mask_roi_pool")
         model = FasterRCNN(backbone, None, **common)
+    use_box_loss(model, cfg.get("box_loss", "smooth_l1"))
     model.transform = NativeSizeTransform(cfg["min_size"], cfg["test_size"], cfg["max_size"], cfg["image_mean"], cfg["image_std"])
     model.detector_config = dict(cfg)
     if cfg.get("conventions") == "mmdet":

@@ -16,7 +16,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path, rng_state, save_state, set_rng_state
 from ..train.engine import autocast_context, resolve_amp
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
-from ..train.optim import build_param_groups
+from ..train.optim import dense_param_groups
 from .coco import CocoDetection, collate
 from .evaluation import evaluate_results, format_metrics, predict_dataset
 from .model import build_detector, detector_from_config, detector_state, read_detector_checkpoint
@@ -26,9 +26,11 @@ log = logging.getLogger("xcit.train")
 
 @dataclass
 class DetectConfig:
-    """Defaults are the paper's COCO recipe (REFERENCE 4): Mask R-CNN + FPN(256), AdamW lr 1e-4, wd 0.05,
-    36 epochs with the rate divided by 10 after epochs 27 and 33, linear warm-up, 16 images per step,
-    shorter side drawn from 480..800 (longer <= 1333), tested at 800."""
+    """Defaults are the official COCO recipe (REFERENCE 4, docs/fidelity.md): Mask R-CNN + FPN(256), AdamW
+    lr 1e-4, wd 0.05 (no decay only for names containing 'norm'), 36 epochs with the rate divided by 10
+    after epochs 27 and 33, linear warm-up, 16 images per step, shorter side drawn from 480..800 (longer
+    <= 1333) and the DETR-style crop policy, L1 box losses, 1000 proposals kept after NMS in training,
+    aligned RoIAlign with adaptive sampling, tested at 800."""
 
     train_json: str = ""
     val_json: str | None = None
@@ -54,17 +56,21 @@ class DetectConfig:
     mask_head_channels: int = 256
     rpn_batch_size: int = 256
     rpn_pre_nms_train: int = 2000
-    rpn_post_nms_train: int = 2000
+    rpn_post_nms_train: int = 1000
     rpn_pre_nms_test: int = 1000
     rpn_post_nms_test: int = 1000
     roi_batch_size: int = 512
     detections_per_img: int = 100
+    roi_align: str = "mmdet"  # mmcv's aligned RoIAlign with adaptive sampling; torchvision: aligned=False, 2 samples
+    box_loss: str = "l1"  # the official L1 box losses; smooth_l1: torchvision's (beta 1/9)
     # optimisation
     epochs: float = 36
     iters: int | None = None  # overrides epochs
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.05
+    wd_rule: str = "mmcv"  # no decay only for names containing 'norm' (official); bias-norm: the classification rule
+    wd_exempt_per_channel: bool = False  # with bias-norm: also exempt XCA temperatures
     lr_steps: list[float] = field(default_factory=lambda: [27 / 36, 33 / 36])  # fractions of the run
     lr_gamma: float = 0.1
     warmup_iters: int = 500
@@ -77,6 +83,7 @@ class DetectConfig:
     vflip: float = 0.0
     rot90: bool = False
     color_jitter: float = 0.0
+    crop_policy: bool = True  # the official 3x recipe's DETR-style crop on half of the images
     # engine
     eval_interval: int = 0  # 0: only at the end
     checkpoint_interval: int = 500
@@ -135,7 +142,7 @@ def build_from_config(cfg: DetectConfig, num_classes: int) -> torch.nn.Module:
     settings = {k: getattr(cfg, k) for k in (
         "kind", "fpn_channels", "anchor_sizes", "min_size", "max_size", "test_size", "box_head_dim", "mask_head_channels",
         "rpn_batch_size", "rpn_pre_nms_train", "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test",
-        "detections_per_img")}
+        "detections_per_img", "roi_align", "box_loss")}
     return build_detector(num_classes, cfg.backbone, cfg.pretrained, out_indices=cfg.out_indices,
                           drop_path_rate=cfg.drop_path, arch=arch, roi_batch_size=cfg.roi_batch_size, **settings)
 
@@ -180,7 +187,8 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
     train_json, val_json, root = data_paths(cfg)
     masks = cfg.kind == "mask_rcnn"
     train_set = CocoDetection(train_json, root, masks=masks, train=True, hflip=cfg.hflip, vflip=cfg.vflip,
-                              rot90=cfg.rot90, color_jitter=cfg.color_jitter, strict=cfg.strict, seed=cfg.seed + ctx.rank)
+                              rot90=cfg.rot90, color_jitter=cfg.color_jitter, crop_policy=cfg.crop_policy,
+                              strict=cfg.strict, seed=cfg.seed + ctx.rank)
     val_set = CocoDetection(val_json, image_root(val_json, cfg.images), masks=masks, strict=cfg.strict) if val_json else None
     if val_set is not None and val_set.class_names != train_set.class_names:
         raise ValueError(f"{val_json} has categories {val_set.class_names}, {train_json} {train_set.class_names}")
@@ -208,7 +216,8 @@ def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
     if ctx.distributed:
         model = dist_utils.convert_batchnorm(model, ctx.device)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule, exempt_per_channel=cfg.wd_exempt_per_channel)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     time_limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
     schedule = StepSchedule(cfg.lr, total, cfg.lr_steps, cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio, time_limit)

@@ -81,16 +81,35 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, *, pixels: b
                          tuple(data["mean"]) if data.get("mean") else None, tuple(data["std"]) if data.get("std") else None)
 
 
-def _loader(source: FeatureSource, data: str, split: str, env: dist_utils.DistEnv, batch_size: int, workers: int,
-            classes: list[str] | None = None):
+DINO_CROP_PCT = 0.875  # eval_knn.py / eval_linear.py: Resize(256) + CenterCrop(224)
+
+
+def default_crop_pct(data: str) -> float:
+    """DINO's 0.875 for image folders; 1.0 for the small in-memory datasets (Fashion-MNIST, digits, IDX),
+    whose 28x28 / 8x8 images are whole objects and whose recorded numbers used the full image."""
+    try:
+        kind = dataset_kind(data)
+    except ValueError:  # reported, clearly, when the dataset is built
+        return DINO_CROP_PCT
+    return 1.0 if kind in ("fashion-mnist", "digits", "idx") else DINO_CROP_PCT
+
+
+def feature_dataset(source: FeatureSource, data: str, split: str, classes: list[str] | None = None):
+    """(dataset, image size, mean, std) of ``split`` as ``source`` expects its inputs."""
     chans = source.in_chans or (1 if dataset_kind(data) in ("fashion-mnist", "digits", "idx") else 3)
     dataset = build_dataset(data, split, in_chans=chans, classes=classes if dataset_kind(data) == "folder" else None)
     size = source.img_size or (dataset.native_size if isinstance(dataset, TensorImageDataset) else 224)
-    mean, std = source.mean or tuple(dataset.mean), source.std or tuple(dataset.std)
+    return dataset, size, source.mean or tuple(dataset.mean), source.std or tuple(dataset.std)
+
+
+def _loader(source: FeatureSource, data: str, split: str, env: dist_utils.DistEnv, batch_size: int, workers: int,
+            classes: list[str] | None = None, crop_pct: float | None = None):
+    dataset, size, mean, std = feature_dataset(source, data, split, classes)
+    crop_pct = default_crop_pct(data) if crop_pct is None else crop_pct
     if isinstance(dataset, TensorImageDataset):
-        tf = BatchEvalTransform(size, crop_pct=1.0, mean=mean, std=std)
+        tf = BatchEvalTransform(size, crop_pct=crop_pct, mean=mean, std=std)
     else:
-        dataset.transform = folder_eval_transform(size, crop_pct=1.0, mean=mean, std=std)
+        dataset.transform = folder_eval_transform(size, crop_pct=crop_pct, mean=mean, std=std)
         tf = None
     sampler = ShardSampler(len(dataset), num_replicas=env.world_size, rank=env.rank)
     return build_loader(dataset, sampler, batch_size, batch_transform=tf, workers=workers,
@@ -166,12 +185,13 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, test_
 
 
 def embed_splits(source: FeatureSource, data: str, train_split: str, test_split: str, env: dist_utils.DistEnv, *,
-                 batch_size: int = 500, workers: int = 4, amp: str = "none"):
+                 batch_size: int = 500, workers: int = 4, amp: str = "none", crop_pct: float | None = None):
     """(train features and labels gathered from all processes, this process's test features and labels,
-    class names, seconds spent)."""
+    class names, seconds spent). Both splits are resized to size / ``crop_pct`` and centre-cropped."""
     t0 = time.time()
-    train_loader, train_set = _loader(source, data, train_split, env, batch_size, workers)
-    test_loader, test_set = _loader(source, data, test_split, env, batch_size, workers, classes=list(train_set.classes))
+    train_loader, train_set = _loader(source, data, train_split, env, batch_size, workers, crop_pct=crop_pct)
+    test_loader, test_set = _loader(source, data, test_split, env, batch_size, workers, classes=list(train_set.classes),
+                                    crop_pct=crop_pct)
     if len(test_set.classes) != len(train_set.classes):
         raise DataError(f"{test_split} has {len(test_set.classes)} classes, {train_split} {len(train_set.classes)}")
     model = source.model.to(env.device).eval()
@@ -184,15 +204,19 @@ def embed_splits(source: FeatureSource, data: str, train_split: str, test_split:
 def knn_evaluate(checkpoint: str | os.PathLike | None = None, data: str = "fashion-mnist", *, pixels: bool = False,
                  random_init: bool = False, train_split: str = "train", test_split: str = "val", k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 500, device: str = "auto",
-                 workers: int = 4, amp: str = "none", seed: int = 0) -> dict[str, Any]:
-    """Weighted k-NN top-1 / top-5 (%) of frozen features: train-split features vote for test images."""
+                 workers: int = 4, amp: str = "none", seed: int = 0, crop_pct: float | None = None) -> dict[str, Any]:
+    """Weighted k-NN top-1 / top-5 (%) of frozen features: train-split features vote for test images.
+
+    Preprocessing as DINO's ``eval_knn.py``: resize to size / ``crop_pct`` and centre crop (default
+    :func:`default_crop_pct`: 0.875 for image folders, 1.0 for the small in-memory datasets)."""
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, got {batch_size}")
     source = load_feature_model(checkpoint, pixels=pixels, random_init=random_init, pool=pool, seed=seed)
     env = dist_utils.setup(device)
     try:
         train_f, train_y, test_f, test_y, classes, t_embed = embed_splits(
-            source, data, train_split, test_split, env, batch_size=batch_size, workers=workers, amp=amp)
+            source, data, train_split, test_split, env, batch_size=batch_size, workers=workers, amp=amp,
+            crop_pct=crop_pct)
         t0 = time.time()
         counts = topk_hits(knn_scores(train_f, train_y, test_f, len(classes), k, temperature), test_y) \
             if len(test_y) else torch.zeros(3, dtype=torch.float64)
@@ -201,6 +225,7 @@ def knn_evaluate(checkpoint: str | os.PathLike | None = None, data: str = "fashi
         dist_utils.cleanup(env)
     n = int(counts[2])
     return {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": n, "n_train": len(train_y),
-            "k": k, "temperature": temperature, "pool": pool if not pixels else "pixels", "features": source.label,
+            "k": k, "temperature": temperature, "crop_pct": default_crop_pct(data) if crop_pct is None else crop_pct,
+            "pool": pool if not pixels else "pixels", "features": source.label,
             "dim": int(train_f.shape[1]), "data": str(data), "split": test_split,
             "seconds": round(t_embed + time.time() - t0, 1)}

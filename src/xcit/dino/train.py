@@ -36,7 +36,7 @@ from ..train.engine import (
     set_threads,
 )
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
-from ..train.optim import build_param_groups
+from ..train.optim import build_param_groups, clip_grad_per_param_
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
 from .config import DinoConfig, resolve_config, save_config, validate
 from .head import DINOHead, MultiCropNet, last_layer_params
@@ -191,9 +191,9 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     if env.distributed:  # before the optimizer: the swap makes new BatchNorm modules (same state dict keys)
         student = dist_utils.convert_batchnorm(student, env.device)
         teacher = dist_utils.convert_batchnorm(teacher, env.device).requires_grad_(False)
-    groups = build_param_groups(student, cfg.weight_decay)
-    for g in groups:
-        g["decayed"] = g["weight_decay"] > 0
+    # DINO's get_params_groups: biases and 1-d parameters exempt; the rest (temperature, cls token) decayed
+    groups = build_param_groups(student, cfg.weight_decay, exempt_per_channel=cfg.wd_exempt_per_channel,
+                                read_no_weight_decay=cfg.wd_exempt_per_channel)
     optimizer = torch.optim.AdamW(groups, lr=lr)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     total_steps = (state or {}).get("scheduler", {}).get("total_steps") or cfg.epochs * steps_per_epoch
@@ -381,8 +381,10 @@ def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: di
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
-    if cfg.clip_grad:
+    if cfg.clip_grad and cfg.clip_grad_mode == "global":
         nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
+    elif cfg.clip_grad:
+        clip_grad_per_param_(trainable, cfg.clip_grad)
     if step < schedules.freeze_steps:
         for p in frozen_last:
             p.grad = None

@@ -11,6 +11,7 @@ def param_groups(
     weight_decay: float = 0.05,
     exempt_per_channel: bool = False,
     no_decay: Iterable[str] = (),
+    read_no_weight_decay: bool = True,
 ) -> list[dict]:
     """Split parameters into a decayed and a non-decayed group.
 
@@ -18,9 +19,11 @@ def param_groups(
     gammas) and ``model.no_weight_decay()`` names are not decayed, but the (heads, 1, 1)
     ``temperature`` is. ``exempt_per_channel=True`` also exempts every parameter holding one value
     per channel or head (``temperature``, ``cls_token``); ``no_decay`` adds exact names.
+    ``read_no_weight_decay=False`` ignores ``model.no_weight_decay()`` (DINO's rule: biases and
+    1-d parameters only).
     """
     skip = set(no_decay)
-    if hasattr(model, "no_weight_decay"):
+    if read_no_weight_decay and hasattr(model, "no_weight_decay"):
         skip |= set(model.no_weight_decay())
     decay, keep = [], []
     for name, param in model.named_parameters():

@@ -72,13 +72,14 @@ class SemanticFPNHead(nn.Module):
     """
 
     def __init__(
-        self, in_channels: Sequence[int], num_classes: int, fpn_channels: int = 256, channels: int = 128,
+        self, in_channels: Sequence[int], num_classes: int, fpn_channels: int | None = None, channels: int = 128,
         norm: str = "bn", dropout: float = 0.1, upsample: str = "size",
     ) -> None:
         super().__init__()
         if upsample not in ("size", "x2"):
             raise ValueError(f"expected upsample 'size' or 'x2', got {upsample!r}")
         self.upsample = upsample
+        fpn_channels = in_channels[-1] if fpn_channels is None else fpn_channels  # official: the backbone's width
         self.neck = FPNNeck(in_channels, fpn_channels)
         self.scale_heads = nn.ModuleList()
         for level in range(len(in_channels)):
@@ -175,7 +176,7 @@ class Segmenter(nn.Module):
     def __init__(
         self, backbone: XCiTPyramid, num_classes: int, head: str = "upernet", channels: int | None = None,
         norm: str = "bn", dropout: float = 0.1, aux: bool | None = None, aux_channels: int | None = None,
-        aux_level: int = 2, fpn_channels: int = 256, fpn_upsample: str = "size",
+        aux_level: int = 2, fpn_channels: int | None = None, fpn_upsample: str = "size",
     ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
@@ -191,6 +192,7 @@ class Segmenter(nn.Module):
         if head == "fpn":
             channels = 128 if channels is None else channels
             self.decode_head = SemanticFPNHead(in_ch, num_classes, fpn_channels, channels, norm, dropout, fpn_upsample)
+            fpn_channels = self.decode_head.neck.out_channels
         else:
             channels = 512 if channels is None else channels
             self.decode_head = UperNetHead(in_ch, num_classes, channels, norm=norm, dropout=dropout)

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..models import MODELS, param_groups, resolve_name
+from ..models import MODELS, resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path as resume_state_path
 from ..train.checkpoint import save_state
 from ..train.engine import resolve_amp
 from ..train.metrics import MetricsWriter
-from ..train.optim import PolySchedule
+from ..train.optim import PolySchedule, dense_param_groups
 from ..train.plots import plot_history
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
 from .metrics import ConfusionMatrix, format_metrics
@@ -58,7 +58,7 @@ class TrainConfig:
     drop_path: float | None = None  # default: the named model's dense-task rate, else 0
     head: str = "upernet"
     channels: int | None = None  # head width: 512 UperNet, 128 Semantic FPN
-    fpn_channels: int = 256
+    fpn_channels: int | None = None  # Semantic FPN neck width; default: the backbone's (official configs)
     norm: str = "bn"
     aux: bool | None = None  # default: on for UperNet
     aux_weight: float = 0.4
@@ -67,6 +67,7 @@ class TrainConfig:
     batch_size: int = 16  # total over all processes
     lr: float = 6e-5
     weight_decay: float = 0.01
+    wd_rule: str = "mmcv"  # official: no decay only for names containing 'norm'; bias-norm: the classification rule
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     power: float = 1.0
@@ -213,7 +214,8 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
     if ctx.distributed:
         model = dist_utils.convert_batchnorm(model, ctx.device)  # SyncBN on GPUs, all-reduce BN on CPU
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     time_limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
     schedule = PolySchedule(cfg.lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.power, cfg.min_lr, time_limit)

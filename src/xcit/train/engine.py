@@ -342,7 +342,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
     optimizer = build_optimizer(model, lr, cfg.weight_decay, eps=cfg.opt_eps,
                                 exempt_per_channel=cfg.wd_exempt_temperature, layer_decay=cfg.layer_decay)
     scheduler = build_scheduler(optimizer, lr, total_steps, round(cfg.warmup_epochs * steps_per_epoch),
-                                cfg.warmup_lr, cfg.min_lr, cfg.sched)
+                                cfg.warmup_lr, cfg.min_lr, cfg.sched,
+                                steps_per_epoch=steps_per_epoch if cfg.sched_step == "epoch" else None)
     scaler = None
     if amp_dtype == torch.float16:  # fp16 (CUDA only) needs loss scaling; bf16 does not
         scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
@@ -515,16 +516,16 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
             is_last = epoch + 1 == cfg.epochs
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
                 # The bare module: DDP's forward would broadcast buffers, and shards differ in length.
+                # The reported weights were chosen before training (--eval-weights), never by these numbers.
                 last_metrics = evaluate_model(bare, eval_loader, env, amp_dtype=amp_dtype, progress=cfg.progress)
                 record.update({f"val_{k}": v for k, v in last_metrics.items() if k != "skipped"})
                 last_metrics["weights"] = "model"
-                top1 = last_metrics["top1"]
                 if ema is not None:
                     ema_metrics = evaluate_model(ema.module, eval_loader, env, amp_dtype=amp_dtype, progress=cfg.progress)
                     record.update({f"ema_{k}": v for k, v in ema_metrics.items() if k not in ("skipped", "n")})
-                    if ema_metrics["top1"] > top1:
+                    if cfg.eval_weights == "ema":
                         last_metrics = {**ema_metrics, "weights": "ema"}
-                        top1 = ema_metrics["top1"]
+                top1 = last_metrics["top1"]
                 improved = top1 > best["top1"]
                 if improved:
                     best = {"top1": top1, "epoch": epoch, "weights": last_metrics["weights"]}
@@ -564,8 +565,8 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
     if (run_dir / "best.pt").exists():
         files["best"] = run_dir / "best.pt"
     model_path = None
-    weights = last_metrics.get("weights", "model")
-    final = ema.module if (ema is not None and weights == "ema") else bare
+    weights = "ema" if (ema is not None and cfg.eval_weights == "ema") else "model"
+    final = ema.module if weights == "ema" else bare
     if amp_dtype is not None or not last_metrics:
         # The reported numbers are those of the saved weights in fp32, what `xcit eval` and
         # `xcit predict` compute (the per-epoch evaluations ran in the training precision).

@@ -19,17 +19,24 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
+WD_RULES = ("mmcv", "bias-norm")
+
+
 def build_param_groups(
-    model: nn.Module, weight_decay: float, *, exempt_per_channel: bool = True, layer_decay: float | None = None
+    model: nn.Module, weight_decay: float, *, exempt_per_channel: bool = False, layer_decay: float | None = None,
+    read_no_weight_decay: bool = True,
 ) -> list[dict]:
     """AdamW groups: the official no-decay rules (``xcit.models.param_groups``), optionally split by depth.
 
-    With ``layer_decay`` every group carries ``lr_scale = layer_decay ** (depth + 1 - layer)``: the
-    head and class attention train at the full rate, each earlier block ``layer_decay`` times slower.
+    Every group carries ``decayed`` (whether a weight-decay schedule applies to it, even when the
+    decay is 0 now). With ``layer_decay`` every group carries ``lr_scale = layer_decay ** (depth + 1 -
+    layer)``: the head and class attention train at the full rate, each earlier block ``layer_decay``
+    times slower.
     """
-    groups = param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel)
+    groups = param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel,
+                          read_no_weight_decay=read_no_weight_decay)
     if layer_decay is None or layer_decay == 1.0:
-        return [{**g, "lr_scale": 1.0} for g in groups if g["params"]]
+        return [{**g, "lr_scale": 1.0, "decayed": i == 0} for i, g in enumerate(groups) if g["params"]]
     no_decay = {id(p) for p in groups[1]["params"]}
     depth = len(getattr(model, "blocks", []))
     split: dict[tuple[int, bool], dict] = {}
@@ -38,15 +45,44 @@ def build_param_groups(
             continue
         lid, decayed = layer_id(name, depth), id(p) not in no_decay
         group = split.setdefault((lid, decayed), {
-            "params": [], "weight_decay": weight_decay if decayed else 0.0,
+            "params": [], "weight_decay": weight_decay if decayed else 0.0, "decayed": decayed,
             "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid,
         })
         group["params"].append(p)
     return [split[k] for k in sorted(split)]
 
 
+def dense_param_groups(model: nn.Module, weight_decay: float, rule: str = "mmcv", *,
+                       exempt_per_channel: bool = False) -> list[dict]:
+    """Groups of the detection / segmentation recipes.
+
+    ``"mmcv"`` is the official configs' ``paramwise_cfg=dict(custom_keys={'norm': decay_mult=0})``
+    under mmcv's default constructor: no decay for parameters whose name contains ``norm``, decay
+    for all others, biases, BatchNorm and XCA temperatures included. ``"bias-norm"`` is the
+    classification rule (:func:`build_param_groups`: biases and 1-d parameters exempt, and with
+    ``exempt_per_channel`` the per-channel ones too).
+    """
+    if rule == "bias-norm":
+        return build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel)
+    if rule != "mmcv":
+        raise ValueError(f"expected a weight-decay rule in {WD_RULES}, got {rule!r}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if "norm" not in n], "weight_decay": weight_decay, "decayed": True},
+              {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0, "decayed": False}]
+    return [{**g, "lr_scale": 1.0} for g in groups if g["params"]]
+
+
+def clip_grad_per_param_(params, max_norm: float) -> None:
+    """DINO's ``utils.clip_gradients``: scale each gradient whose L2 norm exceeds ``max_norm`` to it
+    (coefficient ``max_norm / (norm + 1e-6)``), every parameter on its own."""
+    for p in params:
+        if p.grad is not None:
+            coef = max_norm / (p.grad.detach().norm(2) + 1e-6)
+            p.grad.detach().mul_(coef.clamp(max=1.0))
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *, eps: float = 1e-8,
-                    exempt_per_channel: bool = True, layer_decay: float | None = None) -> torch.optim.AdamW:
+                    exempt_per_channel: bool = False, layer_decay: float | None = None) -> torch.optim.AdamW:
     """AdamW over :func:`build_param_groups`, each group's lr = ``lr * lr_scale``."""
     groups = build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel, layer_decay=layer_decay)
     for g in groups:
@@ -78,12 +114,45 @@ class WarmupCosine:
         return self.lr(step) / self.base_lr
 
 
+class EpochCosine:
+    """The official schedule: timm 0.4.9's ``CosineLRScheduler`` stepped once, after each epoch.
+
+    ``main.py`` calls ``lr_scheduler.step(epoch)`` at the end of epoch ``epoch``, so epoch ``e``
+    (0-based) runs at ``f(max(e - 1, 0))``: the first two epochs at ``warmup_lr``. ``f(t)`` is a
+    linear warm-up over ``warmup_epochs``, then ``min + (base - min) / 2 * (1 + cos(pi * t / epochs))``
+    (timm's cosine counts the warm-up epochs: ``warmup_prefix=False``).
+    """
+
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
+                 min_lr: float, kind: str = "cosine") -> None:
+        self.base_lr, self.epochs, self.steps_per_epoch = float(base_lr), int(epochs), max(int(steps_per_epoch), 1)
+        self.warmup_epochs, self.warmup_lr, self.min_lr = float(warmup_epochs), float(warmup_lr), float(min_lr)
+        self.kind = kind
+
+    def lr(self, step: int) -> float:
+        t = max(step // self.steps_per_epoch - 1, 0)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + t * (self.base_lr - self.warmup_lr) / self.warmup_epochs
+        if self.kind == "constant":
+            return self.base_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.epochs))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.base_lr
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int, warmup_steps: int,
-                    warmup_lr: float, min_lr: float, kind: str = "cosine") -> torch.optim.lr_scheduler.LambdaLR:
-    """A per-iteration ``LambdaLR`` following :class:`WarmupCosine` (group lr scales are kept)."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
-    )
+                    warmup_lr: float, min_lr: float, kind: str = "cosine", *,
+                    steps_per_epoch: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` stepped every iteration (group lr scales are kept): :class:`WarmupCosine`, or with
+    ``steps_per_epoch`` the official once-per-epoch :class:`EpochCosine` (warm-up then in epochs:
+    ``warmup_steps / steps_per_epoch``)."""
+    if steps_per_epoch:
+        schedule = EpochCosine(base_lr, total_steps // steps_per_epoch, steps_per_epoch, warmup_steps / steps_per_epoch,
+                               warmup_lr, min_lr, kind)
+    else:
+        schedule = WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 @dataclass
