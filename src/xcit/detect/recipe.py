@@ -31,18 +31,17 @@ def map_roi_levels(boxes: torch.Tensor, num_levels: int = 4, finest_scale: int =
     return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
 
 
-class MMDetRoIAlign(nn.Module):
+class MMDetRoIAlign(MultiScaleRoIAlign):
     """RoIAlign over FPN levels as mmdet 2.11: ``aligned=True`` (half-pixel shift), adaptive sampling
     (``sampling_ratio=0``: ceil(bin size) points per bin), mmdet's level mapping, fixed strides.
 
-    Takes what torchvision's ``MultiScaleRoIAlign`` takes: (features dict, boxes per image, image shapes).
+    Called as torchvision's ``MultiScaleRoIAlign`` is: (features dict, boxes per image, image shapes).
     """
 
     def __init__(self, output_size: int, featmap_names=("0", "1", "2", "3"), strides=FEATMAP_STRIDES,
                  sampling_ratio: int = 0, aligned: bool = True, finest_scale: int = FINEST_SCALE) -> None:
-        super().__init__()
-        self.output_size = (output_size, output_size)
-        self.featmap_names, self.strides = list(featmap_names), tuple(strides)
+        super().__init__(list(featmap_names), output_size, sampling_ratio)  # a MultiScaleRoIAlign to torchvision
+        self.strides = tuple(strides)
         self.sampling_ratio, self.aligned, self.finest_scale = sampling_ratio, aligned, finest_scale
 
     def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor], image_shapes=None) -> torch.Tensor:
