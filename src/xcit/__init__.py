@@ -1,10 +1,11 @@
 """xcit: Cross-Covariance Image Transformers (El-Nouby et al., NeurIPS 2021) in PyTorch."""
 from .models import MODELS, XCiT, XCiTPyramid, create_model, create_pyramid, list_models, param_groups
+from .inference.streaming import streaming
 from .models.weights import CheckpointError, inspect_checkpoint, load_checkpoint, read_state_dict, save_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MODELS", "XCiT", "XCiTPyramid", "CheckpointError", "create_model", "create_pyramid", "inspect_checkpoint",
-    "list_models", "load_checkpoint", "param_groups", "read_state_dict", "save_checkpoint", "__version__",
+    "list_models", "load_checkpoint", "param_groups", "read_state_dict", "save_checkpoint", "streaming", "__version__",
 ]
