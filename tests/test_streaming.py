@@ -155,3 +155,114 @@ def test_pyramid_trunk_tokens():
     torch.testing.assert_close(tokens.transpose(1, 2).reshape(1, 64, hp, wp), expected, **TOL)
     with pytest.raises(ValueError, match="classifier"):
         xcit.streaming(pyramid)(x)
+
+
+# ----- large images from the command line ---------------------------------------------------------
+CLASSES = [f"item{i}" for i in range(10)]
+
+
+def _checkpoint(tmp_path, model: XCiT):
+    from xcit.models.weights import save_checkpoint
+
+    return save_checkpoint(model, tmp_path / "m.pth", extra={
+        "classes": CLASSES, "data": {"img_size": 64, "in_chans": 3, "mean": list(MEAN), "std": list(STD)},
+    })
+
+
+def _tiff(tmp_path, pixels: np.ndarray, name: str = "slide.tif", **kw):
+    import tifffile
+
+    path = tmp_path / name
+    tifffile.imwrite(path, pixels, **kw)
+    return path
+
+
+def _native(model: XCiT, pixels: np.ndarray) -> torch.Tensor:
+    """The plain forward on the whole image at native resolution."""
+    return normalise(torch.from_numpy(pixels).permute(2, 0, 1)[None], MEAN, STD)
+
+
+def test_reader_memory_maps_tiffs_and_ignores_the_pil_bomb_limit(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from xcit.data.large_images import image_size, read_large_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)
+    flat = read_large_image(_tiff(tmp_path, rgb, "flat.tif"))
+    assert isinstance(flat, np.memmap) and np.array_equal(flat, rgb)
+    tiled = read_large_image(_tiff(tmp_path, rgb, "tiled.tif", compression="zlib", tile=(32, 32)))
+    assert isinstance(tiled, np.memmap) and np.array_equal(tiled, rgb)  # decoded into a temporary memmap
+    grey = read_large_image(_tiff(tmp_path, rgb[..., 0], "grey.tif"))
+    assert grey.shape == (90, 130, 3) and np.array_equal(grey[..., 2], rgb[..., 0])
+    assert image_size(tmp_path / "tiled.tif") == (90, 130)
+    Image.fromarray(rgb).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the file is now a "decompression bomb" to PIL
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.png").close()
+    assert np.array_equal(read_large_image(tmp_path / "big.png"), rgb) and image_size(tmp_path / "big.png") == (90, 130)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored
+    with pytest.raises(ValueError, match="8-bit"):
+        read_large_image(_tiff(tmp_path, rgb.astype(np.uint16), "deep.tif"))
+    with pytest.raises(ValueError, match="cannot read"):
+        read_large_image(tmp_path / "missing.tif")
+
+
+def test_cli_predict_attention_and_embed_stream_a_large_tiff(tmp_path, capsys):
+    from xcit.cli import main
+
+    model = _model(16, seed=3)
+    ckpt = _checkpoint(tmp_path, model)
+    pixels = np.random.default_rng(1).integers(0, 256, (200, 330, 3), dtype=np.uint8)
+    tif = _tiff(tmp_path, pixels, compression="zlib", tile=(64, 64))
+    x = _native(model, pixels)
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+        feats = model.forward_features(x)[0]
+    expected = model.class_attention_maps(x)[0]
+    expected = expected / expected.sum((-2, -1), keepdim=True)
+
+    # above the (lowered) threshold: classified whole at native resolution, not resized to 64 px
+    csv = tmp_path / "p.csv"
+    assert main(["predict", str(tif), "--checkpoint", str(ckpt), "--large-pixels", "50000", "--tokens-per-chunk", "50",
+                 "--no-progress", "--top-k", "3", "-o", str(csv)]) == 0
+    row = csv.read_text().splitlines()[1].split(",")
+    top = probs.topk(3)
+    assert row[1::2][:3] == [CLASSES[i] for i in top.indices.tolist()]
+    np.testing.assert_allclose([float(v) for v in row[2::2][:3]], top.values.numpy(), atol=1e-5)
+
+    out = tmp_path / "maps"
+    assert main(["attention", str(tif), "--checkpoint", str(ckpt), "--streaming", "always", "-o", str(out),
+                 "--thumbnail", "100", "--dpi", "30"]) == 0
+    assert "330x200 px, 21x13 patches (W x H), streamed" in capsys.readouterr().out
+    stored = np.load(out / "slide_attention.npy", mmap_mode="r")
+    np.testing.assert_allclose(stored, expected.numpy(), atol=1e-6, rtol=1e-4)
+    from PIL import Image
+
+    with Image.open(out / "slide_attention_map.png") as img:
+        assert img.size == (83, 50)  # every 4th pixel: the long side within --thumbnail
+    assert (out / "slide_attention.png").is_file()
+
+    emb = tmp_path / "e.npz"
+    assert main(["embed", str(tif), str(tmp_path / "missing.tif"), "--checkpoint", str(ckpt), "-o", str(emb)]) == 0
+    data = np.load(emb)
+    assert list(data["paths"]) == [str(tif)] and data["grid"].tolist() == [[13, 21]]
+    np.testing.assert_allclose(data["cls"][0], feats[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(data["mean_patch"][0], feats[1:].mean(0).numpy(), atol=1e-4)
+    assert "missing.tif" in capsys.readouterr().err
+
+
+def test_cli_small_images_keep_the_batched_path(tmp_path, capsys):
+    from PIL import Image
+
+    from xcit.cli import main
+
+    model = _model(16, seed=3)
+    ckpt = _checkpoint(tmp_path, model)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    csv = tmp_path / "p.csv"
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--no-progress", "-o", str(csv)]) == 0
+    assert main(["predict", str(tmp_path / "a.png"), "--checkpoint", str(ckpt), "--no-progress", "--streaming",
+                 "always", "-o", str(tmp_path / "s.csv")]) == 0
+    # the batched path resizes to the eval size (64 px); the streamed one sees the 40 x 50 original
+    assert csv.read_text() != (tmp_path / "s.csv").read_text()
