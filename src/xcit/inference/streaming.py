@@ -103,7 +103,8 @@ class StreamingXCiT(nn.Module):
     def forward_tokens(self, x) -> tuple[torch.Tensor, int, int]:
         """Output of the last XCA block (B, N, C) and the grid (Hp, Wp), as ``forward_blocks(embed(x))``."""
         _check_eval(self.model)
-        image = _ImageRows(x, self.model.in_chans, self.mean, self.std)
+        device = next(self.model.parameters()).device
+        image = _ImageRows(x, self.model.in_chans, self.mean, self.std, device)
         tokens, hp, wp = self._embed(image)
         for block in self.model.blocks:
             self._xca_block(block, tokens, hp, wp)
@@ -319,9 +320,10 @@ class StreamingXCiT(nn.Module):
 
 # ----- input rows ------------------------------------------------------------------------------
 class _ImageRows:
-    """Rows of an input image batch as float (B, C, rows, W) tensors, normalised per tile if uint8."""
+    """Rows of an input image batch as float (B, C, rows, W) tensors on ``device``, normalised per tile if uint8."""
 
-    def __init__(self, x, in_chans: int, mean: torch.Tensor | None, std: torch.Tensor | None) -> None:
+    def __init__(self, x, in_chans: int, mean: torch.Tensor | None, std: torch.Tensor | None,
+                 device: torch.device) -> None:
         expected = (f"a float or uint8 tensor / numpy array of shape (B, {in_chans}, H, W), or one uint8 "
                     f"(H, W, {in_chans}) numpy array")
         self.channels_last = False
@@ -333,14 +335,12 @@ class _ImageRows:
             if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
                 raise ValueError(f"expected {expected}, got dtype {x.dtype}")
             self.is_uint8 = x.dtype == np.uint8
-            self.device = torch.device("cpu")
         elif isinstance(x, torch.Tensor):
             if x.ndim != 4:
                 raise ValueError(f"expected {expected}, got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
             if x.dtype != torch.uint8 and not x.is_floating_point():
                 raise ValueError(f"expected {expected}, got dtype {x.dtype}")
             self.is_uint8 = x.dtype == torch.uint8
-            self.device = x.device
         else:
             raise ValueError(f"expected {expected}, got {type(x).__name__}")
         shape = (1, x.shape[2], x.shape[0], x.shape[1]) if self.channels_last else tuple(x.shape)
@@ -351,7 +351,9 @@ class _ImageRows:
             raise ValueError(f"expected {expected} with B, H, W >= 1, got shape {tuple(x.shape)}")
         if self.is_uint8 and (mean is None or std is None):
             raise ValueError("uint8 input is normalised tile by tile: pass mean and std to xcit.streaming")
-        self.x, self.mean, self.std = x, mean, std
+        self.x, self.device = x, device
+        self.mean = None if mean is None else mean.to(device)
+        self.std = None if std is None else std.to(device)
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
         if self.channels_last:
@@ -363,7 +365,7 @@ class _ImageRows:
         if not self.is_uint8:
             return t.to(self.device)
         t = t.to(self.device).float().div(255)
-        return (t - self.mean.to(t.device)).div(self.std.to(t.device))
+        return (t - self.mean).div(self.std)
 
 
 def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
