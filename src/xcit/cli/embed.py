@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
                    help="text file of image paths, one per line ('-': stdin); repeatable")
     add_model_options(p)
-    p.add_argument("--output", "-o", required=True, metavar="FILE.npz", help="where the embeddings go")
+    p.add_argument("--output", "-o", default=None, metavar="FILE.npz", help="where the embeddings go (required)")
     p.add_argument("--tokens-per-chunk", type=int, default=16384, metavar="N",
                    help="tokens per chunk / tile, which bounds the temporaries (default 16384)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -37,7 +37,7 @@ def run_embed(args: argparse.Namespace) -> int:
     paths = collect_images(args.inputs, args.lists)
     if not paths:
         raise ValueError("expected images: give files, folders or --list FILE, found none")
-    if not args.output.endswith(".npz"):
+    if args.output is None or not args.output.endswith(".npz"):
         raise ValueError(f"expected --output ending in .npz, got {args.output!r}")
     inf = load_model(args)
     stream = stream_model(inf, args.tokens_per_chunk)
