@@ -79,7 +79,8 @@ def _machine() -> dict:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["cpu"] = f"{fields.get('Model name', '?')} (family {fields.get('CPU family', '?')}, model {fields.get('Model', '?')})"
+        family, model = fields.get("CPU family", "?"), fields.get("Model", "?")
+        info["cpu"] = f"{fields.get('Model name', '?')} (family {family}, model {model})"
     except (OSError, subprocess.CalledProcessError):
         info["cpu"] = platform.processor() or "unknown"
     import torch
@@ -122,7 +123,8 @@ def _plot(results: list[dict], path: Path) -> None:
 def _table(results: list[dict], model: str) -> str:
     sizes = sorted({r["size"] for r in results})
     lines = [
-        "| image | tokens | plain peak RSS | streaming peak RSS | plain us/token | streaming us/token | streaming / plain time |",
+        "| image | tokens | plain peak RSS | streaming peak RSS | plain us/token | streaming us/token "
+        "| streaming / plain time |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in sizes:
