@@ -110,6 +110,7 @@ def _plot(results: list[dict], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("image side (pixels)")
         ax.grid(alpha=0.3)
+    ax1.axhline(6e9 / 2**30, ls="--", color="grey", lw=1, label="6 GB target (16384^2)")
     ax1.set_yscale("log", base=2)
     ax1.set_ylabel("peak RSS (GiB)")
     ax1.set_title("memory")
@@ -120,7 +121,28 @@ def _plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _table(results: list[dict], model: str) -> str:
+def _targets(results: list[dict]) -> str:
+    """The issue's targets, where the sizes they name were measured."""
+    def best(mode, size, key="us_per_token", fn=min):
+        vals = [r[key] for r in results if r["mode"] == mode and r["size"] == size]
+        return fn(vals) if vals else None
+
+    lines = ["| target | measured | goal | status |", "|---|---:|---:|---|"]
+    peak = best("streaming", 16384, "peak_rss_bytes", max)
+    if peak:
+        lines.append(f"| 16384x16384 streaming peak RSS (uint8 input included) | {peak / 2**30:.2f} GiB | <= 6 GB "
+                     f"| {'met' if peak <= 6e9 else 'missed'} |")
+    s16, p2 = best("streaming", 16384), best("plain", 2048)
+    if s16 and p2:
+        lines.append(f"| time per token, streaming 16384^2 / plain 2048^2 | {s16 / p2:.2f}x | <= 1.3x "
+                     f"| {'met' if s16 / p2 <= 1.3 else 'missed'} |")
+    s4, p4 = best("streaming", 4096), best("plain", 4096)
+    if s4 and p4:
+        lines.append(f"| time, streaming / plain at 4096^2 | {s4 / p4:.2f}x | <= 1.3x | {'met' if s4 / p4 <= 1.3 else 'missed'} |")
+    return "\n".join(lines)
+
+
+def _table(results: list[dict]) -> str:
     sizes = sorted({r["size"] for r in results})
     lines = [
         "| image | tokens | plain peak RSS | streaming peak RSS | plain us/token | streaming us/token "
@@ -152,14 +174,18 @@ def main() -> int:
     p.add_argument("--tokens-per-chunk", type=int, default=16384)
     p.add_argument("--images", default="/tmp/xcit_streaming_bench", help="where the random uint8 images are written")
     p.add_argument("--out", default=str(HERE))
+    p.add_argument("--report", default=None, metavar="JSON", help="only write the table and plot of a finished run")
     p.add_argument("--case", nargs=3, metavar=("MODE", "SIZE", "IMAGE"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.case:
         print(json.dumps(_case(a.case[0], int(a.case[1]), a.case[2], a.model, a.tokens_per_chunk)))
         return 0
+    out = Path(a.out)
+    if a.report:
+        _write_report(json.loads(Path(a.report).read_text()), out)
+        return 0
     images = Path(a.images)
     images.mkdir(parents=True, exist_ok=True)
-    out = Path(a.out)
     command = "python benchmarks/streaming.py " + " ".join(sys.argv[1:])
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     results: list[dict] = []
@@ -180,11 +206,21 @@ def main() -> int:
                 report = {"model": a.model, "command": command, "started": started, "machine": _machine(),
                           "tokens_per_chunk": a.tokens_per_chunk, "results": results}
                 (out / "streaming.json").write_text(json.dumps(report, indent=1))
-    _plot(results, out / "streaming.png")
-    table = _table(results, a.model)
-    (out / "streaming.md").write_text(table + "\n")
-    print(table)
+    _write_report(report, out)
     return 0
+
+
+def _write_report(report: dict, out: Path) -> None:
+    results = report["results"]
+    _plot(results, out / "streaming.png")
+    m = report["machine"]
+    text = "\n\n".join([
+        f"Model `{report['model']}`, random weights, batch 1, tokens_per_chunk {report['tokens_per_chunk']}; "
+        f"run {report['started']}; CPU {m['cpu']}, one pinned core, torch {m['torch']}, Python {m['python']}.",
+        f"```\n{report['command']}\n```", _table(results), _targets(results),
+    ])
+    (out / "streaming.md").write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":
