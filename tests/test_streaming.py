@@ -33,6 +33,7 @@ def _reference(model: XCiT, x: torch.Tensor):
         (16, (224, 224), 37),  # divides neither the tokens nor the rows
         (16, (1000, 750), 47 * 9),  # 63 x 47 grid: 9 rows a tile, 7 tiles
         (16, (1000, 750), 1000),  # 21 rows a tile, last tile short
+        (16, (2048, 2048), 128 * 12),  # 128 x 128 grid: 12 rows a tile, last tile short
         (8, (224, 224), 28 * 4),
         (8, (1000, 750), 4099),
     ],
