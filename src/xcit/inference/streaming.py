@@ -57,6 +57,7 @@ class StreamOutput:
         cls: (B, C) normalised cls token (``forward_features(x)[:, 0]``, the head's input).
         mean_patch: (B, C) mean of the normalised patch tokens (``forward_features(x)[:, 1:].mean(1)``).
         logits: (B, classes), ``model(x)``.
+        grid: (Hp, Wp), the patch grid.
         features: (B, 1 + N, C) ``forward_features(x)`` when asked for, else None.
         attention: (B, heads, Hp, Wp) raw cls-to-patch softmax weights of the requested
             class-attention layer, else None; with ``cls_self`` (B, heads) they sum to 1.
