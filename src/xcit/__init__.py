@@ -1,4 +1,5 @@
 """xcit: Cross-Covariance Image Transformers (El-Nouby et al., NeurIPS 2021) in PyTorch."""
+from .inference.streaming import streaming
 from .models import MODELS, XCiT, XCiTPyramid, create_model, create_pyramid, list_models, optimize, param_groups
 from .models.weights import CheckpointError, inspect_checkpoint, load_checkpoint, read_state_dict, save_checkpoint
 
@@ -6,5 +7,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODELS", "XCiT", "XCiTPyramid", "CheckpointError", "create_model", "create_pyramid", "inspect_checkpoint",
-    "list_models", "load_checkpoint", "optimize", "param_groups", "read_state_dict", "save_checkpoint", "__version__",
+    "list_models", "load_checkpoint", "optimize", "param_groups", "read_state_dict", "save_checkpoint", "streaming",
+    "__version__",
 ]

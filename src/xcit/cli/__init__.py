@@ -11,7 +11,7 @@ import sys
 
 # Subcommand modules, each exposing ``register(subparsers)``; they are imported lazily so that
 # `xcit models` does not pay for the training stack.
-SUBCOMMANDS = ["xcit.cli.models", "xcit.cli.train", "xcit.cli.evaluate", "xcit.cli.predict", "xcit.cli.attention", "xcit.cli.export", "xcit.cli.segment", "xcit.cli.bench", "xcit.cli.dino", "xcit.cli.detect"]
+SUBCOMMANDS = ["xcit.cli.models", "xcit.cli.train", "xcit.cli.evaluate", "xcit.cli.predict", "xcit.cli.attention", "xcit.cli.embed", "xcit.cli.export", "xcit.cli.segment", "xcit.cli.bench", "xcit.cli.dino", "xcit.cli.detect"]
 
 
 def build_parser() -> argparse.ArgumentParser:

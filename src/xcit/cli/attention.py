@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .config import add_config_option
-from .predict import add_model_options, load_model
+from .predict import add_model_options, add_streaming_options, load_model, streamed
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "For each image, write OUT/<name>_attention.png: the input and, for each head of a class-attention "
             "layer (the last by default), the cls-to-patch attention upsampled and overlaid. With --xca-block, "
-            "also OUT/<name>_xca<B>.png: the d x d channel attention of XCA block B per head. Any input size."
+            "also OUT/<name>_xca<B>.png: the d x d channel attention of XCA block B per head. Any input size. Images "
+            "above --large-pixels (large TIFF / PNG) go whole, at native resolution, through the exact bounded-memory "
+            "streaming forward: OUT/<name>_attention.npy (heads x Hp x Wp, memory-mappable), the figure on a "
+            "downsampled copy and OUT/<name>_attention_map.png (mean of heads over the downsampled image)."
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files")
@@ -32,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.6, help="overlay opacity (default 0.6)")
     p.add_argument("--dpi", type=int, default=100)
     p.add_argument("--palette", action="store_true", help="256-colour PNGs (about 3x smaller, for documentation)")
+    add_streaming_options(p)
+    p.add_argument("--thumbnail", type=int, default=2048, metavar="PX",
+                   help="streamed images: long side of the downsampled PNGs (default 2048)")
     add_config_option(p)
     p.set_defaults(func=run_attention)
 
@@ -51,9 +57,13 @@ def run_attention(args: argparse.Namespace) -> int:
         failed.append(path)
         print(f"skipped {path}: {message}", file=sys.stderr)
 
-    done = 0
+    large = [path for path in args.inputs if streamed(args, path)]
+    if large and args.xca_block:
+        raise ValueError("expected no --xca-block with streamed (large) images: their XCA attention is not recorded")
+    done = _render_large(args, inf, large, on_error)
+    small = [path for path in args.inputs if path not in large]
     for result in render_attention(
-        inf, args.inputs, args.output_dir, short_side=short_side, cls_layer=args.layer, xca_blocks=args.xca_block,
+        inf, small, args.output_dir, short_side=short_side, cls_layer=args.layer, xca_blocks=args.xca_block,
         renormalise=not args.raw, cmap=args.cmap, alpha=args.alpha, dpi=args.dpi, palette=args.palette,
         device=next(inf.model.parameters()).device, on_error=on_error,
     ):
@@ -65,3 +75,25 @@ def run_attention(args: argparse.Namespace) -> int:
     if failed:
         print(f"{len(failed)} of {len(args.inputs)} image(s) could not be read", file=sys.stderr)
     return 0 if done else 1
+
+
+def _render_large(args: argparse.Namespace, inf, paths: list[str], on_error) -> int:
+    from ..viz.gigapixel import render_large_attention
+
+    done = 0
+    for path in paths:
+        try:
+            result = render_large_attention(
+                inf, path, args.output_dir, cls_layer=args.layer, renormalise=not args.raw, thumbnail=args.thumbnail,
+                cmap=args.cmap, alpha=args.alpha, dpi=args.dpi, palette=args.palette,
+                tokens_per_chunk=args.tokens_per_chunk,
+            )
+        except ValueError as err:
+            on_error(path, str(err))
+            continue
+        done += 1
+        (h, w), (hp, wp) = result.size, result.grid
+        label, prob = result.top[0]
+        files = ", ".join(str(f) for f in result.files)
+        print(f"{path}: {w}x{h} px, {wp}x{hp} patches (W x H), streamed, top-1 {label} ({100 * prob:.1f}%) -> {files}")
+    return done

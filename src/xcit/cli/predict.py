@@ -16,6 +16,29 @@ def add_model_options(p: argparse.ArgumentParser, img_size_help: str | None = No
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto (default cpu)")
 
 
+def add_streaming_options(p: argparse.ArgumentParser) -> None:
+    """--streaming / --large-pixels / --tokens-per-chunk (shared by predict, attention and embed)."""
+    p.add_argument("--streaming", choices=["auto", "always", "never"], default="auto",
+                   help="exact bounded-memory forward at the image's native resolution (xcit.streaming): auto = for "
+                        "images above --large-pixels, always, or never (default auto)")
+    p.add_argument("--large-pixels", type=int, default=None, metavar="N",
+                   help="pixel count above which --streaming auto applies (default 8192 x 8192 = 67,108,864)")
+    p.add_argument("--tokens-per-chunk", type=int, default=16384, metavar="N",
+                   help="streaming forward: tokens per chunk / tile, which bounds its temporaries (default 16384)")
+
+
+def streamed(args: argparse.Namespace, path: str) -> bool:
+    """Whether ``path`` goes through the streaming forward under the --streaming options."""
+    from ..inference.gigapixel import LARGE_IMAGE_PIXELS, is_large
+
+    if args.streaming != "auto":
+        return args.streaming == "always"
+    limit = LARGE_IMAGE_PIXELS if args.large_pixels is None else args.large_pixels
+    if limit < 1:
+        raise ValueError(f"expected --large-pixels >= 1, got {limit}")
+    return is_large(path, limit)
+
+
 def resolve_device(name: str):
     import torch
 
@@ -44,7 +67,11 @@ def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="top-k classes of images, folders or image lists (table, CSV or JSONL)",
-        description="Classify image files in batches. Unreadable files are reported (error column) and skipped.",
+        description=(
+            "Classify image files in batches. Unreadable files are reported (error column) and skipped. Images "
+            "above --large-pixels (large TIFF / PNG) are classified whole, at native resolution, by the exact "
+            "bounded-memory streaming forward."
+        ),
     )
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
     p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
@@ -64,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-optimize", dest="optimize", action="store_false",
                    help="run the plain model instead of its inference transform (xcit.optimize; same outputs, faster)")
+    add_streaming_options(p)
     add_config_option(p)
     p.set_defaults(func=run_predict)
 
@@ -86,9 +114,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(table_header(width, k), flush=True)
     failed = 0
     try:
-        for pred in predictor.predict(
-            paths, top_k=k, batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress
-        ):
+        for pred in _predictions(args, inf, predictor, paths, k):
             failed += pred.error is not None
             if writer is not None:
                 writer.write(pred)
@@ -102,3 +128,22 @@ def run_predict(args: argparse.Namespace) -> int:
         summary += f"; wrote {writer.format.upper()} to {writer.path}"
     print(summary, file=sys.stderr)
     return 1 if failed == len(paths) else 0
+
+
+def _predictions(args: argparse.Namespace, inf, predictor, paths: list[str], k: int):
+    """Predictions in input order: large images one by one through the streaming forward, the rest batched."""
+    from ..inference.gigapixel import predict_large, stream_model
+    from ..inference.predict import torch_threads
+
+    large = [streamed(args, p) for p in paths]
+    batched = iter(predictor.predict(
+        [p for p, big in zip(paths, large) if not big], top_k=k, batch_size=args.batch_size, threads=args.threads,
+        progress=not args.no_progress,
+    ))
+    stream = stream_model(inf, args.tokens_per_chunk) if any(large) else None
+    for path, big in zip(paths, large):
+        if not big:
+            yield next(batched)
+            continue
+        with torch_threads(args.threads):
+            yield predict_large(stream, inf.classes, path, k)

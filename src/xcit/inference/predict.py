@@ -89,7 +89,8 @@ def _collate(items):
 
 
 @contextmanager
-def _torch_threads(n: int | None):
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (None or 0: unchanged)."""
     if not n:
         yield
         return
@@ -155,7 +156,7 @@ class Predictor:
 
         classes = self.inf.classes
         unreadable = 0
-        with _torch_threads(threads), tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
+        with torch_threads(threads), tqdm(total=len(paths), unit="img", disable=not progress, file=sys.stderr) as bar:
             for order, good, batch, errors in loader:
                 results: dict[int, Prediction] = {}
                 if batch is not None:

@@ -1,0 +1,56 @@
+"""`xcit embed`: cls and mean patch-token embeddings of whole images (any size) to one .npz file."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import add_config_option
+from .predict import add_model_options, load_model
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed", help="cls and mean patch-token embeddings of whole images (slides, mosaics) to a .npz file",
+        description=(
+            "For each image, at its native resolution and whatever its size, the normalised cls token and the mean "
+            "of the normalised patch tokens (forward_features), computed exactly by the bounded-memory streaming "
+            "forward. Large TIFFs are memory-mapped. Writes OUT.npz with arrays paths (n), cls (n, C), "
+            "mean_patch (n, C), grid (n, 2: Hp, Wp) and meta (JSON: model source, preprocessing)."
+        ),
+    )
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
+    p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
+                   help="text file of image paths, one per line ('-': stdin); repeatable")
+    add_model_options(p)
+    p.add_argument("--output", "-o", default=None, metavar="FILE.npz", help="where the embeddings go (required)")
+    p.add_argument("--tokens-per-chunk", type=int, default=16384, metavar="N",
+                   help="tokens per chunk / tile, which bounds the temporaries (default 16384)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    add_config_option(p)
+    p.set_defaults(func=run_embed)
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from ..inference.gigapixel import embed_images, stream_model
+    from ..inference.predict import collect_images, torch_threads
+
+    paths = collect_images(args.inputs, args.lists)
+    if not paths:
+        raise ValueError("expected images: give files, folders or --list FILE, found none")
+    if args.output is None or not args.output.endswith(".npz"):
+        raise ValueError(f"expected --output ending in .npz, got {args.output!r}")
+    inf = load_model(args)
+    stream = stream_model(inf, args.tokens_per_chunk)
+    failed: list[str] = []
+
+    def on_error(path: str, message: str) -> None:
+        failed.append(path)
+        print(f"skipped {path}: {message}", file=sys.stderr)
+
+    with torch_threads(args.threads):
+        emb = embed_images(stream, paths, on_error)
+    meta = {"source": inf.source, "random_init": inf.random_init, "mean": list(inf.mean), "std": list(inf.std),
+            "patch_size": inf.model.patch_size, "embed_dim": inf.model.embed_dim}
+    out = emb.save(args.output, meta)
+    print(f"{len(emb.paths)} of {len(paths)} image(s) embedded ({inf.model.embed_dim} channels) -> {out}")
+    return 0 if emb.paths else 1
