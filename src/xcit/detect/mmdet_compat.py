@@ -49,7 +49,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 
-from ..models.weights import CheckpointError, infer_architecture, load_file
+from ..models.weights import CheckpointError, check_layout, infer_architecture, load_file
 from .model import COMPACT_MASK_BYTES, NativeSizeTransform
 from .recipe import FEATMAP_STRIDES, FINEST_SCALE, MMDetRoIAlign, map_roi_levels  # noqa: F401 (re-exported)
 
@@ -275,18 +275,9 @@ def load_mmdet_detector(path: str | os.PathLike, raw: dict | None = None) -> tup
     model = build_detector(num_classes, arch=shape, kind=kind, min_size=[800], test_size=800, max_size=1333,
                            conventions="mmdet")
     converted, unknown = mmdet_to_torchvision(state)
-    own = model.state_dict()
-    missing = [k for k in own if k not in converted]
-    unknown += [k for k in converted if k not in own]
-    bad = [f"{k}: file {tuple(converted[k].shape)} vs expected {tuple(v.shape)}"
-           for k, v in own.items() if k in converted and converted[k].shape != v.shape]
-    if missing or unknown or bad:
-        lines = [f"{path} is not a checkpoint of the official XCiT Mask R-CNN configs (mmdet 2.11 layout; backbone "
-                 f"{arch.get('name', shape)}, {num_classes} classes):"]
-        for label, keys in (("missing", missing), ("unexpected", unknown), ("mismatched", bad)):
-            if keys:
-                lines.append(f"{label} keys ({len(keys)}): " + "; ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
-        raise CheckpointError("\n".join(lines))
+    header = (f"{path} is not a checkpoint of the official XCiT Mask R-CNN configs (mmdet 2.11 layout; backbone "
+              f"{arch.get('name', shape)}, {num_classes} classes):")
+    check_layout(model.state_dict(), converted, unknown, header)
     model.load_state_dict(converted, strict=True)
     classes = list(meta.get("CLASSES") or (COCO_CLASSES if num_classes == 80 else [f"class{i}" for i in range(1, num_classes + 1)]))
     ids = COCO_CATEGORY_IDS if list(classes) == list(COCO_CLASSES) else list(range(1, num_classes + 1))

@@ -185,6 +185,23 @@ def to_official_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def check_layout(
+    expected: dict[str, torch.Tensor], converted: dict[str, torch.Tensor], unknown: list[str], header: str
+) -> None:
+    """Raise :class:`CheckpointError` (``header`` then the keys) unless ``converted`` has exactly the keys and
+    shapes of ``expected``; ``unknown`` lists source keys no conversion rule took."""
+    missing = [k for k in expected if k not in converted]
+    unexpected = list(unknown) + [k for k in converted if k not in expected]
+    bad = [f"{k}: file {tuple(converted[k].shape)} vs expected {tuple(v.shape)}"
+           for k, v in expected.items() if k in converted and converted[k].shape != v.shape]
+    if missing or unexpected or bad:
+        lines = [header]
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", bad)):
+            if keys:
+                lines.append(f"{label} keys ({len(keys)}): " + "; ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
+        raise CheckpointError("\n".join(lines))
+
+
 def infer_architecture(state: dict[str, torch.Tensor]) -> dict:
     """Architecture hyper-parameters read off the tensor shapes of an official-layout state dict."""
     arch: dict = {}

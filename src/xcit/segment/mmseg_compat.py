@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from ..models import XCiTPyramid
-from ..models.weights import CheckpointError, infer_architecture, load_file
+from ..models.weights import CheckpointError, check_layout, infer_architecture, load_file
 from .ade20k import ADE20K_CLASSES
 from .heads import Segmenter
 
@@ -118,18 +118,9 @@ def load_mmseg_segmenter(path: str | os.PathLike, raw: dict | None = None) -> tu
     pyramid.model_name = arch.get("name")
     model = Segmenter(pyramid, head.pop("num_classes"), **head)
     converted, unknown = mmseg_to_segmenter(state)
-    own = model.state_dict()
-    missing = [k for k in own if k not in converted]
-    unknown += [k for k in converted if k not in own]
-    bad = [f"{k}: file {tuple(converted[k].shape)} vs expected {tuple(v.shape)}"
-           for k, v in own.items() if k in converted and converted[k].shape != v.shape]
-    if missing or unknown or bad:
-        lines = [f"{path} is not a checkpoint of the official XCiT ADE20k configs (mmseg 0.11 layout; backbone "
-                 f"{arch.get('name', shape)}, head {model.head_config['head']}):"]
-        for label, keys in (("missing", missing), ("unexpected", unknown), ("mismatched", bad)):
-            if keys:
-                lines.append(f"{label} keys ({len(keys)}): " + "; ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
-        raise CheckpointError("\n".join(lines))
+    header = (f"{path} is not a checkpoint of the official XCiT ADE20k configs (mmseg 0.11 layout; backbone "
+              f"{arch.get('name', shape)}, head {model.head_config['head']}):")
+    check_layout(model.state_dict(), converted, unknown, header)
     model.load_state_dict(converted, strict=True)
     meta_in = dict(raw.get("meta") or {})
     n = model.num_classes
