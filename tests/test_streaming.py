@@ -267,3 +267,9 @@ def test_cli_small_images_keep_the_batched_path(tmp_path, capsys):
                  "always", "-o", str(tmp_path / "s.csv")]) == 0
     # the batched path resizes to the eval size (64 px); the streamed one sees the 40 x 50 original
     assert csv.read_text() != (tmp_path / "s.csv").read_text()
+
+
+def test_an_optimised_copy_is_refused_with_a_message():
+    model = xcit.create_model("xcit_nano_12_p16").eval()
+    with pytest.raises(ValueError, match="optimised copy"):
+        xcit.streaming(xcit.optimize(model))

@@ -81,6 +81,11 @@ class StreamingXCiT(nn.Module):
             raise ValueError(f"expected an XCiT model (XCiT or XCiTPyramid), got {type(model).__name__}")
         if isinstance(tokens_per_chunk, bool) or not isinstance(tokens_per_chunk, int) or tokens_per_chunk < 1:
             raise ValueError(f"expected tokens_per_chunk to be a positive integer, got {tokens_per_chunk!r}")
+        from ..models import is_optimized
+
+        if is_optimized(model):
+            raise ValueError("expected the plain model, got an optimised copy (xcit.optimize): stream the model it was "
+                             "made from (the streaming forward works from the plain layers)")
         _check_eval(model)
         self.model = model
         self.tokens_per_chunk = tokens_per_chunk
