@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .config import add_config_option
-from .predict import add_model_options, load_model
+from .predict import add_input_options, add_model_options, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,9 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "mean_patch (n, C), grid (n, 2: Hp, Wp) and meta (JSON: model source, preprocessing)."
         ),
     )
-    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
-    p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
-                   help="text file of image paths, one per line ('-': stdin); repeatable")
+    add_input_options(p)
     add_model_options(p)
     p.add_argument("--output", "-o", default=None, metavar="FILE.npz", help="where the embeddings go (required)")
     p.add_argument("--tokens-per-chunk", type=int, default=16384, metavar="N",

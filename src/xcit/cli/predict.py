@@ -64,6 +64,13 @@ def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
     return inf
 
 
+def add_input_options(p: argparse.ArgumentParser) -> None:
+    """Images to read: files and folders as arguments, and list files."""
+    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
+    p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
+                   help="text file of image paths, one per line ('-': stdin); repeatable")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="top-k classes of images, folders or image lists (table, CSV or JSONL)",
@@ -73,9 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "bounded-memory streaming forward."
         ),
     )
-    p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
-    p.add_argument("--list", action="append", default=[], metavar="FILE", dest="lists",
-                   help="text file of image paths, one per line ('-': stdin); repeatable")
+    add_input_options(p)
     add_model_options(p)
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="write predictions to FILE.csv or FILE.jsonl")
     p.add_argument("--format", choices=["csv", "jsonl"], default=None, help="output format (default: from the extension)")
