@@ -49,3 +49,24 @@ def tiny_model(**overrides):
     kwargs = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10, tokens_norm=True)
     kwargs.update(overrides)
     return create_model("xcit_nano_12_p16", **kwargs)
+
+
+def run_program_without_xcit(program_path, inputs, workdir):
+    """Outputs of a saved ``torch.export`` program on ``inputs``, computed in a fresh Python process in
+    which ``import xcit`` fails: the program must stand on torch alone."""
+    import subprocess
+    import sys
+    import textwrap
+
+    torch.save(list(inputs), workdir / "inputs.pt")
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.modules["xcit"] = None
+        program = torch.export.load({str(program_path)!r}).module()
+        inputs = torch.load({str(workdir / 'inputs.pt')!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save([program(x) for x in inputs], {str(workdir / 'outputs.pt')!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(workdir / "outputs.pt", weights_only=True)

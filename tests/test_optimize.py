@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import xcit
-from conftest import randomize, tiny_model
+from conftest import randomize, run_program_without_xcit, tiny_model
 from xcit.models import create_model, is_optimized, optimize
 from xcit.models import kernels as K
 from xcit.models.layers import XCA, channel_attention
@@ -166,3 +166,16 @@ def test_subtract_border_taps_equals_conv_of_constant(grid):
     y = F.conv2d(z, w, t * w.sum(dim=(1, 2, 3)), padding=1, groups=c)
     K.subtract_border_taps(y, t[:, None, None] * w[:, 0], 1)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_optimized_program_loads_in_a_fresh_process_without_xcit(tmp_path):
+    """torch.export of the optimised model with dynamic batch, height and width: aten only, no xcit needed."""
+    from xcit import export as ex
+
+    m = optimize(randomize(tiny_model(), seed=25))
+    path = ex.export_program(m, tmp_path / "m.pt2", example_size=(28, 28))
+    inputs = [torch.randn(1, 3, 28, 28), torch.randn(3, 3, 33, 21)]
+    outs = run_program_without_xcit(path, inputs, tmp_path)
+    with torch.no_grad():
+        for x, out in zip(inputs, outs, strict=True):
+            assert _max_diff(out, m(x)) <= 1e-5

@@ -14,14 +14,13 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import randomize
+from conftest import randomize, run_program_without_xcit
 from xcit import create_model
 
 NAMES = ["xcit_nano_12_p16", "xcit_nano_12_p8"]
@@ -145,18 +144,7 @@ def test_torch_export_dynamic_batch_height_width_loads_without_xcit(model, tmp_p
     path = tmp_path / "m.pt2"
     torch.export.save(program, path)
     inputs = [_x(1, 64, 96, seed=1), _x(3, 2 * p + 3, 5 * p - 1, seed=2)]
-    torch.save(inputs, tmp_path / "inputs.pt")
-    code = textwrap.dedent(f"""
-        import sys, torch
-        sys.modules["xcit"] = None  # the program must not need this package
-        program = torch.export.load({str(path)!r}).module()
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r}, weights_only=True)
-        with torch.no_grad():
-            torch.save([program(x) for x in inputs], {str(tmp_path / 'out.pt')!r})
-    """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    outs = torch.load(tmp_path / "out.pt", weights_only=True)
+    outs = run_program_without_xcit(path, inputs, tmp_path)
     with torch.no_grad():
         for x, out in zip(inputs, outs, strict=True):
             torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
