@@ -234,7 +234,7 @@ def test_ddp_two_processes_stay_in_sync(tmp_path, model):
     assert Path(tmp_path / "w.pt").is_file()
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_a_cast_model_runs_in_its_dtype(model, dtype):
     m = copy.deepcopy(model).to(dtype)
     x = _x()
