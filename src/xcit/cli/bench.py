@@ -477,7 +477,7 @@ def profile_breakdown(model, x) -> dict:
         model(x)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(x)
-    groups = {"gemm": ("linear", "addmm", "aten::mm", "bmm", "matmul", "xcit::onednn_linear"),
+    groups = {"gemm": ("linear", "addmm", "aten::mm", "bmm", "matmul"),
               "conv": ("conv",), "norm": ("layer_norm", "batch_norm", "vector_norm"), "softmax": ("softmax",)}
     out = {k: 0.0 for k in (*groups, "other")}
     total = 0.0
