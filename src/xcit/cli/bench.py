@@ -182,7 +182,7 @@ def _perturb_bn(model) -> None:
 
 
 def build(impl: str, model_name: str, train: bool = False):
-    """A model for ``impl`` in {this, this-fused, this-plain, timm, vit}; XCiTs share seed-0 weights."""
+    """A model for ``impl`` in {this, this-fused, timm, vit}; XCiTs share seed-0 weights."""
     import torch
 
     from ..models import MODELS, create_model, resolve_name
@@ -382,7 +382,7 @@ class Bench:
         x1k = torch.randn(1, 3, 1024, 1024)
         self.case("infer_1024_b1", {"timm": _fwd(ref, x1k), "this": _fwd(this, x1k), "this-fused": _fwd(fused, x1k),
                                     "vit": _fwd(vit, x1k)}, 1024, 1)
-        self.flops("this", 1024, 1, executed=True)  # the fast path's own FLOPs, for the stricter peak fraction
+        self.flops("this", 1024, 1, executed=True)  # the optimised model's own FLOPs, for the stricter peak fraction
         if self.preset.get("profile"):
             self.results["profile"] = {f"224_b{b}": profile_breakdown(fused, x224),
                                        "1024_b1": profile_breakdown(fused, x1k)}

@@ -3,7 +3,7 @@
 :func:`forward_with_attention` runs the model's own ``forward`` once and records, through
 temporary forward pre-hooks on the blocks, the exact attention of the requested layers: from the
 input each block received, ``block.attn.attention(block.norm1(x))`` (``ClassAttention.attention`` /
-``XCA.attention``, which materialise the softmax whatever fast path the forward itself takes). The
+``XCA.attention``, which materialise the softmax whatever route the forward itself takes). The
 logits it returns are those of ``model(x)``, bit for bit, and the model is left unchanged (hooks are
 removed even on error).
 """
