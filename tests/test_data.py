@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import struct
 
 import numpy as np
@@ -201,3 +202,42 @@ def test_batch_eval_transform_matches_the_official_preprocessing():
     assert (batch[0] - ref).abs().max() < 4 / 255 / 0.25
     same = BatchEvalTransform(40, crop_pct=1.0, mean=(0.5,), std=(0.25,))(torch.from_numpy(img)[None, None])
     assert torch.allclose(same[0], eval_transform(40, 1.0, (0.5,), (0.25,))(Image.fromarray(img)), atol=1e-6)
+
+
+# --- images deeper than 8 bits (load_image is the one reader of predict, attention and class folders) ---
+
+def test_16bit_png_matches_its_8bit_version(tmp_path):
+    from xcit.data.datasets import ImageFolderDataset
+    from xcit.data.images import load_image
+
+    rng = np.random.default_rng(0)
+    deep = rng.integers(0, 65536, (24, 20)).astype(np.uint16)
+    deep[0, :4] = [0, 255, 256, 65535]
+    (tmp_path / "cls").mkdir()
+    Image.fromarray(deep).save(tmp_path / "cls" / "deep.png")
+    Image.fromarray((deep // 256).astype(np.uint8)).save(tmp_path / "cls" / "shallow.png")
+    with Image.open(tmp_path / "cls" / "deep.png") as img:
+        assert img.mode.startswith("I")  # PIL reads it back as 16-bit, which convert("RGB") clips to white
+    grey = np.asarray(load_image(tmp_path / "cls" / "deep.png", in_chans=1), dtype=int)
+    shallow = np.asarray(load_image(tmp_path / "cls" / "shallow.png", in_chans=1), dtype=int)
+    assert np.abs(grey - shallow).max() <= 1
+    np.testing.assert_array_equal(grey, np.rint(deep / 257))
+    assert grey[0, :4].tolist() == [0, 1, 1, 255]
+    rgb = np.asarray(load_image(tmp_path / "cls" / "deep.png"), dtype=int)
+    assert rgb.shape == (24, 20, 3) and (rgb == grey[..., None]).all()
+    folder = ImageFolderDataset(tmp_path)
+    images = {os.path.basename(folder.samples[i][0]): np.asarray(folder[i][0], dtype=int) for i in range(len(folder))}
+    assert np.abs(images["deep.png"] - images["shallow.png"]).max() <= 1
+
+
+def test_32bit_and_float_images_scale_by_depth(tmp_path):
+    from xcit.data.images import load_image
+
+    levels = np.arange(256, dtype=np.int64).reshape(16, 16)
+    Image.fromarray((levels * 8421504).astype(np.int32)).save(tmp_path / "int32.tif")  # (2^31 - 1) / 255
+    Image.fromarray((levels / 255).astype(np.float32)).save(tmp_path / "unit.tif")
+    Image.fromarray(levels.astype(np.float32)).save(tmp_path / "bytes.tif")
+    Image.fromarray((levels * 257).astype(np.uint16)).save(tmp_path / "u16.tif")
+    for name in ("int32.tif", "unit.tif", "bytes.tif", "u16.tif"):
+        got = np.asarray(load_image(tmp_path / name, in_chans=1), dtype=int)
+        assert np.abs(got - levels).max() <= 1, name

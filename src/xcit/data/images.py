@@ -5,6 +5,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
@@ -14,13 +15,45 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def load_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image:
-    """Open an image as RGB (``in_chans=3``) or greyscale (``in_chans=1``); ValueError if unreadable."""
+    """Open an image as RGB (``in_chans=3``) or greyscale (``in_chans=1``); ValueError if unreadable.
+
+    Greyscale images deeper than 8 bits are scaled to 8 bits first (:func:`to_8bit`).
+    """
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("L" if in_chans == 1 else "RGB")
+            return to_8bit(img).convert("L" if in_chans == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit integer, or float, greyscale image as 8-bit ``L``, scaled by its bit depth.
+
+    PIL's ``convert`` clips such images to 0..255 instead (a 16-bit PNG turns almost white). The depth
+    is the TIFF ``BitsPerSample`` where given, 16 for PNG / PGM ``I`` images (those formats stop at 16
+    bits), else 32 (signed: negatives become 0). Float images are read as 0..1, or as 0..255 when their
+    maximum is above 1. Other modes are returned unchanged.
+    """
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "I":
+        bits = _int_bits(img)
+        top = float((1 << bits) - 1 if bits < 32 else (1 << 31) - 1)
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if np.nanmax(values, initial=0.0) <= 1.0 else 255.0
+    else:
+        return img
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64)) * (255.0 / top)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
+def _int_bits(img: Image.Image) -> int:
+    if hasattr(img, "tag_v2"):  # TIFF
+        bits = img.tag_v2.get(258, 32)
+        return int(bits[0] if isinstance(bits, tuple) else bits)
+    return 16 if img.format in ("PNG", "PPM") else 32
 
 
 def eval_transform(

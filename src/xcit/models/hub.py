@@ -124,7 +124,8 @@ def weights_file(spec: str | os.PathLike) -> Path:
         resolve_name(name)
     except ValueError:
         raise CheckpointError(
-            f"checkpoint {name!r} does not exist or is not a file, nor is it a known weights name (a classification name such as "
+            f"checkpoint {name!r} {'is a directory' if path.is_dir() else 'does not exist or is not a file'}: expected a "
+            "weights file or a known weights name (a classification name such as "
             f"xcit_small_12_p16_224.fb_in1k, hf-hub:OWNER/REPO, {DINO_MODELS[0]}, maskrcnn_xcit_tiny_12_p16, "
             "sem_fpn_xcit_tiny_12_p16, upernet_xcit_tiny_12_p16)"
         ) from None

@@ -3,9 +3,14 @@
 Files are read with ``torch.load(weights_only=True)`` (never arbitrary unpickling) or with
 safetensors. The format is detected from the content; everything is converted to the official
 layout (``pos_embeder.*``, fused class-attention ``qkv``) before loading.
+
+Every file this project writes records :func:`tensor_digest` of its tensors (``DIGEST_KEY``: a
+top-level entry of ``.pth`` / ``.pt`` dicts, a safetensors metadata value); reading checks it, so a
+corrupted file is an error rather than silently different weights. Files without it still load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -27,10 +32,67 @@ _DINO_KEYS = ("teacher", "student")  # DINO training checkpoints (official and `
 _BACKBONE_PREFIXES = ("module.backbone.", "backbone.", "encoder.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _CA_QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.([qkv])\.(weight|bias)$")
+DIGEST_KEY = "tensor_sha256"
+_EXPECTED = "expected a PyTorch .pth/.pt file or a .safetensors file of model weights"
 
 
 class CheckpointError(ValueError):
     """A weights file that cannot be read, or that does not fit the model."""
+
+
+def tensor_digest(obj) -> str:
+    """SHA-256 (hex) over the name, dtype, shape and bytes of every tensor in ``obj``, in name order.
+
+    ``obj`` is a tensor dict or any nesting of dicts, lists and tuples (a training state); a tensor's
+    name is its key path (``model/blocks.0.norm1.weight``). Other values are not covered.
+    """
+    sha = hashlib.sha256()
+    for name, tensor in sorted(_named_tensors(obj, ""), key=lambda item: item[0]):
+        tensor = tensor.detach().cpu().contiguous()
+        sha.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return sha.hexdigest()
+
+
+def _named_tensors(obj, prefix: str):
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _named_tensors(value, f"{prefix}/{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from _named_tensors(value, f"{prefix}/{i}")
+
+
+def with_digest(payload: dict) -> dict:
+    """``payload`` plus its :func:`tensor_digest` under ``DIGEST_KEY``, ready for ``torch.save``."""
+    return {**payload, DIGEST_KEY: tensor_digest(payload)}
+
+
+def verify_digest(obj, path: PathLike):
+    """``obj`` (a loaded ``.pth`` / ``.pt`` object) without its digest entry, after checking the digest
+    where one was recorded; :class:`CheckpointError` saying the file is corrupted otherwise."""
+    if not isinstance(obj, dict) or DIGEST_KEY not in obj:
+        return obj
+    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
+    _check(obj[DIGEST_KEY], body, path)
+    return body
+
+
+def _check(recorded, tensors, path: PathLike) -> None:
+    if not isinstance(recorded, str) or recorded != tensor_digest(tensors):
+        raise CheckpointError(
+            f"{path}: corrupted: its tensor data does not match the SHA-256 recorded when it was written "
+            "(the file was changed or damaged after saving; re-copy or re-create it)"
+        )
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception, short enough for a one-line message."""
+    lines = str(err).strip().splitlines()
+    text = f"{type(err).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
@@ -40,43 +102,65 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
 
 def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(official-layout state dict, architecture metadata saved by :func:`save_checkpoint` or {})."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    path = _existing_file(path)
     if _is_safetensors(path):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 raw = {k: f.get_tensor(k) for k in f.keys()}
                 meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-        arch = json.loads(meta["arch"]) if "arch" in meta else {}
+        except Exception as err:  # a damaged header can fail in many ways; all mean the same here
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(err)}; {_EXPECTED})") from err
+        if DIGEST_KEY in meta:
+            _check(meta[DIGEST_KEY], raw, path)
+        try:
+            arch = json.loads(meta["arch"]) if "arch" in meta else {}
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path}: corrupted: its 'arch' metadata is not valid JSON ({err})") from err
     else:
         raw = load_file(path)
         arch = raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), dict) else {}
     return to_official_layout(_unwrap(raw, path)), arch
 
 
-def load_file(path: PathLike):
-    """The object saved in a ``.pth`` file, read with ``torch.load(weights_only=True)`` (tensors and plain
-    containers only), with a :class:`CheckpointError` that says what is wrong and what to do."""
+def _existing_file(path: PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+        kind = "is a directory" if path.is_dir() else "does not exist or is not a file"
+        raise CheckpointError(f"checkpoint {str(path)!r} {kind} ({_EXPECTED})")
+    return path
+
+
+def load_file(path: PathLike, *, what: str = "PyTorch checkpoint", map_location="cpu", mmap: bool = False,
+              verify: bool = True):
+    """The object saved in a ``.pth`` / ``.pt`` file, read with ``torch.load(weights_only=True)`` (tensors
+    and plain containers only), its recorded :func:`tensor_digest` checked (and dropped) when ``verify``.
+
+    Any failure to read (not a torch file, truncated, corrupted) is a one-line :class:`CheckpointError`
+    naming the file and saying what was expected; ``what`` names the kind of file in that message.
+    """
+    path = _existing_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            obj = torch.load(path, map_location=map_location, weights_only=True)  # legacy files cannot be mmapped
     except pickle.UnpicklingError as err:
         if "global" not in str(err).lower():  # corrupt data, not a forbidden object
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated)") from err
+            raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated; {_EXPECTED})") from err
         raise CheckpointError(
             f"{path}: refused to load, the file holds Python objects beyond tensors and plain "
             "containers, and unpickling them could run arbitrary code. Re-save just the state "
             "dict (torch.save({'model': model.state_dict()}, path)) from a trusted environment."
         ) from err
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+        raise CheckpointError(f"{path}: not a readable {what} ({_reason(err)}; {_EXPECTED})") from err
+    except Exception as err:  # pickle internals (KeyError: 101 for a text file...) on damaged or foreign files
+        raise CheckpointError(f"{path}: not a readable {what} (not a torch file, or damaged; {_EXPECTED})") from err
+    return verify_digest(obj, path) if verify else obj
 
 
 def read_metadata(path: PathLike) -> dict:
@@ -85,14 +169,16 @@ def read_metadata(path: PathLike) -> dict:
     ``.pth`` files are read with ``torch.load(weights_only=True)``; safetensors metadata values are
     decoded from JSON. Returns ``{}`` for a file holding a bare state dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist or is not a file")
+    path = _existing_file(path)
     if _is_safetensors(path):
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = f.metadata() or {}
+        except Exception as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(err)}; {_EXPECTED})") from err
+        raw = {k: v for k, v in raw.items() if k != DIGEST_KEY}
         meta = {}
         for key, value in raw.items():
             try:
@@ -100,16 +186,11 @@ def read_metadata(path: PathLike) -> dict:
             except (TypeError, json.JSONDecodeError):
                 meta[key] = value
         return meta
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, or it holds more than tensors ({err})") from err
+    obj = load_file(path, mmap=True, verify=False)  # metadata only: the weights are checked when they are read
     if not isinstance(obj, dict):
         return {}
-    return {k: v for k, v in obj.items() if k not in _WRAPPER_KEYS + ("model_ema",) and not _holds_tensors(v)}
+    skip = _WRAPPER_KEYS + ("model_ema", DIGEST_KEY)
+    return {k: v for k, v in obj.items() if k not in skip and not _holds_tensors(v)}
 
 
 def _holds_tensors(value) -> bool:
@@ -297,8 +378,8 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = No
     """Save ``model``'s weights in the official layout: ``{'model': state_dict}`` or ``.safetensors``.
 
     ``.pth`` files load with the official code, timm's converter and :func:`load_checkpoint`;
-    ``extra`` (plain Python values) is stored beside ``'model'`` (or as safetensors metadata).
-    The file is written to a temporary name and renamed, so a crash never leaves half a file.
+    ``extra`` (plain Python values) is stored beside ``'model'`` (or as safetensors metadata), with
+    the :func:`tensor_digest` that loading checks. The file is written to a temporary name and renamed, so a crash never leaves half a file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,10 +392,10 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = No
             from safetensors.torch import save_file
 
             meta = {str(k): json.dumps(v) for k, v in {**({"arch": arch} if arch else {}), **(extra or {})}.items()}
-            save_file(state, tmp, metadata=meta)
+            save_file(state, tmp, metadata={**meta, DIGEST_KEY: tensor_digest(state)})
         else:
             payload = {"model": state, **({"arch": dict(arch)} if arch else {}), **(extra or {})}
-            torch.save(payload, tmp)
+            torch.save(with_digest(payload), tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

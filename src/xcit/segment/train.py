@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import MODELS, resolve_name
+from ..models.weights import load_file
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path as resume_state_path
 from ..train.checkpoint import save_state
@@ -200,7 +201,7 @@ def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
     arch = dict(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
     resume_path = resume_state_path(cfg.resume, out)
     if resume_path is not None:  # rebuild exactly the saved model; the backbone init is not needed
-        raw = torch.load(resume_path, map_location="cpu", weights_only=True)
+        raw = load_file(resume_path, what="segmentation checkpoint")
         model = segmenter_from_config(raw["config"])
         model.load_state_dict(raw["model"])
     else:

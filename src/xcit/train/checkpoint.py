@@ -3,11 +3,11 @@
 A state file holds the model, optimizer, scheduler, gradient scaler and EMA state dicts, the
 epoch and step counters, the best accuracy so far, the resolved configuration, and the random
 number generator states of torch, numpy and Python (as tensors, so no object is unpickled).
+Like every file this project writes, it records the SHA-256 of its tensors, checked when read.
 """
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.weights import CheckpointError
+from ..models.weights import CheckpointError, load_file, with_digest
 
 STATE_VERSION = 1
 
@@ -53,7 +53,7 @@ def save_state(path: Path, state: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        torch.save({"version": STATE_VERSION, **state}, tmp)
+        torch.save(with_digest({"version": STATE_VERSION, **state}), tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,15 +68,7 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
         path = path / "last.pt"
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} does not exist (expected a run directory or its last.pt)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "global" in str(err).lower():  # a real pickle with classes in it
-            raise CheckpointError(f"{path}: refused to load, it holds Python objects beyond tensors and plain "
-                                  "containers (not written by `xcit train`)") from err
-        raise CheckpointError(f"{path}: not a readable training checkpoint (corrupt or not a torch file)") from err
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable training checkpoint ({err})") from err
+    state = load_file(path, what="training checkpoint")
     needed = ("model", "optimizer", "scheduler", "epoch", "step", "config", "rng")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         have = list(state)[:10] if isinstance(state, dict) else type(state).__name__
@@ -110,10 +102,7 @@ def read_task_checkpoint(path: str | os.PathLike, fmt: str, task: str,
     what = {"segment": "segmentation", "detect": "detection"}.get(task, task)
     if not path.is_file():
         raise FileNotFoundError(f"expected a {what} checkpoint, got {str(path)!r} which is not a file")
-    try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+    raw = load_file(path, what=f"{what} checkpoint", map_location=map_location)
     if not isinstance(raw, dict) or raw.get("format") != fmt:
         raise CheckpointError(
             f"{path}: not a {what} checkpoint (expected one written by `xcit {task} train`; "

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..models import MODELS, XCiT, create_model, resolve_name
-from ..models.weights import CheckpointError, download_release, read_state_dict
+from ..models.weights import CheckpointError, download_release, load_file, read_state_dict
 from .config import TrainConfig
 
 _STEM = "patch_embed.proj.0.0.weight"
@@ -119,10 +119,7 @@ def build_teacher(cfg: TrainConfig, num_classes: int, in_chans: int, device: tor
         if name not in timm.list_models():
             raise ValueError(f"unknown teacher model {name!r}: neither an XCiT nor a timm architecture")
         teacher = timm.create_model(name, num_classes=num_classes, in_chans=in_chans)
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # any failure to read is reported the same way
-            raise CheckpointError(f"teacher checkpoint {path}: not readable ({err})") from err
+        raw = load_file(path, what="teacher checkpoint")
         for key in ("model", "state_dict", "model_ema"):
             if isinstance(raw, dict) and isinstance(raw.get(key), dict):
                 raw = raw[key]
