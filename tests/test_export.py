@@ -131,3 +131,16 @@ def test_cli_export_and_the_docs_snippet_without_this_package(tmp_path, capsys):
     for got, want in zip(printed, expected, strict=True):
         assert [label for label, _ in got] == want.labels
         np.testing.assert_allclose([p for _, p in got], want.probs, atol=0.02)
+
+
+@pytest.mark.parametrize("optimize", [False, True])
+def test_openvino_ir_is_dynamic_and_exact(tmp_path, optimize):
+    """ONNX -> OpenVINO IR (fp32), run by OpenVINO's CPU plugin at three sizes: parity with PyTorch."""
+    pytest.importorskip("openvino")
+    model = ex.prepare_for_export(_model(), optimize=optimize)
+    onnx_path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(28, 28), exporter="torchscript")
+    xml = ex.export_openvino(onnx_path, tmp_path / "m.xml")
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    rows = ex.check_openvino(model, xml, SIZES)
+    assert [(r["batch"], r["height"], r["width"]) for r in rows] == SIZES
+    assert max(r["max_abs_diff"] for r in rows) < ATOL, rows

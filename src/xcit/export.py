@@ -151,6 +151,23 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: t
     return path
 
 
+def export_openvino(onnx_path: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """OpenVINO IR (``.xml`` + ``.bin``, fp32 weights) of an exported ONNX file, dynamic sizes kept.
+
+    Read by OpenVINO's own ONNX frontend (``Core.read_model``) rather than ``openvino.convert_model``,
+    whose conversion tool may send usage telemetry over the network.
+    """
+    try:
+        import openvino as ov
+    except ImportError as err:
+        raise ExportError("the OpenVINO format needs the openvino package: pip install openvino (or 'xcit[openvino]')") from err
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.Core().read_model(os.fspath(onnx_path))
+    ov.save_model(model, os.fspath(path), compress_to_fp16=False)
+    return path
+
+
 def check_sizes(img_size: tuple[int, int], patch_size: int) -> list[tuple[int, int, int]]:
     """Three (batch, H, W) test inputs: the eval size, a rectangular one, and one that is no multiple of the patch."""
     h, w = img_size
@@ -200,3 +217,15 @@ def check_program(model: nn.Module, path: str | os.PathLike, sizes: Sequence[tup
             return program(x)
 
     return _max_diffs(model, run, sizes)
+
+
+def check_openvino(model: nn.Module, path: str | os.PathLike, sizes: Sequence[tuple[int, int, int]],
+                   threads: int | None = None) -> list[dict]:
+    """Max |OpenVINO (CPU, fp32 inference precision) - PyTorch| of the logits at each (batch, H, W)."""
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO may pick bf16 on CPUs that have it
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(os.fspath(path), "CPU", config)
+    return _max_diffs(model, lambda x: compiled(x.cpu().numpy())[0], sizes)

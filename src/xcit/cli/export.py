@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import add_config_option
@@ -22,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_options(p)
     p.add_argument("--output-dir", "-o", default="exported", metavar="DIR", help="default: exported")
     p.add_argument("--name", default=None, help="file stem (default: the checkpoint's or model's name)")
-    p.add_argument("--formats", nargs="+", choices=["onnx", "pt2"], default=["onnx", "pt2"], help="default: both")
+    p.add_argument("--formats", nargs="+", choices=["onnx", "pt2", "openvino"], default=["onnx", "pt2"],
+                   help="default: onnx pt2; openvino writes NAME.xml + NAME.bin from the ONNX file (needs openvino)")
     p.add_argument("--optimize", action="store_true",
                    help="export the inference transform (xcit.optimize: folded weights, fused kernels) instead of the plain model")
     p.add_argument("--fuse", dest="optimize", action="store_true", help=argparse.SUPPRESS)  # the earlier spelling
@@ -55,12 +57,23 @@ def run_export(args: argparse.Namespace) -> int:
         "layout": "NCHW float32, normalised: (pixel / 255 - mean) / std", "min_size": inf.model.patch_size + 1,
     }
     ok = True
-    for fmt in args.formats:
-        if fmt == "onnx":
+    formats = sorted(set(args.formats), key=["onnx", "pt2", "openvino"].index)  # OpenVINO reads the ONNX file
+    scratch = tempfile.TemporaryDirectory() if "openvino" in formats and "onnx" not in formats else None
+    onnx_path = None
+    for fmt in formats:
+        if fmt == "onnx" or (fmt == "openvino" and onnx_path is None):
             kind = ex.onnx_exporter(args.exporter)
-            path = ex.export_onnx(model, out / f"{stem}.onnx", example_size=size, opset=args.opset or ex.DEFAULT_OPSET, exporter=kind)
-            sidecar.update(onnx=path.name, onnx_exporter=kind, opset=args.opset or ex.DEFAULT_OPSET)
+            target = out / f"{stem}.onnx" if fmt == "onnx" else Path(scratch.name) / f"{stem}.onnx"
+            onnx_path = ex.export_onnx(model, target, example_size=size, opset=args.opset or ex.DEFAULT_OPSET, exporter=kind)
+            if fmt == "onnx":
+                sidecar.update(onnx=onnx_path.name, onnx_exporter=kind, opset=args.opset or ex.DEFAULT_OPSET)
+        if fmt == "onnx":
+            path = onnx_path
             check = ex.check_onnx if not args.no_check else None
+        elif fmt == "openvino":
+            path = ex.export_openvino(onnx_path, out / f"{stem}.xml")
+            sidecar.update(openvino=[path.name, path.with_suffix(".bin").name])
+            check = ex.check_openvino if not args.no_check else None
         else:
             path = ex.export_program(model, out / f"{stem}.pt2", example_size=size)
             sidecar.update(pt2=path.name)
@@ -74,6 +87,8 @@ def run_export(args: argparse.Namespace) -> int:
                 print(f"  {fmt} vs PyTorch, batch {r['batch']} {r['height']}x{r['width']}: "
                       f"max |diff| {r['max_abs_diff']:.2e} {'ok' if good else f'ABOVE {args.atol:g}'}")
             sidecar.setdefault("parity", {})[fmt] = rows
+    if scratch is not None:
+        scratch.cleanup()
     meta = out / f"{stem}.json"
     meta.write_text(json.dumps(sidecar, indent=1))
     print(f"wrote {meta} (preprocessing and class names)")
