@@ -57,3 +57,24 @@ def test_render_names_the_command_and_machine(results):
     text = bench_report.render(results, plot_path="scaling.png")
     assert results["command"] in text and results["machine"]["cpu"] in text
     assert "| target | measured | goal | status |" in text
+
+
+def test_deployment_runtimes_run_this_projects_export(tmp_path):
+    """ONNX Runtime and OpenVINO rows of `xcit bench` run the plain model's ONNX export and agree with it."""
+    import numpy as np
+    import torch
+
+    from xcit.cli.bench import deployment_runners
+    from xcit.models import XCiT
+
+    torch.manual_seed(0)
+    model = XCiT(patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10).eval()
+    runners, notes = deployment_runners(model, tmp_path, threads=1)
+    assert set(runners) == {"onnxruntime-fp32", "openvino-fp32"} and notes == []
+    x = torch.randn(2, 3, 40, 24)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    for name, make in runners.items():
+        out = make(x)()
+        out = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
+        np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, err_msg=name)

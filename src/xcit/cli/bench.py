@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -291,6 +292,44 @@ def _fwd(model, x, autocast=None):
     return run
 
 
+def deployment_runners(model, workdir: Path, threads: int) -> tuple[dict, list[str]]:
+    """Runtimes a CPU deployer would pick instead, on this project's own ONNX export of ``model``.
+
+    Returns ({label: make_run(x)}, notes): ``onnxruntime-fp32`` and ``openvino-fp32`` (OpenVINO IR read
+    from the same file, fp32 inference precision), each with ``threads`` threads; a runtime that is not
+    installed is left out with a note (``pip install 'xcit[export,openvino]'``).
+    """
+    import importlib.util
+
+    from .. import export as ex
+
+    notes: list[str] = []
+    if importlib.util.find_spec("onnxruntime") is None and importlib.util.find_spec("openvino") is None:
+        return {}, ["ONNX Runtime and OpenVINO not installed: their rows were skipped (pip install 'xcit[export,openvino]')"]
+    onnx_path = ex.export_onnx(model, workdir / "model.onnx", example_size=(224, 224), exporter="torchscript")
+    runners = {}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        runners["onnxruntime-fp32"] = lambda x: (lambda: session.run(None, {ex.INPUT_NAME: x.numpy()}))
+    else:
+        notes.append("ONNX Runtime not installed: its rows were skipped (pip install 'xcit[export]')")
+    if importlib.util.find_spec("openvino") is not None:
+        import openvino as ov
+
+        xml = ex.export_openvino(onnx_path, workdir / "model.xml")
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32",
+                                                             "INFERENCE_NUM_THREADS": threads})
+        runners["openvino-fp32"] = lambda x: (lambda: compiled(x.numpy()))
+    else:
+        notes.append("OpenVINO not installed: its rows were skipped (pip install 'xcit[openvino]')")
+    return runners, notes
+
+
 def _train_step(model, x, y):
     import torch
 
@@ -376,12 +415,16 @@ class Bench:
         torch.manual_seed(0)
         x224 = torch.randn(b, 3, 224, 224)
         this, fused, ref, vit = (self.model_for(k) for k in ("this", "this-fused", "timm", "vit"))
-        # 1. eager inference at the two target configurations
+        scratch = tempfile.TemporaryDirectory()
+        deploy, notes = deployment_runners(this, Path(scratch.name), torch.get_num_threads())
+        self.results.setdefault("notes", []).extend(notes)
+        # 1. eager inference at the two target configurations (and the deployment runtimes on our ONNX export)
         self.case(f"infer_224_b{b}", {"timm": _fwd(ref, x224), "this": _fwd(this, x224), "this-fused": _fwd(fused, x224),
-                                      "vit": _fwd(vit, x224)}, 224, b)
+                                      "vit": _fwd(vit, x224), **{k: make(x224) for k, make in deploy.items()}}, 224, b)
         x1k = torch.randn(1, 3, 1024, 1024)
         self.case("infer_1024_b1", {"timm": _fwd(ref, x1k), "this": _fwd(this, x1k), "this-fused": _fwd(fused, x1k),
-                                    "vit": _fwd(vit, x1k)}, 1024, 1)
+                                    "vit": _fwd(vit, x1k), **{k: make(x1k) for k, make in deploy.items()}}, 1024, 1)
+        scratch.cleanup()
         self.flops("this", 1024, 1, executed=True)  # the optimised model's own FLOPs, for the stricter peak fraction
         if self.preset.get("profile"):
             self.results["profile"] = {f"224_b{b}": profile_breakdown(fused, x224),

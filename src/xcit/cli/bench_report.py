@@ -13,6 +13,8 @@ LABELS = {
     "timm-bf16": "timm XCiT, bf16 autocast",
     "timm-compiled": "timm XCiT, torch.compile",
     "this-fused-compiled": "this project, `xcit.optimize`, torch.compile(fullgraph)",
+    "onnxruntime-fp32": "ONNX Runtime on this project's ONNX export, fp32",
+    "openvino-fp32": "OpenVINO on this project's ONNX export (IR), fp32",
 }
 
 
@@ -251,6 +253,7 @@ def render(results: dict, plot_path: str | None = None, appendix: list[dict] | N
              "the machine is shared, so every comparison is interleaved and reported as a paired median.",
              "- Clock: " + ("process CPU time with one thread (robust to other processes on the cores; peaks and "
                             "models measured alike)" if results.get("clock") == "cpu" else "wall time (perf_counter)"),
+             *(f"- Note: {n}" for n in results.get("notes", [])),
              "", "## Matmul peak (measured in this run)", "",
              "| kernel | GFLOP/s |", "|---|---:|",
              f"| fp32, torch.mm (BLAS) | {peak.get('fp32_blas', float('nan')):.0f} |",
