@@ -92,16 +92,19 @@ def _typed(key: str, value: Any, action: argparse.Action) -> Any:
         if not isinstance(value, bool):
             raise ValueError(f"{key}: expected true or false, got {value!r}")
         return value
-    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
-    if isinstance(value, list) and not many:
-        raise ValueError(f"{key}: expected a single value, got the list {value!r}")
     if isinstance(value, dict):
         raise ValueError(f"{key}: expected a value, got the mapping {value!r}")
-    if action.type is None:
-        return value
-    if isinstance(value, list):
-        return [coerce(key, v, action.type) for v in value]
-    return coerce(key, value, action.type)
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if not many:
+        if isinstance(value, list):
+            raise ValueError(f"{key}: expected a single value, got the list {value!r}")
+        return value if action.type is None else coerce(key, value, action.type)
+    values = value if isinstance(value, list) else [value]  # `img_size: 224` reads as `--img-size 224`
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise ValueError(f"{key}: expected {action.nargs} values, got {value!r}")
+    if action.nargs == "+" and not values:
+        raise ValueError(f"{key}: expected at least one value, got {value!r}")
+    return values if action.type is None else [coerce(key, v, action.type) for v in values]
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
