@@ -90,14 +90,17 @@ def test_bad_config_value_in_a_fresh_process_is_one_line_and_status_2(tmp_path):
     result = subprocess.run([sys.executable, "-m", "xcit", "train", "--config", str(tmp_path / "c.yaml")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"xcit train: error: epochs: expected an integer, got 2.5 (in {tmp_path / 'c.yaml'})"
+    expected = f"xcit train: error: epochs: expected an integer, got 2.5 (in {tmp_path / 'c.yaml'})"
+    assert result.stderr.strip() == expected
 
 
 def test_integral_floats_are_integers_and_later_config_files_win(tmp_path, capsys):
-    (tmp_path / "a.yaml").write_text("data: digits\nepochs: 4.0\nlr: 0.01\n")
+    (tmp_path / "a.yaml").write_text("data: digits\nepochs: 4.0\nlr: 0.01\nmean: 0.5\n")
     (tmp_path / "b.yaml").write_text("epochs: 6\n")
     code, out, _ = run(["train", "--config", str(tmp_path / "a.yaml"), "--print-config"], capsys)
-    assert code == 0 and yaml.safe_load(out)["epochs"] == 4 and isinstance(yaml.safe_load(out)["epochs"], int)
+    printed = yaml.safe_load(out)
+    assert code == 0 and printed["epochs"] == 4 and isinstance(printed["epochs"], int)
+    assert printed["mean"] == [0.5]  # a scalar for a multi-value option reads as `--mean 0.5`
     code, out, _ = run(["train", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml"),
                         "--print-config"], capsys)
     printed = yaml.safe_load(out)

@@ -87,7 +87,8 @@ def test_batch_size_and_threads_do_not_change_results(ckpt, folder):
 def test_cli_csv_and_jsonl(ckpt, folder, tmp_path, capsys):
     out_csv = tmp_path / "preds.csv"
     # one unreadable file: every other image is classified and written, the status says one failed
-    assert main(["predict", str(folder), "--checkpoint", str(ckpt), "-o", str(out_csv), "--top-k", "2", "--no-progress"]) == 1
+    code = main(["predict", str(folder), "--checkpoint", str(ckpt), "-o", str(out_csv), "--top-k", "2", "--no-progress"])
+    assert code == 1
     captured = capsys.readouterr()
     assert "5 classified, 1 unreadable" in captured.err
     assert "ERROR" in captured.out  # few images: the table is printed too
