@@ -208,7 +208,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from .predict import input_images
 
     _require(args, "checkpoint", "inputs")
-    files = input_images(args.inputs)
+    files = [Path(f) for f in input_images(args.inputs)]
     model, meta, device = _load(args)
     n = model.roi_heads.box_predictor.cls_score.out_features - 1
     classes = meta.get("classes") or [f"class{i}" for i in range(1, n + 1)]

@@ -33,7 +33,7 @@ def run_embed(args: argparse.Namespace) -> int:
     from ..inference.gigapixel import embed_images, stream_model
     from ..inference.predict import torch_threads
 
-    paths = [str(p) for p in input_images(args.inputs, args.lists)]
+    paths = input_images(args.inputs, args.lists)
     if args.output is None or not args.output.endswith(".npz"):
         raise ValueError(f"expected --output ending in .npz, got {args.output!r}")
     inf = load_model(args)

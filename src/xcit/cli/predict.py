@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from .config import add_config_option
 from .unreadable import Unreadable, add_policy
@@ -66,15 +65,16 @@ def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
     return inf
 
 
-def input_images(inputs: list[str], lists: list[str] = ()) -> list[Path]:
-    """The images the prediction commands read: files (kept even when missing, to be reported as unreadable),
+def input_images(inputs: list[str], lists: list[str] = ()) -> list[str]:
+    """The images every prediction command reads: files (kept even when missing, to be reported as unreadable),
     folders searched recursively and list files; ``ValueError`` when there are none."""
     from ..inference.predict import collect_images
 
     paths = collect_images(inputs, lists)
     if not paths:
-        raise ValueError("expected images: give files, folders or --list FILE, found none")
-    return [Path(p) for p in paths]
+        given = ", ".join(map(str, [*inputs, *lists])) or "nothing"
+        raise ValueError(f"expected images (files, or folders holding images), found none in {given}")
+    return paths
 
 
 def add_input_options(p: argparse.ArgumentParser) -> None:
@@ -117,7 +117,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from ..inference.predict import PredictionWriter, Predictor, format_row, table_header, table_width
 
-    paths = [str(p) for p in input_images(args.inputs, args.lists)]
+    paths = input_images(args.inputs, args.lists)
     if args.top_k < 1:
         raise ValueError(f"expected --top-k >= 1, got {args.top_k}")
     inf = load_model(args, img_size=args.img_size, crop_pct=args.crop_pct)

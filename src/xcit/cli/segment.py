@@ -243,7 +243,7 @@ def run_predict(args: argparse.Namespace) -> int:
     _require(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
-    files = input_images(args.inputs)
+    files = [Path(f) for f in input_images(args.inputs)]
     model, meta = load_segmenter(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
