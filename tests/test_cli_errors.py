@@ -118,15 +118,22 @@ def test_eval_without_data_uses_the_dataset_the_checkpoint_records(tmp_path, cap
     assert code == 0 and metrics["data"] == "digits" and metrics["n"] == 364  # digits' held-out split
 
 
-def test_export_overwrite_removes_the_earlier_export_before_writing(tmp_path):
-    from xcit.cli.export import _clear_target
-
+def test_export_overwrite_replaces_every_file_of_the_earlier_export(tmp_path, capsys):
+    save_checkpoint(create_model("xcit_nano_12_p16", num_classes=3, patch_size=8, embed_dim=32, depth=1, num_heads=2),
+                    tmp_path / "m.pth")
+    out = tmp_path / "exported"
+    out.mkdir()
     for name in ("m.onnx", "m.onnx.data", "m.pt2", "m.json", "other.json"):
-        (tmp_path / name).write_text("old")
-    with pytest.raises(FileExistsError, match="m.onnx, m.onnx.data, m.pt2, m.json"):
-        _clear_target(tmp_path, "m", overwrite=False)
-    _clear_target(tmp_path, "m", overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.json"]
+        (out / name).write_text("old")
+    argv = ["export", "--checkpoint", str(tmp_path / "m.pth"), "-o", str(out), "--formats", "pt2", "--no-check",
+            "--img-size", "32"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and "m.onnx, m.onnx.data, m.pt2, m.json" in err
+    assert all((out / name).read_text() == "old" for name in ("m.onnx", "m.pt2", "m.json"))  # nothing touched
+    code, _, _ = run([*argv, "--overwrite"], capsys)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["m.json", "m.pt2", "other.json"]  # no stale m.onnx beside them
+    assert json.loads((out / "m.json").read_text())["pt2"] == "m.pt2" and (out / "other.json").read_text() == "old"
 
 
 # ----------------------------------------------------------------------------- unreadable inputs

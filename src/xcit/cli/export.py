@@ -46,9 +46,11 @@ def run_export(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir)
     stem = _stem(args)
-    _clear_target(out, stem, args.overwrite)
+    earlier = _earlier_export(out, stem, args.overwrite)  # refused here, before any work
     inf = load_model(args, img_size=args.img_size)
     model = ex.prepare_for_export(inf.model, optimize=args.optimize)
+    for path in earlier:  # --overwrite: removed once the model is ready, so no old file survives beside new ones
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     size = inf.img_size
     sizes = ex.check_sizes(size, inf.model.patch_size)
@@ -101,13 +103,10 @@ def _stem(args: argparse.Namespace) -> str:
     return resolve_name(args.model).arch
 
 
-def _clear_target(out: Path, stem: str, overwrite: bool) -> None:
-    """Refuse (or, with ``overwrite``, remove) an earlier export of ``stem`` in ``out``, before any work."""
+def _earlier_export(out: Path, stem: str, overwrite: bool) -> list[Path]:
+    """The files of an earlier export of ``stem`` in ``out``; ``FileExistsError`` if any exists without ``overwrite``."""
     existing = [out / f"{stem}{suffix}" for suffix in _SUFFIXES if (out / f"{stem}{suffix}").exists()]
-    if not existing:
-        return
-    if not overwrite:
+    if existing and not overwrite:
         raise FileExistsError(f"{out} already holds an export named {stem} ({', '.join(p.name for p in existing)}); "
                               "give --overwrite to replace it, or another --output-dir / --name")
-    for path in existing:
-        path.unlink()
+    return existing

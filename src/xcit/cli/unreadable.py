@@ -14,6 +14,7 @@ import sys
 #: The exit status of a prediction command some of whose inputs could not be read.
 UNREADABLE_EXIT = 1
 
+
 def add_policy(p: argparse.ArgumentParser, where: str = "") -> None:
     """State the rule at the end of ``p``'s --help; ``where`` names the output's own record (', and as ...')."""
     p.epilog = (
