@@ -33,9 +33,12 @@ class Unreadable:
         self.failures: list[tuple[str, str]] = []
 
     def __call__(self, path: str, reason: str) -> None:
+        from tqdm import tqdm
+
         reason = " ".join(str(reason).split())  # one line whatever the decoder said
         self.failures.append((str(path), reason))
-        print(f"xcit {self.command}: skipped {path}: {reason}", file=sys.stderr, flush=True)
+        # tqdm.write: a line of its own even while a progress bar is drawn on stderr
+        tqdm.write(f"xcit {self.command}: skipped {path}: {reason}", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.failures)
