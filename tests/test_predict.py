@@ -86,7 +86,9 @@ def test_batch_size_and_threads_do_not_change_results(ckpt, folder):
 
 def test_cli_csv_and_jsonl(ckpt, folder, tmp_path, capsys):
     out_csv = tmp_path / "preds.csv"
-    assert main(["predict", str(folder), "--checkpoint", str(ckpt), "-o", str(out_csv), "--top-k", "2", "--no-progress"]) == 0
+    # one unreadable file: every other image is classified and written, the status says one failed
+    code = main(["predict", str(folder), "--checkpoint", str(ckpt), "-o", str(out_csv), "--top-k", "2", "--no-progress"])
+    assert code == 1
     captured = capsys.readouterr()
     assert "5 classified, 1 unreadable" in captured.err
     assert "ERROR" in captured.out  # few images: the table is printed too
@@ -102,7 +104,7 @@ def test_cli_csv_and_jsonl(ckpt, folder, tmp_path, capsys):
     lst = tmp_path / "list.txt"
     lst.write_text(f"{folder / 'a.png'}\n{folder / 'corrupt.jpg'}\n")
     assert main(["predict", "--list", str(lst), "--checkpoint", str(ckpt), "-o", str(out_jsonl), "--no-progress",
-                 "--threads", "1", "--batch-size", "1"]) == 0
+                 "--threads", "1", "--batch-size", "1"]) == 1
     records = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
     assert [r["error"] is None for r in records] == [True, False]
     assert len(records[0]["labels"]) == 5 and records[0]["labels"][0] == CLASSES[records[0]["indices"][0]]

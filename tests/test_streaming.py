@@ -245,7 +245,7 @@ def test_cli_predict_attention_and_embed_stream_a_large_tiff(tmp_path, capsys):
     assert (out / "slide_attention.png").is_file()
 
     emb = tmp_path / "e.npz"
-    assert main(["embed", str(tif), str(tmp_path / "missing.tif"), "--checkpoint", str(ckpt), "-o", str(emb)]) == 0
+    assert main(["embed", str(tif), str(tmp_path / "missing.tif"), "--checkpoint", str(ckpt), "-o", str(emb)]) == 1
     data = np.load(emb)
     assert list(data["paths"]) == [str(tif)] and data["grid"].tolist() == [[13, 21]]
     np.testing.assert_allclose(data["cls"][0], feats[0].numpy(), atol=1e-4)

@@ -1,7 +1,8 @@
 """The ``xcit`` command: one entry point, one module per subcommand.
 
 Every subcommand accepts ``--config FILE.yaml`` whose keys are the subcommand's long option names
-(dashes or underscores); the command line overrides the file.
+(dashes or underscores); several ``--config`` files apply in order (a later file wins) and the command
+line overrides them all. A usage mistake is one line on stderr and exit status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ import sys
 SUBCOMMANDS = ["xcit.cli.models", "xcit.cli.train", "xcit.cli.evaluate", "xcit.cli.predict", "xcit.cli.attention", "xcit.cli.embed", "xcit.cli.export", "xcit.cli.segment", "xcit.cli.bench", "xcit.cli.dino", "xcit.cli.detect"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the usage is one ``--help`` away); subcommands inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
-    parser = argparse.ArgumentParser(prog="xcit", description="Cross-Covariance Image Transformers")
+    parser = _Parser(prog="xcit", description="Cross-Covariance Image Transformers")
     parser.add_argument("--version", action="version", version=f"xcit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
@@ -29,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     from .config import parse_args
 
     parser = build_parser()
-    args = parse_args(parser, sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(parser, sys.argv[1:] if argv is None else argv)
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise  # --help, --version and argparse's own errors have printed and chosen their status
+        print(stop.code, file=sys.stderr)  # a config file error, already one line
+        return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"xcit {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .config import add_config_option
 from .predict import add_model_options, add_streaming_options, load_model, streamed
+from .unreadable import Unreadable, add_policy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "downsampled copy and OUT/<name>_attention_map.png (mean of heads over the downsampled image)."
         ),
     )
+    add_policy(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files")
     add_model_options(p)
     p.add_argument("--output-dir", "-o", default="attention_maps", metavar="DIR", help="where PNGs go (default attention_maps)")
@@ -51,36 +52,27 @@ def run_attention(args: argparse.Namespace) -> int:
         raise ValueError(f"expected --img-size >= 0, got {args.img_size}")
     inf = load_model(args)
     short_side = min(inf.img_size) if args.img_size is None else (args.img_size or None)
-    failed: list[str] = []
-
-    def on_error(path: str, message: str) -> None:
-        failed.append(path)
-        print(f"skipped {path}: {message}", file=sys.stderr)
-
+    on_error = Unreadable("attention")
     large = [path for path in args.inputs if streamed(args, path)]
     if large and args.xca_block:
         raise ValueError("expected no --xca-block with streamed (large) images: their XCA attention is not recorded")
-    done = _render_large(args, inf, large, on_error)
+    _render_large(args, inf, large, on_error)
     small = [path for path in args.inputs if path not in large]
     for result in render_attention(
         inf, small, args.output_dir, short_side=short_side, cls_layer=args.layer, xca_blocks=args.xca_block,
         renormalise=not args.raw, cmap=args.cmap, alpha=args.alpha, dpi=args.dpi, palette=args.palette,
         device=next(inf.model.parameters()).device, on_error=on_error,
     ):
-        done += 1
         label, prob = result.top[0]
         hp, wp = result.maps.grid
         files = ", ".join(str(f) for f in result.figures)
         print(f"{result.path}: {wp}x{hp} patches (W x H), top-1 {label} ({100 * prob:.1f}%) -> {files}")
-    if failed:
-        print(f"{len(failed)} of {len(args.inputs)} image(s) could not be read", file=sys.stderr)
-    return 0 if done else 1
+    return on_error.finish(len(args.inputs))
 
 
-def _render_large(args: argparse.Namespace, inf, paths: list[str], on_error) -> int:
+def _render_large(args: argparse.Namespace, inf, paths: list[str], on_error) -> None:
     from ..viz.gigapixel import render_large_attention
 
-    done = 0
     for path in paths:
         try:
             result = render_large_attention(
@@ -91,9 +83,7 @@ def _render_large(args: argparse.Namespace, inf, paths: list[str], on_error) -> 
         except ValueError as err:
             on_error(path, str(err))
             continue
-        done += 1
         (h, w), (hp, wp) = result.size, result.grid
         label, prob = result.top[0]
         files = ", ".join(str(f) for f in result.files)
         print(f"{path}: {w}x{h} px, {wp}x{hp} patches (W x H), streamed, top-1 {label} ({100 * prob:.1f}%) -> {files}")
-    return done

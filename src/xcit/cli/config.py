@@ -1,53 +1,124 @@
-"""Config files for CLI subcommands: YAML keys become option defaults, the command line wins."""
+"""Config files for CLI subcommands: YAML keys become option defaults, the command line wins.
+
+This is the one place where values read from a file become typed option values (:func:`coerce`);
+the command line goes through argparse's own ``type=``. Every mistake is a one-line error.
+"""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of option values (command line overrides)")
+    parser.add_argument("--config", type=Path, action="append", default=None, metavar="FILE",
+                        help="YAML file of option values; repeatable: files apply in order, a later one overriding "
+                             "an earlier one, and the command line overrides them all")
     parser.set_defaults(_parser=parser)
 
 
+def coerce(option: str, value: Any, kind: Callable[[str], Any]) -> Any:
+    """``value`` read from a config file as the option's ``kind``; ``ValueError`` naming both if it is not one.
+
+    Integers must be integral (``2.5`` is refused, never truncated; ``2.0`` is 2) and booleans are
+    not numbers: YAML's ``yes`` for a count is a mistake, not 1.
+    """
+    def fail(expected: str) -> ValueError:
+        return ValueError(f"{option}: expected {expected}, got {value!r}")
+
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise fail("an integer" if kind is int else "a number")
+        if kind is int and isinstance(value, float):
+            if not value.is_integer():
+                raise fail("an integer")
+            return int(value)
+        try:
+            return kind(value)
+        except ValueError:
+            raise fail("an integer" if kind is int else "a number") from None
+    if isinstance(value, (dict, list)):
+        raise fail("a single value")
+    try:
+        return kind(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
+        raise fail(f"a valid value ({err})") from None
+
+
 def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
-    """Option values from a YAML mapping, validated against ``parser``'s options."""
+    """Option values from a YAML mapping, validated against ``parser``'s options (one-line errors)."""
+    def error(message: str) -> SystemExit:
+        return SystemExit(f"{parser.prog}: error: {message}")
+
     if not path.is_file():
-        raise SystemExit(f"{parser.prog}: error: config file {path} does not exist")
+        raise error(f"config file {path} does not exist")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise SystemExit(f"{parser.prog}: error: config file {path} is not valid YAML: {err}")
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise error(f"config file {path} is not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"{parser.prog}: error: config file {path} must hold a mapping of option: value")
+        raise error(f"config file {path} must hold a mapping of option: value")
     known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "_parser")}
     values = {}
     for key, value in data.items():
         dest = str(key).replace("-", "_")
         if dest not in known:
-            raise SystemExit(f"{parser.prog}: error: unknown option {key!r} in {path}; known: {', '.join(sorted(known))}")
+            raise error(f"unknown option {key!r} in {path}; known: {', '.join(sorted(known))}")
         action = known[dest]
-        if action.type is not None and value is not None and not isinstance(value, list):
-            value = action.type(value)
-        elif action.type is not None and isinstance(value, list):
-            value = [action.type(v) for v in value]
         if isinstance(value, bool) and action.choices is not None and value not in action.choices:
-            raise SystemExit(f"{parser.prog}: error: {key}: {value} in {path}: YAML reads unquoted off/on/no/yes "
-                             f"as a boolean; write one of {list(action.choices)} (quoted if need be)")
+            raise error(f"{key}: {value} in {path}: YAML reads unquoted off/on/no/yes "
+                        f"as a boolean; write one of {list(action.choices)} (quoted if need be)")
+        try:
+            value = _typed(key, value, action)
+        except ValueError as err:
+            raise error(f"{err} (in {path})") from None
         if action.choices is not None and value is not None and value not in action.choices:
-            raise SystemExit(f"{parser.prog}: error: {key}={value!r} in {path}; choose from {list(action.choices)}")
+            raise error(f"{key}={value!r} in {path}; choose from {list(action.choices)}")
         values[dest] = value
     return values
 
 
+def _typed(key: str, value: Any, action: argparse.Action) -> Any:
+    """``value`` as ``action`` would parse it: flags take booleans, typed options their type (lists element-wise)."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / --x/--no-x
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(value, dict):
+        raise ValueError(f"{key}: expected a value, got the mapping {value!r}")
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
+    if not many:
+        if isinstance(value, list):
+            raise ValueError(f"{key}: expected a single value, got the list {value!r}")
+        return value if action.type is None else coerce(key, value, action.type)
+    values = value if isinstance(value, list) else [value]  # `img_size: 224` reads as `--img-size 224`
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise ValueError(f"{key}: expected {action.nargs} values, got {value!r}")
+    if action.nargs == "+" and not values:
+        raise ValueError(f"{key}: expected at least one value, got {value!r}")
+    return values if action.type is None else [coerce(key, v, action.type) for v in values]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """Parse ``argv``; a subcommand's ``--config FILE`` supplies defaults before the command line is read."""
+    """Parse ``argv``; a subcommand's ``--config FILE`` options supply defaults before the command line is read.
+
+    Several ``--config`` files apply in the order given: a key in a later file overrides the same key in
+    an earlier one; the command line overrides every file.
+    """
     sub = _chosen_subparser(parser, argv)
-    config = _config_path(argv)
-    if sub is not None and config is not None:
-        values = load_config(config, sub)
+    configs = _config_paths(argv)
+    if sub is not None and configs:
+        values: dict = {}
+        for config in configs:
+            values.update(load_config(config, sub))
         sub.set_defaults(**values)
         for action in sub._actions:  # positionals given in the file become optional on the command line
             if action.dest in values and not action.option_strings:
@@ -66,10 +137,13 @@ def _chosen_subparser(parser: argparse.ArgumentParser, argv: list[str]) -> argpa
     return _chosen_subparser(sub, argv[index + 1:]) or sub
 
 
-def _config_path(argv: list[str]) -> Path | None:
+def _config_paths(argv: list[str]) -> list[Path]:
+    paths = []
     for i, tok in enumerate(argv):
+        if tok == "--":
+            break
         if tok == "--config" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if tok.startswith("--config="):
-            return Path(tok.split("=", 1)[1])
-    return None
+            paths.append(Path(argv[i + 1]))
+        elif tok.startswith("--config="):
+            paths.append(Path(tok.split("=", 1)[1]))
+    return paths

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import add_config_option
 from .segment import _require
+from .unreadable import Unreadable, add_policy
 
 # Help for the training options; every field of xcit.detect.train.DetectConfig becomes --field-name.
 _HELP = {
@@ -100,6 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
     p = tasks.add_parser("predict", help="PNG overlays and a COCO-format JSON of the detections in images or folders")
+    add_policy(p, ', and under "unreadable" in predictions.json')
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="detection checkpoint, an official COCO file or its name (maskrcnn_xcit_tiny_12_p16)")
     p.add_argument("--out", default="detections", help="output folder (NAME_overlay.png, predictions.json)")
@@ -203,14 +205,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from ..detect.predict import predict_files
-    from ..segment.data import list_images
+    from .predict import input_images
 
     _require(args, "checkpoint", "inputs")
-    files = list_images(args.inputs)
+    files = [Path(f) for f in input_images(args.inputs)]
     model, meta, device = _load(args)
     n = model.roi_heads.box_predictor.cls_score.out_features - 1
     classes = meta.get("classes") or [f"class{i}" for i in range(1, n + 1)]
+    unreadable = Unreadable("detect predict")
     summary = predict_files(model, files, args.out, classes, meta.get("category_ids") or list(range(1, n + 1)), device,
-                            args.score_thresh)
+                            args.score_thresh, on_error=unreadable)
     print(f"wrote {summary['images']} overlays and {args.out}/predictions.json ({summary['detections']} detections)")
-    return 0
+    return unreadable.finish(len(files))

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from .config import add_config_option
-from .predict import add_input_options, add_model_options, load_model
+from .predict import add_input_options, add_model_options, input_images, load_model
+from .unreadable import Unreadable, add_policy
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,6 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "mean_patch (n, C), grid (n, 2: Hp, Wp) and meta (JSON: model source, preprocessing)."
         ),
     )
+    add_policy(p, ", and under \"unreadable\" in meta ([{path, error}])")
     add_input_options(p)
     add_model_options(p)
     p.add_argument("--output", "-o", default=None, metavar="FILE.npz", help="where the embeddings go (required)")
@@ -30,25 +31,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     from ..inference.gigapixel import embed_images, stream_model
-    from ..inference.predict import collect_images, torch_threads
+    from ..inference.predict import torch_threads
 
-    paths = collect_images(args.inputs, args.lists)
-    if not paths:
-        raise ValueError("expected images: give files, folders or --list FILE, found none")
+    paths = input_images(args.inputs, args.lists)
     if args.output is None or not args.output.endswith(".npz"):
         raise ValueError(f"expected --output ending in .npz, got {args.output!r}")
     inf = load_model(args)
     stream = stream_model(inf, args.tokens_per_chunk)
-    failed: list[str] = []
-
-    def on_error(path: str, message: str) -> None:
-        failed.append(path)
-        print(f"skipped {path}: {message}", file=sys.stderr)
-
+    unreadable = Unreadable("embed")
     with torch_threads(args.threads):
-        emb = embed_images(stream, paths, on_error)
+        emb = embed_images(stream, paths, unreadable)
     meta = {"source": inf.source, "random_init": inf.random_init, "mean": list(inf.mean), "std": list(inf.std),
-            "patch_size": inf.model.patch_size, "embed_dim": inf.model.embed_dim}
+            "patch_size": inf.model.patch_size, "embed_dim": inf.model.embed_dim, "unreadable": unreadable.records()}
     out = emb.save(args.output, meta)
     print(f"{len(emb.paths)} of {len(paths)} image(s) embedded ({inf.model.embed_dim} channels) -> {out}")
-    return 0 if emb.paths else 1
+    return unreadable.finish(len(paths))

@@ -15,8 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(model.pth), else the paper's: bicubic resize to size / crop_pct, centre crop, crop_pct 1.0.",
     )
     p.add_argument("checkpoint", help="model file: a run's model.pth, an official release .pth, timm or safetensors")
-    p.add_argument("--data", default="fashion-mnist",
-                   help="fashion-mnist, digits, an IDX folder or a folder with <split>/<class>/ images")
+    p.add_argument("--data", default=None,
+                   help="fashion-mnist, digits, an IDX folder or a folder with <split>/<class>/ images (default: "
+                        "the dataset the checkpoint records it was trained on; required when it records none)")
     p.add_argument("--split", default="val", help="split to evaluate (Fashion-MNIST: val = test = its 10k test images)")
     p.add_argument("--model", default=None, help="architecture name when the checkpoint does not say (official files)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -47,7 +48,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{args.checkpoint} on {args.data} ({args.split}, {metrics['n']} images, {metrics['img_size']}px, "
+        print(f"{args.checkpoint} on {metrics['data']} ({args.split}, {metrics['n']} images, {metrics['img_size']}px, "
               f"crop_pct {metrics['crop_pct']}):")
         print(f"  top-1 {metrics['top1']:.2f}%   top-5 {metrics['top5']:.2f}%   loss {metrics['loss']:.4f}")
         if metrics.get("skipped"):

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Write DIR/NAME.onnx and DIR/NAME.pt2 (dynamic batch, height and width; input 'image', output "
             "'logits') and DIR/NAME.json (class names, input size, mean/std), then compare each with PyTorch "
-            "at three input sizes."
+            "at three input sizes. Refuses to write over an earlier export of the same NAME (NAME.onnx, "
+            "NAME.onnx.data, NAME.pt2, NAME.json) unless --overwrite, which first removes all of them so that "
+            "old and new files never mix."
         ),
     )
     add_model_options(p)
@@ -35,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="example / check size H [W] (default: the checkpoint's eval size, else 224)")
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check (onnxruntime / loaded program vs PyTorch)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of the same NAME in DIR (its files are removed first)")
     add_config_option(p)
     p.set_defaults(func=run_export)
 
@@ -42,13 +46,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from .. import export as ex
 
+    out = Path(args.output_dir)
+    stem = _stem(args)
+    earlier = _earlier_export(out, stem, args.overwrite)  # refused here, before any work
     inf = load_model(args, img_size=args.img_size)
     model = ex.prepare_for_export(inf.model, optimize=args.optimize)
-    if args.checkpoint is not None:
-        stem = args.name or Path(args.checkpoint).stem
-    else:
-        stem = args.name or inf.source.split(" ")[0]
-    out = Path(args.output_dir)
+    for path in earlier:  # --overwrite: removed once the model is ready, so no old file survives beside new ones
+        path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     size = inf.img_size
     sizes = ex.check_sizes(size, inf.model.patch_size)
@@ -95,3 +99,29 @@ def run_export(args: argparse.Namespace) -> int:
     if not ok:
         print(f"parity check failed: some differences exceed {args.atol:g}", file=sys.stderr)
     return 0 if ok else 1
+
+
+# Every file an export of NAME writes (ONNX puts weights beside the graph above 2 GB).
+_SUFFIXES = (".onnx", ".onnx.data", ".pt2", ".xml", ".bin", ".json")
+
+
+def _stem(args: argparse.Namespace) -> str:
+    """The file stem: --name, else the checkpoint's file name, else the architecture's name."""
+    from ..models import resolve_name
+
+    if args.name:
+        return args.name
+    if args.checkpoint is not None:
+        return Path(args.checkpoint).stem
+    if args.model is None:
+        raise ValueError("expected --checkpoint CKPT or --model NAME (random weights), got neither")
+    return resolve_name(args.model).arch
+
+
+def _earlier_export(out: Path, stem: str, overwrite: bool) -> list[Path]:
+    """The files of an earlier export of ``stem`` in ``out``; ``FileExistsError`` if any exists without ``overwrite``."""
+    existing = [out / f"{stem}{suffix}" for suffix in _SUFFIXES if (out / f"{stem}{suffix}").exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds an export named {stem} ({', '.join(p.name for p in existing)}); "
+                              "give --overwrite to replace it, or another --output-dir / --name")
+    return existing

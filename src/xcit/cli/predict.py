@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .config import add_config_option
+from .unreadable import Unreadable, add_policy
 
 
 def add_model_options(p: argparse.ArgumentParser, img_size_help: str | None = None) -> None:
@@ -64,6 +65,18 @@ def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
     return inf
 
 
+def input_images(inputs: list[str], lists: list[str] = ()) -> list[str]:
+    """The images every prediction command reads: files (kept even when missing, to be reported as unreadable),
+    folders searched recursively and list files; ``ValueError`` when there are none."""
+    from ..inference.predict import collect_images
+
+    paths = collect_images(inputs, lists)
+    if not paths:
+        given = ", ".join(map(str, [*inputs, *lists])) or "nothing"
+        raise ValueError(f"expected images (files, or folders holding images), found none in {given}")
+    return paths
+
+
 def add_input_options(p: argparse.ArgumentParser) -> None:
     """Images to read: files and folders as arguments, and list files."""
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders (searched recursively)")
@@ -75,11 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="top-k classes of images, folders or image lists (table, CSV or JSONL)",
         description=(
-            "Classify image files in batches. Unreadable files are reported (error column) and skipped. Images "
-            "above --large-pixels (large TIFF / PNG) are classified whole, at native resolution, by the exact "
-            "bounded-memory streaming forward."
+            "Classify image files in batches. Images above --large-pixels (large TIFF / PNG) are classified whole, "
+            "at native resolution, by the exact bounded-memory streaming forward."
         ),
     )
+    add_policy(p, ", and as the image's row with an error (table, CSV error column, JSONL error field)")
     add_input_options(p)
     add_model_options(p)
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="write predictions to FILE.csv or FILE.jsonl")
@@ -102,11 +115,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..inference.predict import PredictionWriter, Predictor, collect_images, format_row, table_header, table_width
+    from ..inference.predict import PredictionWriter, Predictor, format_row, table_header, table_width
 
-    paths = collect_images(args.inputs, args.lists)
-    if not paths:
-        raise ValueError("expected images: give files, folders or --list FILE, found none")
+    paths = input_images(args.inputs, args.lists)
     if args.top_k < 1:
         raise ValueError(f"expected --top-k >= 1, got {args.top_k}")
     inf = load_model(args, img_size=args.img_size, crop_pct=args.crop_pct)
@@ -117,10 +128,11 @@ def run_predict(args: argparse.Namespace) -> int:
     width = table_width(paths)
     if show:
         print(table_header(width, k), flush=True)
-    failed = 0
+    unreadable = Unreadable("predict")
     try:
         for pred in _predictions(args, inf, predictor, paths, k):
-            failed += pred.error is not None
+            if pred.error is not None:
+                unreadable(pred.path, pred.error)
             if writer is not None:
                 writer.write(pred)
             if show:
@@ -128,11 +140,11 @@ def run_predict(args: argparse.Namespace) -> int:
     finally:
         if writer is not None:
             writer.close()
-    summary = f"{len(paths)} image(s), {len(paths) - failed} classified, {failed} unreadable"
+    summary = f"{len(paths)} image(s), {len(paths) - len(unreadable)} classified, {len(unreadable)} unreadable"
     if writer is not None:
         summary += f"; wrote {writer.format.upper()} to {writer.path}"
     print(summary, file=sys.stderr)
-    return 1 if failed == len(paths) else 0
+    return unreadable.finish(len(paths))
 
 
 def _predictions(args: argparse.Namespace, inf, predictor, paths: list[str], k: int):

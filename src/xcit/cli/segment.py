@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 from .config import add_config_option
+from .unreadable import Unreadable, add_policy
 
 
 def _size(values: list[int] | None, option: str) -> list[int] | None:
@@ -157,6 +157,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_eval)
 
     p = tasks.add_parser("predict", help="coloured PNG masks and overlays for images or folders")
+    add_policy(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="segmentation checkpoint, an official ADE20k file or its name (upernet_xcit_small_12_p16)")
     p.add_argument("--out", default="predictions", help="output folder (NAME_mask.png, NAME_overlay.png)")
@@ -234,15 +235,15 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from ..segment.data import colorize, infer, list_images, overlay, read_image
+    from ..segment.data import colorize, infer, overlay, read_image
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings
-    from .predict import resolve_device
+    from .predict import input_images, resolve_device
 
     _require(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
-    files = list_images(args.inputs)
+    files = [Path(f) for f in input_images(args.inputs)]
     model, meta = load_segmenter(args.checkpoint)
     device = resolve_device(args.device)
     model.to(device)
@@ -255,13 +256,12 @@ def run_predict(args: argparse.Namespace) -> int:
     classes = meta.get("classes") or [f"class{i}" for i in range(model.num_classes)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    unreadable = Unreadable("segment predict")
     for path in files:
         try:
             image = read_image(path)
         except ValueError as err:
-            print(f"skipped: {err}", file=sys.stderr)
-            failed += 1
+            unreadable(str(path), str(err))
             continue
         with torch.inference_mode():
             pred = infer(model, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
@@ -272,5 +272,6 @@ def run_predict(args: argparse.Namespace) -> int:
         counts = torch.bincount(pred.flatten(), minlength=model.num_classes).float() / pred.numel()
         top = sorted(((c.item(), classes[i]) for i, c in enumerate(counts) if c > 0), reverse=True)[:3]
         print(f"{path}: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name in top))
-    print(f"wrote {2 * (len(files) - failed)} files to {out} (NAME_mask.png: palette PNG whose pixel values are class indices)")
-    return 1 if failed else 0
+    print(f"wrote {2 * (len(files) - len(unreadable))} files to {out} (NAME_mask.png: palette PNG whose pixel values "
+          "are class indices)")
+    return unreadable.finish(len(files))

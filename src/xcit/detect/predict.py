@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +44,28 @@ def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: 
 
 
 def predict_files(model, files: list[Path], out: str | os.PathLike, classes: list[str], category_ids: list[int],
-                  device: torch.device, score_thresh: float = 0.5, overlays: bool = True) -> dict[str, Any]:
+                  device: torch.device, score_thresh: float = 0.5, overlays: bool = True,
+                  on_error: Callable[[str, str], None] | None = None) -> dict[str, Any]:
     """Run ``model`` on every file (each in one pass at the model's test size), write NAME_overlay.png
-    and ``predictions.json`` (COCO: images, categories and the detections as annotations with scores)."""
+    and ``predictions.json`` (COCO: images, categories and the detections as annotations with scores).
+
+    An unreadable file raises ``ValueError``, or, with ``on_error``, is passed to ``on_error(path, message)``,
+    listed under ``"unreadable"`` in the JSON (``[{"path", "error"}]``) and skipped.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     label_to_cat = {i + 1: cid for i, cid in enumerate(category_ids)}
-    images, detections, timings = [], [], []
+    images, detections, timings, unreadable = [], [], [], []
     masks = model.roi_heads.has_mask()
     for image_id, path in enumerate(files, start=1):
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except ValueError as err:
+            if on_error is None:
+                raise
+            unreadable.append({"path": str(path), "error": str(err)})
+            on_error(str(path), str(err))
+            continue
         t = time.time()
         with torch.inference_mode():
             output = {k: v.cpu() for k, v in model([image.to(device).float().div_(255)])[0].items()}
@@ -67,5 +80,7 @@ def predict_files(model, files: list[Path], out: str | os.PathLike, classes: lis
         print(f"{path}: {int(kept['scores'].numel())} objects with score >= {score_thresh} ({timings[-1]:.2f} s)")
     coco = {"images": images, "annotations": detections,
             "categories": [{"id": cid, "name": n} for cid, n in zip(category_ids, classes)]}
+    if unreadable:
+        coco["unreadable"] = unreadable
     (out / "predictions.json").write_text(json.dumps(coco))
-    return {"images": len(files), "detections": len(detections), "seconds": timings}
+    return {"images": len(images), "detections": len(detections), "seconds": timings, "unreadable": len(unreadable)}

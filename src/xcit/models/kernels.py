@@ -65,9 +65,17 @@ def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.bfloat16)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled`` for any device type (the meta device, used to count FLOPs, has none)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype products run in: the autocast dtype where autocast is on, else ``x``'s."""
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

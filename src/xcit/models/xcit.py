@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .kernels import autocast_enabled
 from .layers import LN_EPS, ClassAttentionBlock, ConvPatchEmbed, FourierPositionalEncoding, XCABlock
 
 
@@ -93,7 +94,7 @@ class XCiTTrunk(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"expected {expected}, got dtype {x.dtype}; convert images with x.float() / 255")
         dtype = self.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != dtype and not autocast_enabled(x.device.type):
             raise ValueError(
                 f"expected input of the model's dtype {dtype}, got {x.dtype}; convert with x.to({dtype}), "
                 f"cast the model (model.to({x.dtype})) or run under torch.autocast"

@@ -622,7 +622,7 @@ def read_model_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def evaluate(
     checkpoint: str | os.PathLike,
-    data: str = "fashion-mnist",
+    data: str | None = None,
     split: str = "val",
     *,
     model_name: str | None = None,
@@ -640,8 +640,10 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of a checkpoint on a dataset, with the official evaluation preprocessing.
 
-    Preprocessing defaults come from the checkpoint's saved ``data`` entry (a model trained by
-    ``xcit train``), else the ImageNet ones (crop ratio 1.0, bicubic). Runs data-parallel under torchrun.
+    ``data`` defaults to the dataset the checkpoint records it was trained on (``xcit train``,
+    ``xcit dino`` and the linear probe write it); a checkpoint that records none needs it given.
+    Preprocessing defaults come from the checkpoint's saved ``data`` entry, else the ImageNet ones
+    (crop ratio 1.0, bicubic). Runs data-parallel under torchrun.
     """
     from ..models import create_model, resolve_name
 
@@ -649,6 +651,11 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     meta = read_model_metadata(checkpoint)
     saved = meta.get("data", {}) if isinstance(meta.get("data"), dict) else {}
+    if data is None:
+        data = saved.get("dataset")
+        if not data:
+            raise ValueError(f"expected --data (the images to evaluate on): {os.fspath(checkpoint)} does not record "
+                             "the dataset it was trained on")
     kind = dataset_kind(data)
     default_size = resolve_name(model_name).img_size if model_name else 224
     chans = in_chans or saved.get("in_chans") or (1 if kind in ("fashion-mnist", "digits", "idx") else 3)
