@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-NORM_EPS = 1e-12  # F.normalize's clamp
+from .layers import channel_attention
+
 FOLD_CHOICES = ("auto", "always", "never")
 
 
@@ -149,19 +150,6 @@ def conv2d_add(
 # --------------------------------------------------------------------------------------------
 
 
-def channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """``softmax(normalize(q) @ normalize(k).T * temperature)`` from unnormalised q, k (B, h, d, N).
-
-    The Gram matrix q k^T is divided by the outer product of the row norms (clamped at 1e-12 like
-    ``F.normalize``). Norms, scaling and softmax in fp32. Returns fp32 (B, h, d, d).
-    """
-    gram = torch.matmul(q, k.transpose(-2, -1))
-    nq = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS)
-    nk = torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32).clamp_min(NORM_EPS)
-    row = temperature.reshape(-1, 1).float() / nq  # (B, h, d): temperature folded into the query scale
-    return (gram.float() * row.unsqueeze(-1) / nk.unsqueeze(-2)).softmax(dim=-1)
-
-
 def fold_choice(fold: str, n_tokens: int, dim: int) -> bool:
     """Whether XCA folds the attention into the projections: ``"auto"`` folds when N > C.
 
@@ -199,8 +187,8 @@ def xca(
     if b_qkv is not None:
         bias = b_qkv[: 2 * c, None].to(qk.dtype)
         qk = qk + bias if graph_capture() else qk.add_(bias)
-    qk = qk.view(2, h, d, b, n).permute(0, 3, 1, 2, 4)  # (2, B, h, d, N)
-    attn = channel_attention(qk[0], qk[1], temperature)  # (B, h, d, d) fp32
+    qk = qk.view(2, h, d, b, n).permute(0, 3, 1, 4, 2)  # (2, B, h, N, d), a view of channel-major rows
+    attn = channel_attention(qk[0], qk[1], temperature)  # (B, h, d, d), at least fp32
     w_v = w_qkv[2 * c:]
     b_v = b_qkv[2 * c:] if b_qkv is not None else None
     if fold_choice(fold, n, c):
