@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from xcit.detect.mmdet_compat import (
-    COCO_CLASSES, MMDetAnchorGenerator, MMDetBoxCoder, MMDetRoIAlign, background_first, load_mmdet_detector,
-    map_roi_levels, mmdet_to_torchvision, paste_masks_mmdet,
+    COCO_CLASSES, MMDetAnchorGenerator, MMDetBoxCoder, background_first, load_mmdet_detector, mmdet_to_torchvision,
+    paste_masks_mmdet,
 )
+from xcit.detect.recipe import MMDetRoIAlign, map_roi_levels
 from xcit.detect.model import build_detector, load_detector, set_test_size
 from xcit.models.weights import CheckpointError
 from xcit.segment.heads import Segmenter

@@ -47,11 +47,10 @@ from torch import nn
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import roi_align
 
 from ..models.weights import CheckpointError, check_layout, infer_architecture, load_file
 from .model import COMPACT_MASK_BYTES, NativeSizeTransform
-from .recipe import FEATMAP_STRIDES, FINEST_SCALE, MMDetRoIAlign, map_roi_levels  # noqa: F401 (re-exported)
+from .recipe import MMDetRoIAlign
 
 BBOX_XFORM_CLIP = abs(math.log(16 / 1000))  # mmdet's wh_ratio_clip
 RCNN_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # 1 / target_stds (0.1, 0.1, 0.2, 0.2)

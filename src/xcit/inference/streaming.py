@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.layers import NORM_EPS
 from ..models.xcit import XCiT, XCiTTrunk
 
 DEFAULT_TOKENS_PER_CHUNK = 16384
-_NORM_EPS = 1e-12  # F.normalize's eps, as in XCA
 
 
 def streaming(
@@ -193,8 +193,8 @@ class StreamingXCiT(nn.Module):
                 q_sq.add_(q.square().sum(-1))
                 k_sq.add_(k.square().sum(-1))
         with _no_autocast(x):
-            q_norm = q_sq.sqrt().clamp_min(_NORM_EPS)
-            k_norm = k_sq.sqrt().clamp_min(_NORM_EPS)
+            q_norm = q_sq.sqrt().clamp_min(NORM_EPS)
+            k_norm = k_sq.sqrt().clamp_min(NORM_EPS)
             logits = gram / q_norm[..., :, None] / k_norm[..., None, :] * xca.temperature.float()
             return logits.softmax(dim=-1)
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 LN_EPS = 1e-6
-NORM_EPS = 1e-12  # F.normalize's clamp
+NORM_EPS = 1e-12  # F.normalize's clamp (written as a literal in channel_attention for TorchScript)
 
 
 def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:

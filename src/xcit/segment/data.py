@@ -77,22 +77,6 @@ def split_dirs(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     raise FileNotFoundError(f"expected a mask folder {' or '.join(str(root / n / split) for n in MASK_DIRS)}")
 
 
-def list_images(inputs: Sequence[str | os.PathLike], exts: Sequence[str] = IMAGE_EXTS) -> list[Path]:
-    """Image files named in ``inputs`` or found (recursively) in the folders among them."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"expected an image file or folder, got {str(item)!r} which does not exist")
-    if not files:
-        raise ValueError(f"no images found in {', '.join(map(str, inputs))} (expected files ending in {', '.join(exts)})")
-    return files
-
-
 def read_image(path: str | os.PathLike) -> torch.Tensor:
     """uint8 (3, H, W); grey and 16-bit images are scaled to 8 bits and repeated to 3 channels."""
     try:
