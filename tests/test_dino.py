@@ -206,7 +206,7 @@ def test_pretrain_writes_a_teacher_checkpoint_and_resumes_exactly(tmp_path, monk
     real_step, stop_at = dino_train._step, 1433 // 256 + 2
 
     def interrupted(*args, **kw):
-        if args[9] == stop_at:  # the global step
+        if args[4].steps == stop_at:  # the optimiser step's count: the global step
             raise KeyboardInterrupt
         return real_step(*args, **kw)
 

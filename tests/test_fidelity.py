@@ -65,7 +65,7 @@ def test_every_paper_preset_resolves_to_the_official_defaults():
 
 def test_small_data_presets_state_their_kept_choices():
     fm = train_config.resolve_config(preset="fashion-mnist")
-    assert fm.sched_step == "step" and fm.wd_exempt_temperature and not fm.ema
+    assert fm.sched_step == "step" and fm.wd_exempt_per_channel and not fm.ema
     dino_fm = dino_config.resolve_config(preset="fashion-mnist")
     assert dino_fm.clip_grad_mode == "global" and dino_fm.wd_exempt_per_channel
     for name in ("nuclei_fpn", "trees_fpn"):

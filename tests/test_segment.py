@@ -385,7 +385,7 @@ def test_bundled_task_configs_load_through_their_commands(command, folder):
         values = load_config(path, sub)  # SystemExit on a key or value the command does not take
         assert values, path
     if folder == "segment":  # the ADE20k files once said `amp: off`, which YAML reads as False
-        from xcit.train.engine import resolve_amp
+        from xcit.train.run import resolve_amp
 
         assert all(resolve_amp(load_config(p, sub).get("amp", "none"), torch.device("cpu")) is None for p in files)
 

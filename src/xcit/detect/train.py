@@ -14,7 +14,7 @@ import torch
 
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path, rng_state, save_state, set_rng_state
-from ..train.engine import autocast_context, resolve_amp
+from ..train.run import autocast_context, resolve_amp
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
 from ..train.optim import dense_param_groups
 from .coco import CocoDetection, collate

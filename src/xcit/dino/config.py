@@ -10,13 +10,13 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..train.config import AMP_MODES, _opt, merge_with_preset, save_config  # noqa: F401  (save_config re-exported)
+from ..train.config import AMP_MODES, RunOptions, _opt, merge_with_preset, save_config, validate_run_options  # noqa: F401
 
 CLIP_MODES = ("per-param", "global")
 
 
 @dataclass
-class DinoConfig:
+class DinoConfig(RunOptions):
     """Every option of ``xcit dino``; defaults are the official DINO code's ImageNet recipe (docs/fidelity.md)."""
 
     # --- data
@@ -26,7 +26,6 @@ class DinoConfig:
     in_chans: int | None = _opt(None, "image channels (default: the dataset's; 3 for folders)", "data")
     mean: list[float] | None = _opt(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
     std: list[float] | None = _opt(None, "normalisation std (default: the dataset's)", "data", nargs="+")
-    workers: int = _opt(8, "loader worker processes (class folders only)", "data")
 
     # --- model
     model: str = _opt("xcit_small_12_p16", "backbone architecture (see `xcit models`)", "model")
@@ -84,23 +83,9 @@ class DinoConfig:
     koleo_weight: float = _opt(0.0, "weight of DINOv2's KoLeo regulariser on the student's global-crop features "
                                "(0: off, as in DINO)", "optim")
 
-    # --- run
-    output: str | None = _opt(None, "run directory (default runs/dino-<data>-<time>)", "run")
-    resume: str | None = _opt(None, "continue a run: its directory or last.pt (bare --resume: --output's)", "run")
-    seed: int = _opt(0, "random seed", "run")
-    amp: str = _opt("auto", "mixed precision: auto (bf16 on CPU and bf16 GPUs, else fp16), bf16, fp16, none",
-                    "run", AMP_MODES)
-    device: str = _opt("auto", "cpu, cuda, or auto", "run")
-    threads: int | None = _opt(None, "torch CPU threads per process (default: cores / local processes)", "run")
-    dist_backend: str | None = _opt(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
-    log_every: int = _opt(20, "write step metrics every N steps", "run")
-    ckpt_every: int = _opt(0, "also save last.pt every N steps inside an epoch (0: at epoch ends only)", "run")
-    progress: bool = _opt(True, "progress bars (on a terminal; progress lines otherwise), rank 0 only", "run")
-    plot: bool = _opt(True, "write curves.png at the end", "run")
+    # --- run (the options shared by every training command are in RunOptions)
     preset: str | None = _opt(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # Crop geometry of the two kinds of images, usable with any preset.
@@ -165,12 +150,11 @@ def validate(cfg: DinoConfig) -> None:
         need(isinstance(v, (list, tuple)) and len(v) == 2 and all(num(x) for x in v) and lo < v[0] <= v[1] <= hi,
              f"expected {name} as two numbers lo <= hi in ({lo}, {hi}], got {v}")
 
-    for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size",
-                 "log_every"):
+    for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size"):
         v = getattr(cfg, name)
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"expected {name} to be an integer >= 1, got {v!r}")
     need(isinstance(cfg.local_crops, int) and cfg.local_crops >= 0, f"expected local_crops >= 0, got {cfg.local_crops!r}")
-    need(cfg.ckpt_every >= 0 and cfg.workers >= 0, "expected ckpt_every >= 0 and workers >= 0")
+    validate_run_options(cfg)
     span("global_scale", 0.0, 1.0)
     span("local_scale", 0.0, 1.0)
     span("blur_sigma", 0.0, math.inf)
@@ -195,11 +179,7 @@ def validate(cfg: DinoConfig) -> None:
     need(cfg.clip_grad is None or (num(cfg.clip_grad) and cfg.clip_grad > 0), f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
     need(cfg.time_budget_min is None or (num(cfg.time_budget_min) and cfg.time_budget_min > 0),
          f"expected time_budget_min > 0 (minutes; 0 or none for no budget), got {cfg.time_budget_min}")
-    need(cfg.threads is None or cfg.threads >= 1, f"expected threads >= 1, got {cfg.threads}")
-    need(cfg.amp in AMP_MODES, f"expected amp in {AMP_MODES}, got {cfg.amp!r}")
     need(cfg.clip_grad_mode in CLIP_MODES, f"expected clip_grad_mode in {CLIP_MODES}, got {cfg.clip_grad_mode!r}")
-    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
-         f"expected device auto, cpu or cuda, got {cfg.device!r}")
     for name in ("mean", "std"):
         v = getattr(cfg, name)
         need(v is None or (len(v) >= 1 and all(num(x) for x in v)), f"expected {name} to be numbers, got {v}")

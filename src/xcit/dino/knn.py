@@ -23,7 +23,7 @@ from ..data.transforms import BatchEvalTransform, folder_eval_transform
 from ..models import XCiT, create_model
 from ..models.weights import read_metadata
 from ..train import distributed as dist_utils
-from ..train.engine import autocast_context, resolve_amp
+from ..train.run import autocast_context, resolve_amp
 
 POOLS = ("cls", "avg", "cls+avg")
 

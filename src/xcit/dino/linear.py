@@ -33,7 +33,7 @@ from ..data.transforms import BatchTrainTransform, folder_train_transform
 from ..models import XCiT
 from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
-from ..train.engine import autocast_context, resolve_amp
+from ..train.run import autocast_context, resolve_amp
 from .knn import (
     _loader,
     default_crop_pct,

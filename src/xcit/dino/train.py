@@ -9,12 +9,9 @@ plain XCiT checkpoint: ``xcit.create_model(checkpoint=...)``), ``metrics.jsonl``
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +23,30 @@ from ..data.loader import RepeatAugSampler, build_loader
 from ..models import create_model
 from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
-from ..train.checkpoint import load_state, rng_state, save_state, set_rng_state
-from ..train.engine import (
+from ..train.checkpoint import load_state, rng_state, set_rng_state
+from ..train.config import RUNTIME_OPTIONS, rename_options
+from ..train.engine import resume_target
+from ..train.metrics import format_duration, progress_bar
+from ..train.optim import build_param_groups
+from ..train.run import (
     NonFiniteLossError,
+    OptimStep,
+    Run,
     autocast_context,
-    prepare_run_dir,
+    default_run_name,
     resolve_amp,
+    run_process,
     seed_everything,
     set_threads,
 )
-from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
-from ..train.optim import build_param_groups, clip_grad_per_param_
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
-from .config import DinoConfig, resolve_config, save_config, validate
+from .config import DinoConfig, resolve_config, validate
 from .head import DINOHead, MultiCropNet, last_layer_params
 from .loss import DINOLoss, koleo_loss
 from .schedules import DinoSchedules, build_schedules
 
 log = logging.getLogger("xcit.train")
 
-# Options that may change when a run is resumed; the others come from the saved configuration.
-RUNTIME_OPTIONS = ("resume", "output", "workers", "threads", "progress", "plot", "log_every", "ckpt_every", "device",
-                   "dist_backend")
 _CALIBRATION_STEPS = (3, 15)  # --time-budget-min: the first speed measurement, over steps 3..15
 
 
@@ -137,42 +136,29 @@ def pretrain(config: DinoConfig | dict | None = None, **options: Any) -> DinoRes
     :class:`~xcit.train.NonFiniteLossError` (the last good ``last.pt`` is kept).
     """
     cfg = resolve_config(config.to_dict() if isinstance(config, DinoConfig) else config, **options)
-    env = dist_utils.setup(cfg.device, cfg.dist_backend)
-    try:
+    with run_process(cfg.device, cfg.dist_backend) as env:
         return _pretrain(cfg, env)
-    finally:
-        close_logging()
-        dist_utils.cleanup(env)
 
 
 def _resume(cfg: DinoConfig) -> tuple[DinoConfig, dict | None]:
     if not cfg.resume:
         return cfg, None
-    if cfg.resume == "auto" and not cfg.output:
-        raise ValueError("expected --output RUN_DIR with a bare --resume (or give --resume RUN_DIR)")
-    state = load_state(Path(cfg.output) if cfg.resume == "auto" else Path(cfg.resume))
+    state = load_state(resume_target(cfg.resume, cfg.output))
     if "teacher" not in state or "dino_loss" not in state:
         raise ValueError(f"expected a DINO state written by `xcit dino`, got {state['path']} (an `xcit train` state?)")
-    saved = {k: v for k, v in state["config"].items() if k in DinoConfig.__dataclass_fields__}
+    saved = rename_options({k: v for k, v in state["config"].items() if k != "_derived"}, DinoConfig.__dataclass_fields__)
+    saved = {k: v for k, v in saved.items() if k in DinoConfig.__dataclass_fields__}
     ignored = [k for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS and k in saved and saved[k] != v]
     if ignored:
         log.warning("resuming with the run's saved configuration; ignored new value(s) for: %s", ", ".join(ignored))
-    resumed = DinoConfig(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS}})
+    resumed = DinoConfig(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS}, "overwrite": False})
     validate(resumed)
     return resumed, state
 
 
-def _run_dir(cfg: DinoConfig, env: dist_utils.DistEnv, state: dict | None) -> Path:
-    """The run directory (made on rank 0; default ``runs/dino-<data>-<time>``), checked like ``xcit train``'s."""
-    if not cfg.output and state is None:
-        cfg = replace(cfg, output=str(Path("runs") / f"dino-{Path(cfg.data).name}-{datetime.now():%Y%m%d-%H%M%S}"))
-    return prepare_run_dir(cfg, env, Path(state["path"]) if state is not None else None)
-
-
 def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
-    t_start = time.time()
     cfg, state = _resume(cfg)
-    thread_note = set_threads(cfg, env)
+    thread_note = set_threads(cfg.threads, env)
     loader, sampler, data_info = build_pretrain_data(cfg, env)
     steps_per_epoch = len(loader)
     global_batch = cfg.batch_size * env.world_size
@@ -181,43 +167,35 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     seed_everything(cfg.seed)  # the same initial weights on every rank
     student, teacher = build_networks(cfg, data_info["in_chans"])
     n_crops = MultiCropSpec.from_config(cfg).n_crops
-    dino_loss = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum)
+    dino_loss = DINOLoss(cfg.out_dim, n_crops, cfg.student_temp, cfg.center_momentum).to(env.device)
     student.to(env.device)
     teacher.to(env.device)
-    dino_loss.to(env.device)
-    run_dir = _run_dir(cfg, env, state)
-    setup_logging(run_dir, env.is_main)
-
-    if env.distributed:  # before the optimizer: the swap makes new BatchNorm modules (same state dict keys)
+    run = Run.open(cfg, env, default_run_name("dino", cfg.data, cfg.model), resuming=state is not None,
+                   output=Path(state["path"]).parent if state is not None and not cfg.output else None,
+                   elapsed_before=float(state.get("elapsed", 0.0)) if state is not None else 0.0)
+    if env.distributed and cfg.sync_bn:  # before the optimizer: the swap makes new BatchNorm modules (same keys)
         student = dist_utils.convert_batchnorm(student, env.device)
         teacher = dist_utils.convert_batchnorm(teacher, env.device).requires_grad_(False)
     # DINO's get_params_groups: biases and 1-d parameters exempt; the rest (temperature, cls token) decayed
     groups = build_param_groups(student, cfg.weight_decay, exempt_per_channel=cfg.wd_exempt_per_channel,
                                 read_no_weight_decay=cfg.wd_exempt_per_channel)
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    step = OptimStep(torch.optim.AdamW(groups, lr=lr), trainable, env, amp_dtype, clip_grad=cfg.clip_grad,
+                     clip_mode=cfg.clip_grad_mode, hint="Try a lower --lr, a smaller --clip-grad or --amp none.")
     total_steps = (state or {}).get("scheduler", {}).get("total_steps") or cfg.epochs * steps_per_epoch
     schedules = build_schedules(cfg, lr, steps_per_epoch, total_steps)
-    global_step, elapsed_before = 0, 0.0
     if state is not None:
         student.load_state_dict(state["model"])
         teacher.load_state_dict(state["teacher"])
         dino_loss.load_state_dict(state["dino_loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        global_step, elapsed_before = int(state["step"]), float(state.get("elapsed", 0.0))
+        step.load_state_dict({"optimizer": state["optimizer"], "scaler": state.get("scaler"), "steps": state["step"]})
         set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d of %d", state["path"], global_step, total_steps)
-    # With a time budget the speed is measured over steps 3..15, then again every 12 steps (which
-    # adapts to a machine that speeds up or slows down), and the schedules are fitted to the time left.
-    budget = cfg.time_budget_min * 60 * 0.98 if cfg.time_budget_min else None
-    t_mark: tuple[int, float | None] = (global_step, None)
+        log.info("resumed from %s at step %d of %d", state["path"], step.steps, total_steps)
+    budget = TimeBudget(cfg.time_budget_min, run, step.steps, cfg.epochs * steps_per_epoch)
     net = student
     if env.distributed:
         net = nn.parallel.DistributedDataParallel(student, device_ids=[env.device] if env.device.type == "cuda" else None)
     frozen_last = last_layer_params(student)
-    trainable = [p for p in student.parameters() if p.requires_grad]
 
     def derived() -> dict:
         return {"lr": lr, "global_batch": global_batch, "world_size": env.world_size, "steps_per_epoch": steps_per_epoch,
@@ -226,139 +204,132 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
                 "params_backbone": sum(p.numel() for p in student.backbone.parameters()),
                 "params_head": sum(p.numel() for p in student.head.parameters()), "torch_threads": torch.get_num_threads()}
 
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t_start
-
-    def full_state(step: int) -> dict:
+    def full_state() -> dict:
+        opt = step.state_dict()
         return {"model": student.state_dict(), "teacher": teacher.state_dict(), "dino_loss": dino_loss.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": {"total_steps": total_steps},
-                "scaler": scaler.state_dict(), "epoch": step // steps_per_epoch, "step": step, "elapsed": elapsed(),
+                "optimizer": opt["optimizer"], "scheduler": {"total_steps": total_steps}, "scaler": opt["scaler"],
+                "epoch": step.steps // steps_per_epoch, "step": step.steps, "elapsed": run.elapsed(),
                 "config": cfg.to_dict(), "data": data_info, "rng": rng_state()}
 
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml", derived())
-        info = derived()
-        log.info("DINO pretraining of %s (%d-channel %dpx globals, %d local %dpx) on %s: %.2fM backbone + %.2fM head "
-                 "parameters, K=%d, %d crops, global batch %d, lr %.2e, %d steps (%d per epoch), %s, %s, %d thread(s)%s",
-                 cfg.model, data_info["in_chans"], cfg.global_size, cfg.local_crops, cfg.local_size, cfg.data,
-                 info["params_backbone"] / 1e6, info["params_head"] / 1e6, cfg.out_dim, n_crops, global_batch, lr,
-                 total_steps, steps_per_epoch, env.device, info["amp"], torch.get_num_threads(),
-                 f", time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "")
-        if thread_note:
-            log.info(thread_note)
-    writer = MetricsWriter(run_dir, env.is_main, tensorboard=False)
+    run.save_config(cfg.to_dict(), derived())
+    info = derived()
+    log.info("DINO pretraining of %s (%d-channel %dpx globals, %d local %dpx) on %s: %.2fM backbone + %.2fM head "
+             "parameters, K=%d, %d crops, global batch %d (--batch-size %d per process), lr %.2e, %d steps (%d per "
+             "epoch), %s, %s, %d thread(s)%s", cfg.model, data_info["in_chans"], cfg.global_size, cfg.local_crops,
+             cfg.local_size, cfg.data, info["params_backbone"] / 1e6, info["params_head"] / 1e6, cfg.out_dim, n_crops,
+             global_batch, cfg.batch_size, lr, total_steps, steps_per_epoch, env.device, info["amp"],
+             torch.get_num_threads(), f", time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "")
+    if thread_note:
+        log.info(thread_note)
     net.train()
     teacher.train()  # as DINO: batch statistics in the stem's BatchNorm for both networks
-    loss_value = float("nan")
-    epoch_losses: list[float] = []
-    status = "completed"
+    loss_value, epoch_losses = float("nan"), []
     try:
-        while global_step < total_steps:
-            epoch, start = divmod(global_step, steps_per_epoch)
+        while step.steps < total_steps:
+            epoch, start = divmod(step.steps, steps_per_epoch)
             sampler.set_epoch(epoch, start * cfg.batch_size)
             bar = progress_bar(steps_per_epoch, f"dino epoch {epoch + 1}", cfg.progress and env.is_main)
             bar.update(start)
-            quiet = bar.disable and cfg.progress and env.is_main
             t_log, seen = time.time(), 0
             for crops, _, _ in loader:
-                if global_step >= total_steps:
+                fitted = budget.fit(step.steps, total_steps)
+                if fitted is not None:
+                    total_steps = fitted
+                    schedules = build_schedules(cfg, lr, steps_per_epoch, total_steps)
+                if step.steps >= total_steps:
                     break
-                interval = _CALIBRATION_STEPS[1] - _CALIBRATION_STEPS[0]
-                if budget and global_step >= _CALIBRATION_STEPS[0] and (t_mark[1] is None or global_step - t_mark[0] >= interval):
-                    if t_mark[1] is not None:
-                        per_step = (time.time() - t_mark[1]) / (global_step - t_mark[0])
-                        total_steps, schedules = _fit_budget(cfg, env, lr, steps_per_epoch, total_steps, global_step,
-                                                             per_step, budget - elapsed())
-                        if dist_utils.broadcast_object(elapsed() + per_step >= cfg.time_budget_min * 60, env):
-                            log.warning("time budget of %.1f min used up at step %d of %d: stopping here",
-                                        cfg.time_budget_min, global_step, total_steps)
-                            total_steps = global_step
-                            break
-                    t_mark = (global_step, time.time())
-                values = schedules.at(global_step)
-                loss_value = _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values, schedules,
-                                   global_step, frozen_last, trainable, cfg, env, amp_dtype)
-                global_step += 1
+                values = schedules.at(step.steps)
+                loss_value = _step(net, student, teacher, dino_loss, step, crops, values, schedules, frozen_last,
+                                   cfg, env, amp_dtype)
                 epoch_losses.append(loss_value)
                 seen += crops[0].shape[0] * env.world_size
                 bar.update(1)
-                if global_step % cfg.log_every == 0 or global_step == total_steps:
+                if step.steps % cfg.log_every == 0 or step.steps == total_steps:
                     speed = seen / max(time.time() - t_log, 1e-9)
                     t_log, seen = time.time(), 0
-                    writer.write("step", global_step, epoch=global_step / steps_per_epoch, loss=loss_value,
-                                 teacher_entropy=dino_loss.last_entropy, img_per_s=speed, **values)
+                    run.write("step", step.steps, epoch=step.steps / steps_per_epoch, loss=loss_value,
+                              teacher_entropy=dino_loss.last_entropy, img_per_s=speed, **values)
                     bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{values['lr']:.1e}")
-                    if quiet:
+                    if bar.disable and cfg.progress:
                         log.info("step %d/%d (epoch %.2f)  loss %.4f  teacher entropy %.2f  lr %.2e  wd %.3f  "
-                                 "momentum %.4f  T_t %.3f  %.0f img/s  elapsed %s", global_step, total_steps,
-                                 global_step / steps_per_epoch, loss_value, dino_loss.last_entropy, values["lr"],
+                                 "momentum %.4f  T_t %.3f  %.0f img/s  elapsed %s", step.steps, total_steps,
+                                 step.steps / steps_per_epoch, loss_value, dino_loss.last_entropy, values["lr"],
                                  values["wd"], values["momentum"], values["teacher_temp"], speed,
-                                 format_duration(elapsed()))
-                if cfg.ckpt_every and global_step % cfg.ckpt_every == 0 and env.is_main:
-                    save_state(run_dir / "last.pt", full_state(global_step))
-                if global_step % steps_per_epoch == 0:
+                                 format_duration(run.elapsed()))
+                if cfg.ckpt_every and step.steps % cfg.ckpt_every == 0:
+                    run.save("last.pt", full_state)
+                if step.steps % steps_per_epoch == 0:
                     break
             bar.close()
-            done_epoch = global_step / steps_per_epoch
+            done_epoch = step.steps / steps_per_epoch
             mean_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
-            writer.write("epoch", global_step, epoch=done_epoch, train_loss=mean_loss, elapsed=round(elapsed(), 1))
+            run.write("epoch", step.steps, epoch=done_epoch, train_loss=mean_loss, elapsed=round(run.elapsed(), 1))
             log.info("epoch %.2f/%.2f  mean loss %.4f  (elapsed %s)", done_epoch, total_steps / steps_per_epoch,
-                     mean_loss, format_duration(elapsed()))
+                     mean_loss, format_duration(run.elapsed()))
             epoch_losses = []
-            if env.is_main:
-                save_state(run_dir / "last.pt", full_state(global_step))
+            run.save("last.pt", full_state)
             dist_utils.barrier(env)
     except NonFiniteLossError as err:
-        writer.write("stop", global_step, reason=str(err))
-        writer.close()
-        raise NonFiniteLossError(f"{err} Last good checkpoint: {run_dir / 'last.pt'}") from None
-    writer.close()
-    if env.is_main and budget:
-        save_config(cfg, run_dir / "config.yaml", derived())  # the total steps the budget allowed
-    files = {"last": run_dir / "last.pt", "log": run_dir / "train.log", "metrics": run_dir / "metrics.jsonl",
-             "config": run_dir / "config.yaml"}
+        run.write("stop", step.steps, reason=str(err))
+        run.finish("stopped: non-finite loss", error=str(err), steps=step.steps)
+        raise NonFiniteLossError(f"{err} Last good checkpoint: {run.path / 'last.pt'}") from None
+    if budget.seconds:
+        run.save_config(cfg.to_dict(), derived())  # the total steps the budget allowed
     teacher_path = None
-    wall = elapsed()
     if env.is_main:
-        backbone = teacher.backbone  # synchronised BatchNorm keeps BatchNorm2d's state dict
-        extra = {"data": data_info, "dino": {"epochs": round(global_step / steps_per_epoch, 3), "steps": global_step,
-                                             "wall_time": round(wall, 1), "final_loss": loss_value,
+        extra = {"data": data_info, "dino": {"epochs": round(step.steps / steps_per_epoch, 3), "steps": step.steps,
+                                             "wall_time": round(run.elapsed(), 1), "final_loss": loss_value,
                                              "config": cfg.to_dict()}}
-        teacher_path = save_checkpoint(backbone, run_dir / "teacher.pth", extra=extra)
-        files["teacher"] = teacher_path
-        if cfg.plot:
-            from .plots import plot_pretraining
+        # synchronised BatchNorm keeps BatchNorm2d's state dict
+        teacher_path = save_checkpoint(teacher.backbone, run.path / "teacher.pth", extra=extra)
+        run.files["teacher"] = teacher_path
+    if cfg.plot:
+        from .plots import plot_pretraining
 
-            try:
-                files["plot"] = plot_pretraining(run_dir)
-            except (ValueError, OSError) as err:
-                log.warning("could not draw the curves: %s", err)
-        (run_dir / "result.json").write_text(json.dumps({
-            "status": status, "epochs": global_step / steps_per_epoch, "steps": global_step, "wall_time": round(wall, 1),
-            "final_loss": loss_value, "files": {k: str(v) for k, v in files.items()}}, indent=2))
-        log.info("done: %d steps (%.2f epochs) in %s; teacher backbone: %s", global_step,
-                 global_step / steps_per_epoch, format_duration(wall), teacher_path)
+        run.plot(plot_pretraining)
+    record = run.finish("completed", epochs=step.steps / steps_per_epoch, steps=step.steps, final_loss=loss_value)
+    log.info("done: %d steps (%.2f epochs) in %s; teacher backbone: %s", step.steps, step.steps / steps_per_epoch,
+             format_duration(record["wall_time"]), teacher_path)
     dist_utils.barrier(env)
-    return DinoResult(run_dir, teacher_path, global_step / steps_per_epoch, global_step, wall, loss_value, files)
+    return DinoResult(run.path, teacher_path, step.steps / steps_per_epoch, step.steps, record["wall_time"], loss_value,
+                      dict(run.files))
 
 
-def _fit_budget(cfg: DinoConfig, env: dist_utils.DistEnv, lr: float, steps_per_epoch: int, total_steps: int,
-                step: int, per_step: float, seconds_left: float) -> tuple[int, DinoSchedules]:
-    """(total steps, schedules) that end the run in ``seconds_left`` at ``per_step`` seconds a step."""
-    fit = dist_utils.broadcast_object(step + int(seconds_left / per_step), env)
-    new_total = max(step + 1, min(fit, cfg.epochs * steps_per_epoch))
-    if abs(new_total - total_steps) > 0.05 * total_steps:
-        log.info("time budget %.1f min: %.3f s/step, so %d steps (%.2f epochs) in all", cfg.time_budget_min,
-                 per_step, new_total, new_total / steps_per_epoch)
-    return new_total, build_schedules(cfg, lr, steps_per_epoch, new_total)
+class TimeBudget:
+    """``--time-budget-min``: the speed is measured over steps 3..15, then again every 12 steps (which adapts
+    to a machine that speeds up or slows down), and the run's total steps are fitted to the time left."""
+
+    FIRST, LAST = _CALIBRATION_STEPS
+
+    def __init__(self, minutes: float | None, run: Run, step: int, max_steps: int) -> None:
+        self.seconds = minutes * 60 if minutes else None
+        self.run, self.mark, self.max_steps = run, (step, None), max_steps
+
+    def fit(self, step: int, total_steps: int) -> int | None:
+        """A new total step count when it is time to refit (``step`` itself when the budget is used up), else None."""
+        interval = self.LAST - self.FIRST
+        if not self.seconds or step < self.FIRST or (self.mark[1] is not None and step - self.mark[0] < interval):
+            return None
+        previous, self.mark = self.mark, (step, time.time())
+        if previous[1] is None:
+            return None
+        per_step = (time.time() - previous[1]) / (step - previous[0])
+        env, cfg_minutes = self.run.env, self.seconds / 60
+        if dist_utils.broadcast_object(self.run.elapsed() + per_step >= self.seconds, env):
+            log.warning("time budget of %.1f min used up at step %d of %d: stopping here", cfg_minutes, step, total_steps)
+            return step
+        fit = dist_utils.broadcast_object(step + int((0.98 * self.seconds - self.run.elapsed()) / per_step), env)
+        new_total = max(step + 1, min(fit, self.max_steps))
+        if abs(new_total - total_steps) > 0.05 * total_steps:
+            log.info("time budget %.1f min: %.3f s/step, so %d steps in all", cfg_minutes, per_step, new_total)
+        return new_total
 
 
-def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: dict, schedules: DinoSchedules,
-          step: int, frozen_last: list, trainable: list, cfg: DinoConfig, env: dist_utils.DistEnv,
-          amp_dtype) -> float:
+def _step(net, student, teacher, dino_loss, step: OptimStep, crops, values: dict, schedules: DinoSchedules,
+          frozen_last: list, cfg: DinoConfig, env: dist_utils.DistEnv, amp_dtype) -> float:
     """One optimisation step; returns the loss averaged over processes."""
     crops = [c.to(env.device, non_blocking=True) for c in crops]
-    for g in optimizer.param_groups:
+    for g in step.optimizer.param_groups:
         g["lr"] = values["lr"] * g.get("lr_scale", 1.0)
         if g["decayed"]:
             g["weight_decay"] = values["wd"]
@@ -374,21 +345,12 @@ def _step(net, student, teacher, dino_loss, optimizer, scaler, crops, values: di
         koleo = sum(koleo_loss(f) for f in features[:len(teacher_out)].chunk(2)) / 2
         loss = loss + cfg.koleo_weight * koleo
         values["koleo"] = float(koleo.detach())
-    reduced = float(dist_utils.all_reduce_sum(loss.detach().double().cpu().view(1), env)[0]) / env.world_size
-    if not math.isfinite(reduced):
-        raise NonFiniteLossError(f"the DINO loss is {reduced} at step {step + 1}; stopping (weights not updated). "
-                                 "Try a lower --lr, a smaller --clip-grad or --amp none.")
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    if cfg.clip_grad and cfg.clip_grad_mode == "global":
-        nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
-    elif cfg.clip_grad:
-        clip_grad_per_param_(trainable, cfg.clip_grad)
-    if step < schedules.freeze_steps:
-        for p in frozen_last:
-            p.grad = None
-    scaler.step(optimizer)
-    scaler.update()
+
+    def freeze_last_layer() -> None:
+        if step.steps < schedules.freeze_steps:
+            for p in frozen_last:
+                p.grad = None
+
+    value = step(loss, before_update=freeze_last_layer)
     update_teacher(student, teacher, values["momentum"])
-    return reduced
+    return value

@@ -17,7 +17,7 @@ from ..models.weights import load_file
 from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path as resume_state_path
 from ..train.checkpoint import save_state
-from ..train.engine import resolve_amp
+from ..train.run import resolve_amp
 from ..train.metrics import MetricsWriter
 from ..train.optim import PolySchedule, dense_param_groups
 from ..train.plots import plot_history

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,62 @@ def _opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw
 
 
 @dataclass
-class TrainConfig:
+class RunOptions:
+    """The options every training command shares (``xcit train``, ``dino``, ``detect train``, ``segment train``):
+    one name, one default and one meaning each, declared once here."""
+
+    output: str | None = _opt(None, "run folder (default runs/<task>-<data>-<model>-<time>); a folder holding another "
+                              "run's files is refused unless --resume or --overwrite", "run")
+    resume: str | None = _opt(None, "continue a run: its folder or last.pt (bare --resume: --output's)", "run")
+    overwrite: bool = _opt(False, "replace another run's files in --output (they are deleted first)", "run")
+    seed: int = _opt(0, "random seed", "run")
+    amp: str = _opt("auto", "mixed precision: auto (bf16 on CPU and bf16-capable GPUs, else fp16), bf16, fp16 "
+                    "(CUDA, with a gradient scaler), none", "run", AMP_MODES)
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto", "run")
+    threads: int | None = _opt(None, "torch CPU threads per process (default: cores / local processes)", "run")
+    dist_backend: str | None = _opt(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
+    sync_bn: bool = _opt(True, "synchronise BatchNorm statistics across processes", "run")
+    workers: int = _opt(8, "data-loading worker processes per process (0: load in the training process)", "run")
+    log_every: int = _opt(20, "write step metrics (and a log line without a progress bar) every N steps", "run")
+    ckpt_every: int = _opt(500, "also save last.pt every N steps (0: only at epoch ends and at the end)", "run")
+    tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", "run")
+    progress: bool = _opt(True, "progress bars (only on a terminal, only on rank 0)", "run")
+    plot: bool = _opt(True, "write curves.png at the end", "run")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
+# Spellings of the detection / segmentation commands (and of `xcit train` before the one dialect), accepted
+# for one release on the command line, in config files and in Python as the names they became.
+RENAMED_OPTIONS = {"out": "output", "backbone": "model", "log_interval": "log_every", "eval_interval": "eval_every",
+                   "checkpoint_interval": "ckpt_every", "time_limit_min": "time_budget_min",
+                   "wd_exempt_temperature": "wd_exempt_per_channel"}
+
+
+def rename_options(values: dict[str, Any], known: Iterable[str]) -> dict[str, Any]:
+    """``values`` with old option names (dashes or underscores) replaced by their new ones, with a warning."""
+    known = set(known)
+    renamed = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        new = RENAMED_OPTIONS.get(name)
+        if new is not None and name not in known and new in known:
+            warnings.warn(f"option {name!r} is now {new!r}; the old name goes away in the next release",
+                          FutureWarning, stacklevel=3)
+            if new in values or new.replace("_", "-") in values:
+                raise ValueError(f"expected {new!r} or its old name {name!r}, not both")
+            name = new
+        renamed[name] = value
+    return renamed
+# Options that may change when a run is resumed; all others come from the run's saved configuration.
+RUNTIME_OPTIONS = ("resume", "output", "overwrite", "workers", "threads", "progress", "tensorboard", "plot",
+                   "log_every", "ckpt_every", "device", "dist_backend")
+
+
+@dataclass
+class TrainConfig(RunOptions):
     """Every option of ``xcit train``; the defaults are the paper's ImageNet recipe (REFERENCE 3)."""
 
     # --- data
@@ -45,7 +102,6 @@ class TrainConfig:
     std: list[float] | None = _opt(None, "normalisation std (default: the dataset's)", "data", nargs="+")
     crop_pct: float = _opt(1.0, "evaluation crop ratio: resize to size / crop_pct, centre crop (paper: 1.0)", "data")
     interpolation: str = _opt("bicubic", "resize interpolation", "data", ("bicubic", "bilinear", "nearest"))
-    workers: int = _opt(8, "data-loading worker processes per GPU/process (class folders only)", "data")
 
     # --- model
     model: str = _opt("xcit_small_12_p16", "architecture name (see `xcit models`)", "model")
@@ -76,7 +132,7 @@ class TrainConfig:
                            "each epoch, so the first two epochs run at warmup_lr) or step (every iteration)", "optim",
                            SCHED_STEPS)
     weight_decay: float = _opt(0.05, "AdamW weight decay", "optim")
-    wd_exempt_temperature: bool = _opt(False, "exempt XCA temperatures from weight decay (the official code decays "
+    wd_exempt_per_channel: bool = _opt(False, "exempt per-channel parameters (XCA temperatures) from weight decay (the official code decays "
                                        "them: XCA's own no_weight_decay() is never read; off reproduces it)", "optim")
     opt_eps: float = _opt(1e-8, "AdamW epsilon", "optim")
     clip_grad: float | None = _opt(None, "clip the gradient norm to this value (default: no clipping)", "optim")
@@ -111,26 +167,9 @@ class TrainConfig:
     distill_alpha: float = _opt(0.5, "weight of the distillation loss", "distill")
     distill_tau: float = _opt(1.0, "soft distillation temperature", "distill")
 
-    # --- run
-    output: str | None = _opt(None, "run directory (default runs/<data>-<model>-<time>)", "run")
-    resume: str | None = _opt(None, "continue a run: its directory or last.pt (bare --resume: --output's)", "run")
-    seed: int = _opt(0, "random seed", "run")
-    amp: str = _opt("auto", "mixed precision: auto (bf16 on CPU and bf16-capable GPUs, else fp16), bf16, fp16 "
-                    "(CUDA, with a gradient scaler), none", "run", AMP_MODES)
-    device: str = _opt("auto", "cpu, cuda, or auto", "run")
-    threads: int | None = _opt(None, "torch CPU threads per process (default: cores / local processes)", "run")
-    sync_bn: bool = _opt(True, "synchronise BatchNorm statistics across processes", "run")
-    dist_backend: str | None = _opt(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
+    # --- run (the options shared by every training command are in RunOptions)
     eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
-    log_every: int = _opt(20, "write step metrics every N steps", "run")
-    ckpt_every: int = _opt(0, "also save last.pt every N steps inside an epoch (0: at epoch ends only)", "run")
-    tensorboard: bool = _opt(True, "also log to TensorBoard when it is installed", "run")
-    progress: bool = _opt(True, "progress bars (only on a terminal, only on rank 0)", "run")
-    plot: bool = _opt(True, "write curves.png at the end", "run")
     preset: str | None = _opt(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 # Presets: option values that replace the defaults (the ImageNet recipe) for a kind of data.
@@ -145,14 +184,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         drop_path=0.0, epochs=8, batch_size=64, eval_batch_size=1000, lr=2.4e-2, min_lr=1e-5, warmup_lr=1e-6,
         warmup_epochs=0.5, auto_augment=None, train_crop="none", hflip=0.5, reprob=0.0, mixup=0.0, cutmix=0.0,
         smoothing=0.1, repeated_aug=1, ema=False, amp="bf16", workers=0, log_every=50,
-        sched_step="step", wd_exempt_temperature=True,
+        sched_step="step", wd_exempt_per_channel=True,
     ),
     # Seconds-long runs on scikit-learn's 8x8 digits, for tests and smoke checks.
     "digits": dict(
         model="xcit_nano_12_p16", patch_size=2, embed_dim=32, depth=2, num_heads=2, tokens_norm=True,
         drop_path=0.0, epochs=3, batch_size=64, eval_batch_size=512, lr=4e-3, lr_scaling=False, warmup_epochs=0.5,
         auto_augment=None, train_crop="none", hflip=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, smoothing=0.0,
-        repeated_aug=1, ema=False, amp="none", workers=0, log_every=5, sched_step="step", wd_exempt_temperature=True,
+        repeated_aug=1, ema=False, amp="none", workers=0, log_every=5, sched_step="step", wd_exempt_per_channel=True,
     ),
 }
 
@@ -186,17 +225,18 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Train
 
 
 def merge_with_preset(given: dict[str, Any], known: list[str], presets: dict[str, dict], default_data: str,
-                      none_keys: tuple[str, ...], what: str) -> dict[str, Any]:
+                      none_keys: tuple[str, ...], what: str,
+                      choose: Callable[[str], str] | None = None) -> dict[str, Any]:
     """``given`` (dashes or underscores) over its preset (``given['preset']``, else the dataset's).
 
     Unknown keys and presets raise ``ValueError`` naming the known ones; the strings '', 'none' and
     'null' of ``none_keys`` become None (as YAML files and command lines write them).
     """
-    given = {k.replace("-", "_"): v for k, v in given.items()}
+    given = rename_options(given, known)
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise ValueError(f"unknown {what} option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    preset = given.get("preset") or default_preset(str(given.get("data", default_data)))
+    preset = given.get("preset") or (choose or default_preset)(str(given.get("data", default_data)))
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
     merged = {**presets[preset], **given, "preset": preset}
@@ -204,6 +244,25 @@ def merge_with_preset(given: dict[str, Any], known: list[str], presets: dict[str
         if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
             merged[key] = None
     return merged
+
+
+def validate_run_options(cfg: RunOptions) -> None:
+    """Raise ``ValueError`` for a shared run option that cannot work (every training command calls this)."""
+    def count(name: str, low: int) -> None:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"expected {name} to be an integer >= {low}, got {value!r}")
+
+    for name, low in (("log_every", 1), ("ckpt_every", 0), ("workers", 0), ("seed", 0)):
+        count(name, low)
+    if cfg.threads is not None:
+        count("threads", 1)
+    if cfg.amp not in AMP_MODES:
+        raise ValueError(f"expected amp in {AMP_MODES}, got {cfg.amp!r}")
+    if not isinstance(cfg.device, str) or not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise ValueError(f"expected device auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("expected --resume or --overwrite, not both (resuming keeps the run's files)")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -239,19 +298,14 @@ def validate(cfg: TrainConfig) -> None:
     need(0 < cfg.crop_scale_min <= 1, f"crop_scale_min must be in (0, 1], got {cfg.crop_scale_min}")
     need(cfg.crop_padding >= 0, f"crop_padding must be >= 0, got {cfg.crop_padding}")
     need(cfg.distill_tau > 0, f"distill_tau must be > 0, got {cfg.distill_tau}")
-    need(cfg.eval_every >= 1 and cfg.log_every >= 1 and cfg.ckpt_every >= 0,
-         "eval_every and log_every must be >= 1, ckpt_every >= 0")
-    need(cfg.workers >= 0, f"workers must be >= 0, got {cfg.workers}")
-    need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}")
-    need(cfg.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {cfg.amp!r}")
+    validate_run_options(cfg)
+    need(isinstance(cfg.eval_every, int) and cfg.eval_every >= 1, f"eval_every must be >= 1, got {cfg.eval_every}")
     need(cfg.distillation in DISTILLATION, f"distillation must be one of {DISTILLATION}, got {cfg.distillation!r}")
     need(cfg.sched in SCHEDULES, f"sched must be one of {SCHEDULES}, got {cfg.sched!r}")
     need(cfg.sched_step in SCHED_STEPS, f"sched_step must be one of {SCHED_STEPS}, got {cfg.sched_step!r}")
     need(cfg.eval_weights in EVAL_WEIGHTS, f"eval_weights must be one of {EVAL_WEIGHTS}, got {cfg.eval_weights!r}")
     need(cfg.eval_weights != "ema" or cfg.ema, "eval_weights ema needs --ema (an EMA of the weights to report)")
     need(cfg.train_crop in CROPS, f"train_crop must be one of {CROPS}, got {cfg.train_crop!r}")
-    need(cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:"),
-         f"device must be auto, cpu or cuda, got {cfg.device!r}")
     for name in ("mean", "std"):
         value = getattr(cfg, name)
         need(value is None or (len(value) >= 1 and all(finite(v) for v in value)), f"{name} must be numbers, got {value}")

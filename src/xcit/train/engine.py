@@ -6,15 +6,11 @@ wrapped in DistributedDataParallel when there is more than one process, batches 
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import shutil
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +22,26 @@ from ..data.loader import RepeatAugSampler, ShardSampler, build_loader
 from ..data.transforms import BatchEvalTransform, BatchTrainTransform, folder_eval_transform, folder_train_transform
 from ..models.weights import CheckpointError, save_checkpoint
 from . import distributed as dist_utils
-from .checkpoint import load_state, rng_state, save_state, set_rng_state
-from .config import AMP_MODES, TrainConfig, resolve_config, save_config, validate
+from .checkpoint import load_state, rng_state, set_rng_state
+from .config import RUNTIME_OPTIONS, TrainConfig, rename_options, resolve_config, validate
 from .losses import DistillationLoss, LabelCrossEntropy, SoftTargetCrossEntropy
-from .metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
+from .metrics import format_duration, progress_bar
 from .model_setup import build_model, build_teacher, drop_path_rate
 from .optim import build_optimizer, build_scheduler
+from .plots import plot_run
+from .run import (
+    NonFiniteLossError,
+    OptimStep,
+    Run,
+    autocast_context,
+    default_run_name,
+    resolve_amp,
+    run_process,
+    seed_everything,
+    set_threads,
+)
 
 log = logging.getLogger("xcit.train")
-
-# Options that may change when a run is resumed; all others come from the saved configuration.
-RUNTIME_OPTIONS = ("resume", "output", "workers", "threads", "progress", "tensorboard", "plot", "log_every",
-                   "eval_every", "ckpt_every", "device", "dist_backend", "eval_batch_size")
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
 
 
 @dataclass
@@ -73,86 +73,6 @@ class RunResult:
 
 
 # ----------------------------------------------------------------------------------------- setup
-
-
-def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of an ``--amp`` mode (auto, bf16, fp16, none) on ``device``; None means fp32."""
-    if mode not in AMP_MODES:
-        raise ValueError(f"expected amp in {AMP_MODES}, got {mode!r}")
-    if mode == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
-    if mode == "none":
-        return None
-    if mode == "fp16":
-        if device.type != "cuda":
-            raise ValueError("amp fp16 needs a CUDA device (it uses a gradient scaler); on CPU use --amp bf16 or none")
-        return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU does not support bf16; use --amp fp16")
-    return torch.bfloat16
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    """``torch.autocast`` to ``dtype`` on ``device``'s type, or a no-op context when ``dtype`` is None."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
-def set_threads(cfg: TrainConfig, env: dist_utils.DistEnv) -> str:
-    """Set torch's CPU threads: ``cfg.threads``, else this process's share of the cores.
-
-    On a machine already busy with other work (load average >= cores), OpenMP threads that
-    spin-wait for each other slow training down many times over; unless OMP_WAIT_POLICY=PASSIVE
-    is set, one thread per process is used then. Returns a note for the log.
-    """
-    if env.device.type != "cpu" and cfg.threads is None:
-        return ""
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-        return ""
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // env.local_world_size)
-    note = ""
-    if threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
-        if load >= cores:
-            note = (f"this machine is busy (load {load:.1f} on {cores} cores): using 1 thread per process instead of "
-                    f"{threads}, as spinning OpenMP threads would slow down; set OMP_WAIT_POLICY=PASSIVE or --threads")
-            threads = 1
-    torch.set_num_threads(threads)
-    return note
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_run_dir(cfg: TrainConfig, env: dist_utils.DistEnv, resume_path: Path | None) -> Path:
-    """The run directory (``cfg.output``, the resumed run's, or ``runs/<data>-<model>-<time>``), made on rank 0;
-    refuses to overwrite a run that is not being resumed. ``cfg`` needs ``output``, ``data`` (and ``model``)."""
-    if cfg.output:
-        path = Path(cfg.output)
-    elif resume_path is not None:
-        path = resume_path.parent
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        data = Path(cfg.data).name if os.sep in cfg.data else cfg.data
-        path = Path("runs") / f"{data}-{cfg.model}-{stamp}"
-    path = Path(dist_utils.broadcast_object(str(path), env))
-    if resume_path is None and (path / "last.pt").exists():
-        raise ValueError(f"{path} already holds a run (last.pt); continue it with --resume, or choose another --output")
-    if env.is_main:
-        path.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier(env)
-    return path
 
 
 @dataclass
@@ -278,19 +198,14 @@ def train(config: TrainConfig | dict | None = None, **options: Any) -> RunResult
         validate(cfg)
     else:
         cfg = resolve_config(config or {}, **options)
-    env = dist_utils.setup(cfg.device, cfg.dist_backend)
-    try:
+    with run_process(cfg.device, cfg.dist_backend) as env:
         return _train(cfg, env)
-    finally:
-        close_logging()
-        dist_utils.cleanup(env)
 
 
 def _resume_config(cfg: TrainConfig, state: dict) -> TrainConfig:
-    saved = dict(state["config"])
-    saved.pop("_derived", None)
+    saved = rename_options({k: v for k, v in state["config"].items() if k != "_derived"}, TrainConfig.__dataclass_fields__)
     ignored = [k for k, v in cfg.to_dict().items() if k not in RUNTIME_OPTIONS and k in saved and saved[k] != v]
-    merged = {**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS}}
+    merged = {**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS}, "overwrite": False}
     resumed = TrainConfig(**{k: v for k, v in merged.items() if k in TrainConfig.__dataclass_fields__})
     validate(resumed)
     if ignored:
@@ -299,25 +214,15 @@ def _resume_config(cfg: TrainConfig, state: dict) -> TrainConfig:
 
 
 def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
-    t_start = time.time()
-    state = None
-    resume_path = None
-    if cfg.resume:
-        target = Path(cfg.output) if cfg.resume == "auto" and cfg.output else Path(cfg.resume)
-        if cfg.resume == "auto" and not cfg.output:
-            raise ValueError("bare --resume needs --output RUN_DIR (or give --resume RUN_DIR)")
-        state = load_state(target)
-        resume_path = Path(state["path"])
+    state = load_state(resume_target(cfg.resume, cfg.output)) if cfg.resume else None
+    if state is not None:
         cfg = _resume_config(cfg, state)
-    thread_note = set_threads(cfg, env)
-
+    thread_note = set_threads(cfg.threads, env)
     # Everything that can be wrong with the data, model or checkpoints is found before the run
-    # directory is made: data and loaders (sizes), the model (fine-tuning weights), the teacher.
+    # folder is touched: data and loaders (sizes), the model (fine-tuning weights), the teacher.
     data = build_data(cfg)
     train_loader, sampler, eval_loader = build_loaders(cfg, data, env)
-    sampler.set_epoch(0)
     steps_per_epoch = len(train_loader)
-    total_steps = steps_per_epoch * cfg.epochs
     global_batch = cfg.batch_size * env.world_size
     amp_dtype = resolve_amp(cfg.amp, env.device)
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0 and cfg.batch_size % 2:
@@ -326,247 +231,66 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
     # A resumed run takes its weights from the state file, not again from --finetune.
     model, finetune_note = build_model(replace(cfg, finetune=None) if state else cfg, len(data.classes), data.in_chans)
     teacher = build_teacher(cfg, len(data.classes), data.in_chans, env.device) if cfg.teacher else None
-
-    run_dir = prepare_run_dir(cfg, env, resume_path)
-    setup_logging(run_dir, env.is_main)
+    run = Run.open(cfg, env, default_run_name(cfg.data, cfg.model), resuming=state is not None,
+                   output=Path(state["path"]).parent if state is not None and not cfg.output else None)
     for note in (thread_note, finetune_note):
         if note:
             log.info(note)
+    task = Classification(cfg, data, model.to(env.device), teacher, env, amp_dtype, steps_per_epoch)
+    step = OptimStep(task.optimizer, task.bare.parameters(), env, amp_dtype, clip_grad=cfg.clip_grad,
+                     hint="Try a lower --lr, --clip-grad 1.0, a longer --warmup-epochs or --amp none.")
+    start_epoch, skip, best = 0, 0, {"top1": -1.0, "epoch": -1, "weights": "model"}
     if state is not None:
-        log.info("resuming %s from epoch %d step %d", resume_path, state["epoch"], state["step"])
-
-    model.to(env.device)
-    if env.distributed and cfg.sync_bn:
-        model = dist_utils.convert_batchnorm(model, env.device)
-    lr = cfg.lr * global_batch / 512 if cfg.lr_scaling else cfg.lr
-    optimizer = build_optimizer(model, lr, cfg.weight_decay, eps=cfg.opt_eps,
-                                exempt_per_channel=cfg.wd_exempt_temperature, layer_decay=cfg.layer_decay)
-    scheduler = build_scheduler(optimizer, lr, total_steps, round(cfg.warmup_epochs * steps_per_epoch),
-                                cfg.warmup_lr, cfg.min_lr, cfg.sched,
-                                steps_per_epoch=steps_per_epoch if cfg.sched_step == "epoch" else None)
-    scaler = None
-    if amp_dtype == torch.float16:  # fp16 (CUDA only) needs loss scaling; bf16 does not
-        scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
-    ema = None
-    if cfg.ema:
-        from timm.utils import ModelEmaV3
-
-        ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
-    mixup = None
-    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                      switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
-                      num_classes=len(data.classes))
-    base_loss = SoftTargetCrossEntropy() if mixup is not None else LabelCrossEntropy(cfg.smoothing)
-    criterion = (DistillationLoss(base_loss, teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau)
-                 if teacher is not None and cfg.distillation != "none" else None)
-    bare = model
-    if env.distributed:
-        model = nn.parallel.DistributedDataParallel(bare, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if env.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    start_epoch, start_epoch_step, global_step, best = 0, 0, 0, {"top1": -1.0, "epoch": -1, "weights": "model"}
-    if state is not None:
-        try:
-            bare.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None and state.get("ema") is not None:
-                ema.module.load_state_dict(state["ema"])
-            if scaler is not None and state.get("scaler") is not None:
-                scaler.load_state_dict(state["scaler"])
-        except (RuntimeError, KeyError, ValueError) as err:
-            raise CheckpointError(f"{resume_path} does not fit this run's model/optimizer: {err}") from err
-        start_epoch, start_epoch_step, global_step = state["epoch"], state["epoch_step"], state["step"]
-        best = dict(state.get("best", best))
+        task.load_state_dict(state, step)
+        start_epoch, skip, best = state["epoch"], state["epoch_step"], dict(state.get("best", best))
+        log.info("resuming %s from epoch %d step %d", state["path"], start_epoch, state["step"])
     seed_everything(cfg.seed + env.rank)  # augmentation randomness differs between ranks
     if state is not None:
         set_rng_state(state["rng"])
+    run.save_config(cfg.to_dict(), task.derived(global_batch))
+    task.describe(run.path, global_batch)
 
-    derived = {"lr": lr, "global_batch": global_batch, "world_size": env.world_size, "steps_per_epoch": steps_per_epoch,
-               "total_steps": total_steps, "drop_path": drop_path_rate(cfg), "img_size": data.img_size,
-               "in_chans": data.in_chans, "num_classes": len(data.classes), "device": str(env.device),
-               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-               "params": sum(p.numel() for p in bare.parameters()), "torch_threads": torch.get_num_threads()}
-    if env.is_main:
-        save_config(cfg, run_dir / "config.yaml", derived)
-    writer = MetricsWriter(run_dir, env.is_main, cfg.tensorboard)
-    log.info("data %s: %d train / %d %s images, %d classes, %dx%d, %d channel(s)", cfg.data, len(data.train_set),
-             len(data.val_set), cfg.val_split, len(data.classes), data.img_size, data.img_size, data.in_chans)
-    log.info("model %s (%s): %.2fM parameters, drop path %.2f; %s on %s x%d, amp %s, %d thread(s)", cfg.model,
-             ", ".join(f"{k}={v}" for k, v in bare.arch_config.items() if k in ("patch_size", "embed_dim", "depth", "num_heads")),
-             derived["params"] / 1e6, derived["drop_path"], "DDP" if env.distributed else "single process",
-             env.device, env.world_size, derived["amp"], torch.get_num_threads())
-    log.info("%d epochs x %d steps, global batch %d, lr %.3g (warmup %.1f epochs, %s), weight decay %g -> %s",
-             cfg.epochs, steps_per_epoch, global_batch, lr, cfg.warmup_epochs, cfg.sched, cfg.weight_decay, run_dir)
-
-    def full_state(epoch: int, epoch_step: int) -> dict:
-        return {
-            "model": bare.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "ema": ema.module.state_dict() if ema is not None else None,
-            "epoch": epoch, "epoch_step": epoch_step, "step": global_step, "best": dict(best),
-            "config": cfg.to_dict(), "rng": rng_state(),
-        }
+    def full_state(epoch: int, epoch_step: int) -> Callable[[], dict]:
+        return lambda: {**task.state_dict(step), "epoch": epoch, "epoch_step": epoch_step, "step": step.steps,
+                        "best": dict(best), "config": cfg.to_dict(), "rng": rng_state()}
 
     last_metrics: dict[str, Any] = {}
-    status = "completed"
+    skipped = {"train": 0, "val": 0}
     epochs_done = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            skip = start_epoch_step if epoch == start_epoch else 0
             sampler.set_epoch(epoch, start=skip * cfg.batch_size)
-            model.train()
-            t_epoch = time.time()
-            sums = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
-            bar = progress_bar(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and env.is_main)
-            bar.update(skip)
-            # Without a terminal (batch jobs, log files) a line every tenth of an epoch stands in for the bar.
-            quiet_bar = bar.disable and cfg.progress and env.is_main and steps_per_epoch >= 50
-            report_every = max(1, steps_per_epoch // 10)
-            t_log, seen_since_log, epoch_step, last_batch = time.time(), 0, skip, None
-            for images, targets, skipped in train_loader:
-                if skipped:
-                    sums[2] += len(skipped)
-                if len(images) == 0:
-                    if not env.distributed or last_batch is None:
-                        continue
-                    images, targets = last_batch  # keep the ranks in step; this batch adds no gradient
-                    weight = 0.0
-                else:
-                    weight = 1.0
-                    last_batch = (images, targets)
-                images = images.to(env.device, non_blocking=True)
-                targets = targets.to(env.device, non_blocking=True)
-                if mixup is not None:
-                    if len(images) % 2:
-                        images, targets = images[:-1], targets[:-1]
-                    images, soft_targets = mixup(images, targets)
-                else:
-                    soft_targets = targets
-                with autocast_context(env.device, amp_dtype):
-                    logits = model(images)
-                logits = logits.float()
-                if criterion is not None:
-                    loss = criterion(images, logits, soft_targets)
-                else:
-                    loss = base_loss(logits, soft_targets)
-                loss = loss * weight
-                reduced = dist_utils.all_reduce_sum(torch.stack([loss.detach().double().cpu(),
-                                                                 torch.tensor(weight, dtype=torch.float64)]), env)
-                loss_value = float(reduced[0] / reduced[1].clamp_min(1))
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLossError(
-                        f"the training loss is {loss_value} at epoch {epoch + 1}, step {global_step + 1}; stopping "
-                        "(the weights were not updated with it). Try a lower --lr, --clip-grad 1.0, a longer "
-                        "--warmup-epochs or --amp none."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    if cfg.clip_grad:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(bare.parameters(), cfg.clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    if cfg.clip_grad:
-                        nn.utils.clip_grad_norm_(bare.parameters(), cfg.clip_grad)
-                    optimizer.step()
-                scheduler.step()
-                global_step += 1
-                epoch_step += 1
-                if ema is not None:
-                    ema.update(bare, step=global_step)
-                sums[0] += loss_value
-                sums[1] += 1
-                seen_since_log += len(images) * env.world_size
-                current_lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
-                bar.update(1)
-                if global_step % cfg.log_every == 0 or epoch_step == steps_per_epoch:
-                    now = time.time()
-                    speed = seen_since_log / max(now - t_log, 1e-9)
-                    t_log, seen_since_log = now, 0
-                    writer.write("step", global_step, epoch=epoch, loss=loss_value, lr=current_lr, img_per_s=speed)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{current_lr:.2e}", img_s=f"{speed:.0f}")
-                if quiet_bar and epoch_step % report_every == 0 and epoch_step < steps_per_epoch:
-                    done = time.time() - t_epoch
-                    rate = (epoch_step - skip) * global_batch / max(done, 1e-9)
-                    log.info("epoch %d/%d [%d/%d]  loss %.4f  lr %.2e  %.0f img/s  epoch ETA %s", epoch + 1, cfg.epochs,
-                             epoch_step, steps_per_epoch, loss_value, current_lr, rate,
-                             format_duration((steps_per_epoch - epoch_step) * global_batch / max(rate, 1e-9)))
-                mid_epoch = epoch_step < steps_per_epoch
-                if cfg.ckpt_every and global_step % cfg.ckpt_every == 0 and mid_epoch and env.is_main:
-                    save_state(run_dir / "last.pt", full_state(epoch, epoch_step))
-            bar.close()
-            sums = dist_utils.all_reduce_sum(sums, env)
-            train_loss = float(sums[0] / max(float(sums[1]), 1.0))
-            epoch_time = time.time() - t_epoch
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "lr": current_lr,
-                                      "epoch_time": epoch_time, "skipped_images": int(sums[2])}
-            if int(sums[2]):
-                log.warning("epoch %d: skipped %d unreadable image(s) (listed above and in train.log)",
-                            epoch + 1, int(sums[2]))
-            is_last = epoch + 1 == cfg.epochs
-            if (epoch + 1) % cfg.eval_every == 0 or is_last:
-                # The bare module: DDP's forward would broadcast buffers, and shards differ in length.
+            record = task.train_epoch(train_loader, step, run, epoch, skip,
+                                      lambda epoch_step: run.save("last.pt", full_state(epoch, epoch_step)))
+            skip = 0
+            skipped["train"] += record["skipped_images"]
+            improved = False
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 # The reported weights were chosen before training (--eval-weights), never by these numbers.
-                last_metrics = evaluate_model(bare, eval_loader, env, amp_dtype=amp_dtype, progress=cfg.progress)
-                record.update({f"val_{k}": v for k, v in last_metrics.items() if k != "skipped"})
-                last_metrics["weights"] = "model"
-                if ema is not None:
-                    ema_metrics = evaluate_model(ema.module, eval_loader, env, amp_dtype=amp_dtype, progress=cfg.progress)
-                    record.update({f"ema_{k}": v for k, v in ema_metrics.items() if k not in ("skipped", "n")})
-                    if cfg.eval_weights == "ema":
-                        last_metrics = {**ema_metrics, "weights": "ema"}
-                top1 = last_metrics["top1"]
-                improved = top1 > best["top1"]
+                last_metrics = task.evaluate(eval_loader, record)
+                skipped["val"] = last_metrics["skipped"]
+                improved = last_metrics["top1"] > best["top1"]
                 if improved:
-                    best = {"top1": top1, "epoch": epoch, "weights": last_metrics["weights"]}
-            else:
-                improved = False
+                    best = {"top1": last_metrics["top1"], "epoch": epoch, "weights": last_metrics["weights"]}
             epochs_done = epoch + 1
-            elapsed = time.time() - t_start
-            eta = elapsed / max(epochs_done - start_epoch, 1) * (cfg.epochs - epochs_done)
-            writer.write("epoch", global_step, **record)
-            msg = f"epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f}  lr {current_lr:.2e}"
-            if "val_top1" in record:
-                msg += f"  {cfg.val_split} top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%"
-            if "ema_top1" in record:
-                msg += f"  EMA top-1 {record['ema_top1']:.2f}%"
-            msg += f"  ({format_duration(epoch_time)}, {steps_per_epoch * global_batch / max(epoch_time, 1e-9):.0f} img/s," \
-                   f" elapsed {format_duration(elapsed)}, ETA {format_duration(eta)})"
-            log.info(msg)
-            if env.is_main:
-                save_state(run_dir / "last.pt", full_state(epoch + 1, 0))
-                if improved:
-                    shutil.copyfile(run_dir / "last.pt", run_dir / ".best.pt.tmp")
-                    os.replace(run_dir / ".best.pt.tmp", run_dir / "best.pt")
+            run.write("epoch", step.steps, **record)
+            log.info(task.epoch_line(record, run.elapsed(), start_epoch))
+            run.save("last.pt", full_state(epoch + 1, 0))
+            if improved:
+                run.copy("last.pt", "best.pt")
             dist_utils.barrier(env)
     except NonFiniteLossError as err:
-        status = "stopped: non-finite loss"
-        writer.write("stop", global_step, reason=str(err))
-        last = run_dir / "last.pt"
-        log.error("%s Last good checkpoint: %s", err, last if last.exists() else "none (no epoch finished)")
-        writer.close()
-        if env.is_main and cfg.plot:
-            _try_plot(run_dir)
-        raise NonFiniteLossError(f"{err} Last good checkpoint: {last if last.exists() else 'none yet'}") from None
-    writer.close()
+        last = run.path / "last.pt"
+        where = last if last.exists() else "none yet (no epoch finished)"
+        run.write("stop", step.steps, reason=str(err))
+        log.error("%s Last good checkpoint: %s", err, where)
+        if cfg.plot:
+            run.plot(plot_run)
+        run.finish("stopped: non-finite loss", error=str(err), epochs=epochs_done, steps=step.steps)
+        raise NonFiniteLossError(f"{err} Last good checkpoint: {where}") from None
 
-    files = {"last": run_dir / "last.pt", "log": run_dir / "train.log", "metrics": run_dir / "metrics.jsonl",
-             "config": run_dir / "config.yaml"}
-    if (run_dir / "best.pt").exists():
-        files["best"] = run_dir / "best.pt"
-    model_path = None
-    weights = "ema" if (ema is not None and cfg.eval_weights == "ema") else "model"
-    final = ema.module if weights == "ema" else bare
+    weights = "ema" if (task.ema is not None and cfg.eval_weights == "ema") else "model"
+    final = task.ema.module if weights == "ema" else task.bare
     if amp_dtype is not None or not last_metrics:
         # The reported numbers are those of the saved weights in fp32, what `xcit eval` and
         # `xcit predict` compute (the per-epoch evaluations ran in the training precision).
@@ -574,40 +298,198 @@ def _train(cfg: TrainConfig, env: dist_utils.DistEnv) -> RunResult:
                         "precision": "fp32"}
         log.info("final evaluation of the %s weights in fp32: %s top-1 %.2f%%  top-5 %.2f%%  loss %.4f", weights,
                  cfg.val_split, last_metrics["top1"], last_metrics["top5"], last_metrics["loss"])
+    metrics = {**last_metrics, "split": cfg.val_split}
+    model_path = None
     if env.is_main:
-        metrics = {**last_metrics, "split": cfg.val_split}
         extra = {"classes": list(data.classes), "data": data.info(cfg), "metrics": metrics,
                  "weights": last_metrics.get("weights", "model"),
-                 "train": {"epochs": epochs_done, "steps": global_step, "wall_time": round(time.time() - t_start, 1),
-                           "model": cfg.model, "preset": cfg.preset, "lr": lr, "global_batch": global_batch}}
-        model_path = save_checkpoint(final, run_dir / "model.pth", extra=extra)
-        files["model"] = model_path
-        if cfg.plot:
-            plot = _try_plot(run_dir)
-            if plot is not None:
-                files["plot"] = plot
+                 "train": {"epochs": epochs_done, "steps": step.steps, "wall_time": round(run.elapsed(), 1),
+                           "model": cfg.model, "preset": cfg.preset, "lr": task.lr, "global_batch": global_batch}}
+        model_path = save_checkpoint(final, run.path / "model.pth", extra=extra)
+        run.files["model"] = model_path
+    if cfg.plot:
+        run.plot(plot_run)
+    if skipped["train"] or skipped["val"]:
+        log.warning("skipped unreadable images: %d in training (all epochs), %d of %d in %s (listed in %s)",
+                    skipped["train"], skipped["val"], skipped["val"] + metrics["n"], cfg.val_split, run.files["log"])
     dist_utils.barrier(env)
-    wall = time.time() - t_start
-    result = RunResult(run_dir, model_path, {**last_metrics, "split": cfg.val_split}, best["top1"], epochs_done,
-                       global_step, wall, status, files)
-    if env.is_main:
-        (run_dir / "result.json").write_text(json.dumps({
-            "status": status, "metrics": result.metrics, "best_top1": best["top1"], "best_epoch": best["epoch"] + 1,
-            "epochs": epochs_done, "steps": global_step, "wall_time": round(wall, 1),
-            "files": {k: str(v) for k, v in files.items()},
-        }, indent=2))
-        log.info(result.summary())
+    record = run.finish("completed", metrics=metrics, best_top1=best["top1"], best_epoch=best["epoch"] + 1,
+                        epochs=epochs_done, steps=step.steps, skipped_images=skipped)
+    result = RunResult(run.path, model_path, metrics, best["top1"], epochs_done, step.steps, record["wall_time"],
+                       "completed", dict(run.files))
+    log.info(result.summary())
     return result
 
 
-def _try_plot(run_dir: Path) -> Path | None:
-    from .plots import plot_run
+class Classification:
+    """What is classification's own in a training run: optimiser and schedule, EMA, mixup, losses, epochs."""
 
-    try:
-        return plot_run(run_dir)
-    except (ValueError, OSError) as err:
-        log.warning("could not draw the curves: %s", err)
-        return None
+    def __init__(self, cfg: TrainConfig, data: DataSetup, model: nn.Module, teacher: nn.Module | None,
+                 env: dist_utils.DistEnv, amp_dtype: torch.dtype | None, steps_per_epoch: int) -> None:
+        self.cfg, self.data, self.env, self.amp_dtype, self.steps_per_epoch = cfg, data, env, amp_dtype, steps_per_epoch
+        if env.distributed and cfg.sync_bn:
+            model = dist_utils.convert_batchnorm(model, env.device)
+        self.bare = model
+        self.lr = cfg.lr * cfg.batch_size * env.world_size / 512 if cfg.lr_scaling else cfg.lr
+        self.optimizer = build_optimizer(model, self.lr, cfg.weight_decay, eps=cfg.opt_eps,
+                                         exempt_per_channel=cfg.wd_exempt_per_channel, layer_decay=cfg.layer_decay)
+        self.scheduler = build_scheduler(self.optimizer, self.lr, steps_per_epoch * cfg.epochs,
+                                         round(cfg.warmup_epochs * steps_per_epoch), cfg.warmup_lr, cfg.min_lr,
+                                         cfg.sched, steps_per_epoch=steps_per_epoch if cfg.sched_step == "epoch" else None)
+        self.ema = None
+        if cfg.ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup)
+        self.mixup = None
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, mode="batch", label_smoothing=cfg.smoothing,
+                               num_classes=len(data.classes))
+        base = SoftTargetCrossEntropy() if self.mixup is not None else LabelCrossEntropy(cfg.smoothing)
+        self.loss = (DistillationLoss(base, teacher, cfg.distillation, cfg.distill_alpha, cfg.distill_tau)
+                     if teacher is not None and cfg.distillation != "none" else (lambda images, logits, y: base(logits, y)))
+        self.model = model
+        if env.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def state_dict(self, step: OptimStep) -> dict:
+        return {"model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": step.scaler.state_dict() if step.scaler is not None else None,
+                "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict, step: OptimStep) -> None:
+        try:
+            self.bare.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None and state.get("ema") is not None:
+                self.ema.module.load_state_dict(state["ema"])
+            if step.scaler is not None and state.get("scaler") is not None:
+                step.scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{state['path']} does not fit this run's model/optimizer: {err}") from err
+        step.steps = int(state["step"])
+
+    def derived(self, global_batch: int) -> dict:
+        cfg, data = self.cfg, self.data
+        return {"lr": self.lr, "global_batch": global_batch, "world_size": self.env.world_size,
+                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.steps_per_epoch * cfg.epochs,
+                "drop_path": drop_path_rate(cfg), "img_size": data.img_size, "in_chans": data.in_chans,
+                "num_classes": len(data.classes), "device": str(self.env.device),
+                "amp": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "none",
+                "params": sum(p.numel() for p in self.bare.parameters()), "torch_threads": torch.get_num_threads()}
+
+    def describe(self, run_dir: Path, global_batch: int) -> None:
+        cfg, data, info = self.cfg, self.data, self.derived(global_batch)
+        log.info("data %s: %d train / %d %s images, %d classes, %dx%d, %d channel(s)", cfg.data, len(data.train_set),
+                 len(data.val_set), cfg.val_split, len(data.classes), data.img_size, data.img_size, data.in_chans)
+        log.info("model %s (%s): %.2fM parameters, drop path %.2f; %s on %s x%d, amp %s, %d thread(s)", cfg.model,
+                 ", ".join(f"{k}={v}" for k, v in self.bare.arch_config.items()
+                           if k in ("patch_size", "embed_dim", "depth", "num_heads")),
+                 info["params"] / 1e6, info["drop_path"], "DDP" if self.env.distributed else "single process",
+                 self.env.device, self.env.world_size, info["amp"], torch.get_num_threads())
+        log.info("%d epochs x %d steps, global batch %d (--batch-size %d per process), lr %.3g (warmup %.1f epochs, "
+                 "%s), weight decay %g -> %s", cfg.epochs, self.steps_per_epoch, global_batch, cfg.batch_size, self.lr,
+                 cfg.warmup_epochs, cfg.sched, cfg.weight_decay, run_dir)
+
+    def train_epoch(self, loader, step: OptimStep, run: Run, epoch: int, skip: int,
+                    checkpoint: Callable[[int], Any]) -> dict[str, Any]:
+        """One epoch (from step ``skip`` of it, when resumed); returns its record for metrics.jsonl."""
+        cfg, env = self.cfg, self.env
+        self.model.train()
+        t_epoch, sums = time.time(), torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
+        bar = progress_bar(self.steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and env.is_main)
+        bar.update(skip)
+        t_log, seen, epoch_step, last_batch, lr = time.time(), 0, skip, None, self.optimizer.param_groups[0]["lr"]
+        for images, targets, skipped in loader:
+            sums[2] += len(skipped)
+            if len(images) == 0:
+                if not env.distributed or last_batch is None:
+                    continue
+                images, targets = last_batch  # keep the ranks in step; this batch adds no gradient
+                weight = 0.0
+            else:
+                weight, last_batch = 1.0, (images, targets)
+            images = images.to(env.device, non_blocking=True)
+            targets = targets.to(env.device, non_blocking=True)
+            if self.mixup is not None:
+                if len(images) % 2:
+                    images, targets = images[:-1], targets[:-1]
+                images, targets = self.mixup(images, targets)
+            with autocast_context(env.device, self.amp_dtype):
+                logits = self.model(images)
+            loss_value = step(self.loss(images, logits.float(), targets), weight=weight)
+            self.scheduler.step()
+            epoch_step += 1
+            if self.ema is not None:
+                self.ema.update(self.bare, step=step.steps)
+            sums[0] += loss_value
+            sums[1] += 1
+            seen += len(images) * env.world_size
+            lr = self.optimizer.param_groups[0]["lr"] / self.optimizer.param_groups[0].get("lr_scale", 1.0)
+            bar.update(1)
+            if step.steps % cfg.log_every == 0 or epoch_step == self.steps_per_epoch:
+                speed = seen / max(time.time() - t_log, 1e-9)
+                t_log, seen = time.time(), 0
+                run.write("step", step.steps, epoch=epoch, loss=loss_value, lr=lr, img_per_s=speed)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{speed:.0f}")
+                if bar.disable and cfg.progress and epoch_step < self.steps_per_epoch:
+                    log.info("epoch %d/%d [%d/%d]  loss %.4f  lr %.2e  %.0f img/s  elapsed %s", epoch + 1, cfg.epochs,
+                             epoch_step, self.steps_per_epoch, loss_value, lr, speed, format_duration(run.elapsed()))
+            if cfg.ckpt_every and step.steps % cfg.ckpt_every == 0 and epoch_step < self.steps_per_epoch:
+                checkpoint(epoch_step)
+        bar.close()
+        sums = dist_utils.all_reduce_sum(sums, env)
+        if int(sums[2]):
+            log.warning("epoch %d: skipped %d unreadable image(s) of the training set (listed in train.log)", epoch + 1, int(sums[2]))
+        return {"epoch": epoch, "train_loss": float(sums[0] / max(float(sums[1]), 1.0)), "lr": lr,
+                "epoch_time": time.time() - t_epoch, "skipped_images": int(sums[2])}
+
+    def evaluate(self, loader, record: dict) -> dict[str, Any]:
+        """Evaluate the weights (and the EMA); adds ``val_*`` / ``ema_*`` to ``record``; returns the reported ones."""
+        # The bare module: DDP's forward would broadcast buffers, and shards differ in length.
+        metrics = {**evaluate_model(self.bare, loader, self.env, amp_dtype=self.amp_dtype, progress=self.cfg.progress),
+                   "weights": "model"}
+        record.update({f"val_{k}": v for k, v in metrics.items() if k not in ("weights", "skipped")},
+                      val_skipped_images=metrics["skipped"])
+        if self.ema is not None:
+            ema = evaluate_model(self.ema.module, loader, self.env, amp_dtype=self.amp_dtype, progress=self.cfg.progress)
+            record.update({f"ema_{k}": v for k, v in ema.items() if k not in ("skipped", "n")})
+            if self.cfg.eval_weights == "ema":
+                metrics = {**ema, "weights": "ema"}
+        return metrics
+
+    def epoch_line(self, record: dict, elapsed: float, start_epoch: int) -> str:
+        cfg, epoch = self.cfg, record["epoch"]
+        done = epoch + 1 - start_epoch
+        msg = f"epoch {epoch + 1}/{cfg.epochs}  train loss {record['train_loss']:.4f}  lr {record['lr']:.2e}"
+        if "val_top1" in record:
+            msg += f"  {cfg.val_split} top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%"
+            if record["val_skipped_images"]:
+                msg += f" ({record['val_n']} images; {record['val_skipped_images']} unreadable, skipped)"
+        if "ema_top1" in record:
+            msg += f"  EMA top-1 {record['ema_top1']:.2f}%"
+        rate = self.steps_per_epoch * self.cfg.batch_size * self.env.world_size / max(record["epoch_time"], 1e-9)
+        return (msg + f"  ({format_duration(record['epoch_time'])}, {rate:.0f} img/s, elapsed {format_duration(elapsed)},"
+                f" ETA {format_duration(elapsed / max(done, 1) * (cfg.epochs - epoch - 1))})")
+
+
+def resume_target(resume: str, output: str | None) -> Path:
+    """The run folder or state file ``--resume`` names (bare ``--resume``: ``--output``)."""
+    if resume == "auto":
+        if not output:
+            raise ValueError("expected --output RUN_DIR with a bare --resume (or give --resume RUN_DIR)")
+        return Path(output)
+    return Path(resume)
 
 
 # ------------------------------------------------------------------------------ public evaluate
