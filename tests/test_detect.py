@@ -127,17 +127,19 @@ def test_one_mask_rcnn_step_lowers_the_loss_on_a_tiny_coco_file(tmp_path):
 
 def test_training_run_writes_checkpoints_metrics_and_resumes(tmp_path):
     path = write_coco(tmp_path)
-    cfg = DetectConfig(train_json=str(path), val_json=str(path), out=str(tmp_path / "run"), patch_size=16, **TINY,
+    cfg = DetectConfig(train_json=str(path), val_json=str(path), output=str(tmp_path / "run"), patch_size=16, **TINY,
                        **{k: v for k, v in SMALL_HEADS.items()}, iters=2, batch_size=2, warmup_iters=1, workers=0,
-                       log_interval=1, checkpoint_interval=1, kind="faster_rcnn")
-    summary = train(cfg)
+                       log_every=1, ckpt_every=1, kind="faster_rcnn", amp="none")
+    result = train(cfg)
     run = tmp_path / "run"
-    assert {"last.pt", "best.pt", "metrics.jsonl", "summary.json", "train.log", "config.json"} <= {p.name for p in run.iterdir()}
-    assert summary["step"] == 2 and 0.0 <= summary["box_ap50"] <= 1.0 and "mask_ap" not in summary
+    assert {"last.pt", "best.pt", "metrics.jsonl", "result.json", "train.log", "config.yaml"} <= {p.name for p in run.iterdir()}
+    metrics = result["metrics"]
+    assert result["steps"] == 2 and 0.0 <= metrics["box_ap50"] <= 1.0 and "mask_ap" not in metrics
+    assert json.loads((run / "result.json").read_text())["status"] == "completed"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {r["kind"] for r in records} == {"train", "eval"}
     cfg.iters, cfg.resume = 3, "auto"
-    assert train(cfg)["step"] == 3  # continued from last.pt at step 2
+    assert train(cfg)["steps"] == 3  # continued from last.pt at step 2
     _, meta = load_detector(run / "last.pt")
     assert meta["classes"] == ["lime", "blue"] and meta["category_ids"] == [7, 9]
 

@@ -245,27 +245,27 @@ def test_train_eval_predict_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = tmp_path / "train.yaml"
     cfg.write_text(
-        f"data: {data}\nout: {out}\npatch-size: 8\nembed-dim: 32\ndepth: 2\nnum-heads: 2\nhead: fpn\nchannels: 16\n"
+        f"data: {data}\noutput: {out}\npatch-size: 8\nembed-dim: 32\ndepth: 2\nnum-heads: 2\nhead: fpn\nchannels: 16\n"
         "fpn-channels: 16\niters: 4\nbatch-size: 2\ncrop-size: [32, 32]\nscale: none\nlr: 0.001\nwarmup-iters: 1\n"
-        "eval-interval: 2\nlog-interval: 1\nworkers: 0\ndevice: cpu\ncheckpoint-interval: 2\n"
+        "eval-every: 2\nlog-every: 1\nworkers: 0\ndevice: cpu\nckpt-every: 2\namp: none\n"
     )
     assert main(["segment", "train", "--config", str(cfg)]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "eval"] == [2, 4]
-    assert {"last.pt", "best.pt", "curves.png", "summary.json"} <= {p.name for p in out.iterdir()}
+    assert {"last.pt", "best.pt", "curves.png", "result.json", "config.yaml"} <= {p.name for p in out.iterdir()}
     # resume continues from the saved step
     assert main(["segment", "train", "--config", str(cfg), "--iters", "5", "--resume", "auto"]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert json.loads((out / "summary.json").read_text())["step"] == 5
+    assert json.loads((out / "result.json").read_text())["steps"] == 5
 
     assert main(["segment", "eval", "--checkpoint", str(out / "last.pt"), "--data", str(data), "--mode", "slide",
-                 "--crop-size", "32", "--stride", "16", "--json", str(tmp_path / "m.json")]) == 0
+                 "--crop-size", "32", "--stride", "16", "--output", str(tmp_path / "m.json")]) == 0
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "square" in printed and "slide" in printed
     assert 0.0 <= json.loads((tmp_path / "m.json").read_text())["miou"] <= 1.0
 
     assert main(["segment", "predict", str(data / "images" / "validation"), "--checkpoint", str(out / "best.pt"),
-                 "--out", str(tmp_path / "pred")]) == 0
+                 "--output", str(tmp_path / "pred")]) == 0
     mask = Image.open(tmp_path / "pred" / "img0_mask.png")
     assert mask.mode == "P" and mask.size == (64, 48) and set(np.unique(np.array(mask))) <= {0, 1}
     assert Image.open(tmp_path / "pred" / "img0_overlay.png").mode == "RGB"

@@ -44,8 +44,27 @@ def main(argv: list[str] | None = None) -> int:
             raise  # --help, --version and argparse's own errors have printed and chosen their status
         print(stop.code, file=sys.stderr)  # a config file error, already one line
         return 2
+    from ..train.run import NonFiniteLossError
+
+    name = _command_name(args)
     try:
         return int(args.func(args) or 0)
+    except NonFiniteLossError as err:
+        print(f"{name}: stopped: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, FileExistsError) as err:
-        print(f"xcit {args.command}: error: {err}", file=sys.stderr)
+        print(f"{name}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file or folder that cannot be read or written: say which, never a traceback
+        where = f": {err.filename}" if err.filename else ""
+        print(f"{name}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (a training run continues with --resume)", file=sys.stderr)
+        return 130
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    """``xcit detect train`` for a nested subcommand, ``xcit train`` for a plain one."""
+    action = getattr(args, f"{args.command}_command", None)
+    return f"xcit {args.command}" + (f" {action}" if isinstance(action, str) else "")

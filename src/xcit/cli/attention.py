@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy(p)
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files")
     add_model_options(p)
-    p.add_argument("--output-dir", "-o", default="attention_maps", metavar="DIR", help="where PNGs go (default attention_maps)")
+    p.add_argument("--output", "-o", dest="output", default="attention_maps", metavar="DIR", help="where PNGs go (default attention_maps)")
+    p.add_argument("--output-dir", dest="output", help=argparse.SUPPRESS)
     p.add_argument("--img-size", type=int, default=None, metavar="PX",
                    help="resize the short side to PX keeping the aspect ratio (0: native size; "
                         "default: the checkpoint's eval size, else 224)")
@@ -59,7 +60,7 @@ def run_attention(args: argparse.Namespace) -> int:
     _render_large(args, inf, large, on_error)
     small = [path for path in args.inputs if path not in large]
     for result in render_attention(
-        inf, small, args.output_dir, short_side=short_side, cls_layer=args.layer, xca_blocks=args.xca_block,
+        inf, small, args.output, short_side=short_side, cls_layer=args.layer, xca_blocks=args.xca_block,
         renormalise=not args.raw, cmap=args.cmap, alpha=args.alpha, dpi=args.dpi, palette=args.palette,
         device=next(inf.model.parameters()).device, on_error=on_error,
     ):
@@ -76,7 +77,7 @@ def _render_large(args: argparse.Namespace, inf, paths: list[str], on_error) -> 
     for path in paths:
         try:
             result = render_large_attention(
-                inf, path, args.output_dir, cls_layer=args.layer, renormalise=not args.raw, thumbnail=args.thumbnail,
+                inf, path, args.output, cls_layer=args.layer, renormalise=not args.raw, thumbnail=args.thumbnail,
                 cmap=args.cmap, alpha=args.alpha, dpi=args.dpi, palette=args.palette,
                 tokens_per_chunk=args.tokens_per_chunk,
             )

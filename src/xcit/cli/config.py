@@ -6,6 +6,7 @@ the command line goes through argparse's own ``type=``. Every mistake is a one-l
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,13 +65,19 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
         raise error(f"config file {path} is not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise error(f"config file {path} must hold a mapping of option: value")
-    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "_parser")}
+    actions = [a for a in parser._actions if a.dest not in ("help", "config", "_parser")]
+    known = {a.dest: a for a in actions}
+    # a key may also be an option's flag, e.g. a hidden old spelling (`out:` for `output:`)
+    flags = {s.lstrip("-").replace("-", "_"): a for a in actions for s in a.option_strings if s.startswith("--")}
     values = {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if dest not in known:
+        name = str(key).replace("-", "_")
+        action = known.get(name) or flags.get(name)
+        if action is None:
             raise error(f"unknown option {key!r} in {path}; known: {', '.join(sorted(known))}")
-        action = known[dest]
+        if action.dest != name:
+            print(f"{parser.prog}: note: {key!r} in {path} is now {action.dest.replace('_', '-')!r}", file=sys.stderr)
+        dest = action.dest
         if isinstance(value, bool) and action.choices is not None and value not in action.choices:
             raise error(f"{key}: {value} in {path}: YAML reads unquoted off/on/no/yes "
                         f"as a boolean; write one of {list(action.choices)} (quoted if need be)")

@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from .config import add_config_option
-from .train import add_field_options
+from .train import TITLES, add_field_options, print_config, training_options
 
 _INTERNAL = {"func", "command", "config", "_parser", "print_config"}
 
@@ -33,34 +32,20 @@ def _register_dino(sub: argparse._SubParsersAction) -> None:
                     "some, a --config YAML overrides the preset and the command line overrides both. The run "
                     "directory gets teacher.pth, a plain XCiT checkpoint (xcit.create_model(checkpoint=...)).",
     )
-    add_field_options(p, config_fields(), {"optim": "optimisation", "augment": "multi-crop augmentation"})
+    add_field_options(p, config_fields(), {**TITLES, "augment": "multi-crop augmentation"})
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_config_option(p)
     p.set_defaults(func=run_dino)
 
 
 def run_dino(args: argparse.Namespace) -> int:
-    import yaml
-
     from ..dino import pretrain, resolve_config
-    from ..train import NonFiniteLossError, load_config_file
 
-    values = {k: v for k, v in vars(args).items() if k not in _INTERNAL}
-    if values.get("resume"):  # a resumed run keeps its saved options; what is given again is compared
-        target = values.get("output") if values["resume"] == "auto" else values["resume"]
-        run_dir = target if target and os.path.isdir(target) else os.path.dirname(target or "")
-        saved = os.path.join(run_dir, "config.yaml")
-        if os.path.isfile(saved):
-            values = {**{k: v for k, v in load_config_file(saved).items()}, **values}
-    cfg = resolve_config(values)
+    cfg = resolve_config(training_options(args))
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print_config(cfg)
         return 0
-    try:
-        result = pretrain(cfg)
-    except NonFiniteLossError as err:
-        print(f"xcit dino: stopped: {err}", file=sys.stderr)
-        return 1
+    result = pretrain(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher backbone: {result.teacher_path}  ({result.epochs:.2f} epochs, {result.steps} steps, "
               f"{result.wall_time / 60:.1f} min)")

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_options(p)
-    p.add_argument("--output-dir", "-o", default="exported", metavar="DIR", help="default: exported")
+    p.add_argument("--output", "-o", dest="output", default="exported", metavar="DIR", help="default: exported")
+    p.add_argument("--output-dir", dest="output", help=argparse.SUPPRESS)
     p.add_argument("--name", default=None, help="file stem (default: the checkpoint's or model's name)")
     p.add_argument("--formats", nargs="+", choices=["onnx", "pt2", "openvino"], default=["onnx", "pt2"],
                    help="default: onnx pt2; openvino writes NAME.xml + NAME.bin from the ONNX file (needs openvino)")
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from .. import export as ex
 
-    out = Path(args.output_dir)
+    out = Path(args.output)
     stem = _stem(args)
     earlier = _earlier_export(out, stem, args.overwrite)  # refused here, before any work
     inf = load_model(args, img_size=args.img_size)

@@ -7,6 +7,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import add_config_option
+from .train import TITLES, add_field_options, print_config, require, training_options
 from .unreadable import Unreadable, add_policy
 
 
@@ -73,72 +74,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = tasks.add_parser("prepare", help="write a real dataset (nuclei, trees) as image/mask folders")
     p.add_argument("dataset", choices=["nuclei", "trees"])
-    p.add_argument("--out", required=True, help="output folder (ADE20k layout)")
+    p.add_argument("--output", "-o", default=None, help="output folder (ADE20k layout)")
+    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)
     p.add_argument("--source", default=None, metavar="PATH",
                    help="the package's .whl file or unpacked folder (default: the installed stardist / deepforest)")
     add_config_option(p)
     p.set_defaults(func=run_prepare)
 
+    from ..segment.train import SegmentConfig
+
     p = tasks.add_parser("train", help="train a segmenter (defaults: the paper's ADE20k recipe)",
                          description="Train Semantic FPN or UperNet on an XCiT backbone. Distributed with torchrun. "
-                                     "Defaults follow the paper: AdamW lr 6e-5, wd 0.01, poly with warm-up, 512x512 crops.")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", required=False, default=None, help="dataset root (ROOT/images/SPLIT, ROOT/annotations/SPLIT)")
-    g.add_argument("--train-split", default=None, help="default training")
-    g.add_argument("--val-split", default=None, help="default validation")
-    g.add_argument("--num-classes", type=int, default=None, help="default: the classes in ROOT/dataset.yaml")
-    g.add_argument("--ignore-index", type=int, default=None, help="mask value to ignore (default 255)")
-    g.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None,
-                   help="0 is 'other' (ignored) and k is class k-1, as in ADE20k")
-    g = p.add_argument_group("model")
-    g.add_argument("--backbone", default=None, metavar="NAME", help="XCiT architecture, e.g. xcit_small_12_p16")
-    g.add_argument("--pretrained", default=None, metavar="CKPT", help="backbone weights: a classification or DINO checkpoint, or a name (hf-hub:timm/..., dino_xcit_small_12_p16, xcit_small_12_p16_224.fb_in1k)")
-    for name in ("patch-size", "embed-dim", "depth", "num-heads"):
-        g.add_argument(f"--{name}", type=int, default=None, help="custom backbone shape (overrides the named one)")
-    g.add_argument("--out-indices", type=int, nargs=4, default=None, metavar="I", help="XCA blocks feeding the pyramid")
-    g.add_argument("--drop-path", type=float, default=None, help="stochastic depth (default: the model's dense-task rate)")
-    g.add_argument("--head", choices=["fpn", "upernet"], default=None, help="Semantic FPN or UperNet (default)")
-    g.add_argument("--channels", type=int, default=None, help="head width (UperNet 512, Semantic FPN 128)")
-    g.add_argument("--fpn-channels", type=int, default=None,
-                   help="Semantic FPN neck width (default: the backbone's, as the official configs: 384 for small)")
-    g.add_argument("--norm", choices=["bn", "gn"], default=None, help="head norm: BatchNorm (SyncBN when distributed) or GroupNorm")
-    g.add_argument("--aux", action=argparse.BooleanOptionalAction, default=None, help="auxiliary FCN head (default: UperNet only)")
-    g.add_argument("--aux-weight", type=float, default=None, help="auxiliary loss weight (0.4)")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--iters", type=int, default=None, help="training iterations (80000)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per step over all processes (16)")
-    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate (6e-5)")
-    g.add_argument("--weight-decay", type=float, default=None, help="(0.01)")
-    g.add_argument("--wd-rule", choices=["mmcv", "bias-norm"], default=None,
-                   help="no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, norms, "
-                        "per-channel parameters)")
-    g.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up (1500)")
-    g.add_argument("--power", type=float, default=None, help="poly power (1.0)")
-    g.add_argument("--min-lr", type=float, default=None, help="(0)")
-    g.add_argument("--time-limit-min", type=float, default=None,
-                   help="stop after this many minutes; the poly schedule then runs on elapsed time")
-    g.add_argument("--amp", choices=AMP_MODES, default=None,
-                   help="mixed precision: none (default), bf16, fp16 (CUDA only), auto")
-    g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    g = p.add_argument_group("augmentation")
-    g.add_argument("--crop-size", type=int, nargs="+", default=None, metavar="PX", help="random crop H [W] (512)")
-    g.add_argument("--scale", nargs="+", default=None, metavar="PX",
-                   help="base rescale LONG SHORT (2048 512), or 'none' to use the images' own size")
-    g.add_argument("--ratio-range", type=float, nargs=2, default=None, metavar="R", help="random rescale range (0.5 2.0)")
-    g.add_argument("--cat-max-ratio", type=float, default=None, help="re-draw crops where one class exceeds this share (0.75)")
-    g.add_argument("--photometric", action=argparse.BooleanOptionalAction, default=None, help="photometric jitter (on)")
-    g.add_argument("--flip", type=float, default=None, help="horizontal flip probability (0.5)")
-    g = p.add_argument_group("evaluation and engine")
-    g.add_argument("--eval-interval", type=int, default=None, help="evaluate every N iterations (8000; 0: only at the end)")
-    _eval_options(p, prefix="eval-")
-    g.add_argument("--out", default=None, help="run folder: checkpoints, metrics.jsonl, curves.png (runs/segment)")
-    g.add_argument("--resume", default=None, metavar="CKPT", help="a last.pt to continue from, or 'auto' (OUT/last.pt if present)")
-    g.add_argument("--device", default=None, help="auto, cpu or cuda (default auto)")
-    g.add_argument("--workers", type=int, default=None, help="data-loading processes (4)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--log-interval", type=int, default=None, help="(50)")
-    g.add_argument("--checkpoint-interval", type=int, default=None, help="write OUT/last.pt every N iterations (1000)")
+                                     "Defaults follow the paper: AdamW lr 6e-5, wd 0.01, poly with warm-up, 512x512 "
+                                     "crops, 2 images per process. A --config YAML overrides the defaults and the "
+                                     "command line overrides both; the options shared by every training command are "
+                                     "under 'run'.")
+    add_field_options(p, fields(SegmentConfig), TITLES)
+    p.add_argument("--flip", dest="hflip", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_config_option(p)
     p.set_defaults(func=run_train)
 
@@ -152,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _eval_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision: none, bf16, fp16 (CUDA only), auto")
-    p.add_argument("--json", default=None, metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--output", "-o", default=None, metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--json", dest="output", help=argparse.SUPPRESS)
     add_config_option(p)
     p.set_defaults(func=run_eval)
 
@@ -160,7 +114,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="segmentation checkpoint, an official ADE20k file or its name (upernet_xcit_small_12_p16)")
-    p.add_argument("--out", default="predictions", help="output folder (NAME_mask.png, NAME_overlay.png)")
+    p.add_argument("--output", "-o", default="predictions", help="output folder (NAME_mask.png, NAME_overlay.png)")
+    p.add_argument("--out", dest="output", help=argparse.SUPPRESS)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
     _eval_options(p)
     p.add_argument("--device", default="auto")
@@ -168,48 +123,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
 
-def _require(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) in (None, []):
-            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
-
-
 def run_prepare(args: argparse.Namespace) -> int:
     from ..segment.prepare import prepare
 
-    out = prepare(args.dataset, args.out, args.source)
+    require(args, "output")
+    out = prepare(args.dataset, args.output, args.source)
     print(f"wrote {args.dataset} to {out} (training: 3 quadrants, validation: the held-out bottom-right quadrant)")
     return 0
 
 
-def train_config_from_args(args: argparse.Namespace):
-    """A :class:`TrainConfig`: the dataclass defaults, overridden by every option given."""
-    from ..segment.train import EvalSettings, TrainConfig
-
-    cfg = TrainConfig()
-    names = {f.name for f in fields(TrainConfig)} - {"eval", "crop_size", "scale"}
-    for name in names:
-        value = getattr(args, name, None)
-        if value is not None:
-            setattr(cfg, name, value)
-    if args.crop_size is not None:
-        cfg.crop_size = _size(args.crop_size, "--crop-size")
-    scale = _scale(args.scale)
-    if scale != "default":
-        cfg.scale = scale
-    base = EvalSettings(crop_size=list(cfg.crop_size), scale=cfg.scale,
-                        stride=[max(1, 2 * s // 3) for s in cfg.crop_size])
-    cfg.eval = _eval_settings(args, base, prefix="eval_")
-    return cfg
-
-
 def run_train(args: argparse.Namespace) -> int:
-    from ..segment.train import train
+    from ..segment.train import resolve_config, train
 
-    _require(args, "data")
-    if args.backbone is None and args.pretrained is None and args.embed_dim is None:
-        raise ValueError("expected --backbone NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/--num-heads)")
-    train(train_config_from_args(args))
+    cfg = resolve_config(training_options(args))
+    if args.print_config:
+        print_config(cfg)
+        return 0
+    train(cfg)
     return 0
 
 
@@ -218,7 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings, evaluate_checkpoint
 
-    _require(args, "checkpoint", "data")
+    require(args, "checkpoint", "data")
     _, meta = load_segmenter(args.checkpoint)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
     metrics, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, settings, args.device, args.amp,
@@ -227,8 +157,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"inference: {settings.mode}, scale {settings.scale or 'native'}"
           + (f", window {settings.crop_size} stride {settings.stride}" if settings.mode == "slide" else "")
           + (", flip" if settings.flip else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps({**metrics, "classes": classes, "split": args.split}, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps({**metrics, "classes": classes, "split": args.split}, indent=2))
     return 0
 
 
@@ -240,7 +170,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..segment.train import EvalSettings
     from .predict import input_images, resolve_device
 
-    _require(args, "checkpoint", "inputs")
+    require(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
     files = [Path(f) for f in input_images(args.inputs)]
@@ -254,7 +184,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
         palette = default_palette(model.num_classes)
     classes = meta.get("classes") or [f"class{i}" for i in range(model.num_classes)]
-    out = Path(args.out)
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     unreadable = Unreadable("segment predict")
     for path in files:

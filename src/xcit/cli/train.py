@@ -6,14 +6,16 @@ ImageNet recipe; ``torchrun --nproc_per_node=8 -m xcit train ...`` the same data
 from __future__ import annotations
 
 import argparse
-import sys
 import types
 import typing
 from pathlib import Path
 
 from .config import add_config_option
 
-_INTERNAL = {"func", "command", "config", "_parser", "print_config"}
+_INTERNAL = {"func", "command", "config", "_parser", "print_config", "detect_command", "segment_command"}
+# Option groups of the training commands, in the order --help shows them (the shared run options last).
+TITLES = {"data": "data", "model": "model", "optim": "optimisation", "augment": "augmentation and regularisation",
+          "distill": "distillation", "eval": "evaluation", "run": "run (the same options in every training command)"}
 
 
 def _arg_type(annotation) -> tuple[type | None, bool]:
@@ -38,43 +40,75 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "result), a --config YAML file overrides the preset and the command line overrides both. "
                     "The resolved configuration is saved in the run directory.",
     )
-    titles = {"data": "data", "model": "model", "optim": "optimisation", "augment": "augmentation and regularisation",
-              "distill": "distillation", "run": "run"}
-    add_field_options(p, config_fields(), titles)
+    add_field_options(p, config_fields(), TITLES)
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
     add_config_option(p)
     p.set_defaults(func=run_train)
 
 
 def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: dict[str, str]) -> None:
-    """One flag per dataclass field (``_opt`` metadata: help, group, choices, nargs), grouped under ``titles``.
+    """One flag per dataclass field (``_opt`` metadata: help, group, choices, nargs, type), grouped under ``titles``
+    (the shared run options last), and the old spellings of renamed options as hidden aliases.
 
     Flags default to ``argparse.SUPPRESS``: only the options given end up in the namespace.
     """
     import dataclasses
 
+    from ..train.config import RENAMED_OPTIONS
+
+    ordered = sorted(config_fields, key=lambda f: f.metadata["group"] == "run")
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in config_fields:
+    names = {f.name for f in config_fields}
+    for f in ordered:
         meta = f.metadata
         group = groups.setdefault(meta["group"], p.add_argument_group(titles.get(meta["group"], meta["group"])))
-        flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        help_text = f"{meta['help']} [recipe default: {default if default is not None else 'auto'}]".replace("%", "%%")
-        kind, is_list = _arg_type(f.type)
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
-        if meta.get("choices"):
-            kwargs["choices"] = meta["choices"]
-        if f.name == "resume":
-            group.add_argument(flag, nargs="?", const="auto", metavar="RUN", **kwargs)
-        elif kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        else:
-            group.add_argument(flag, type=kind, nargs=meta.get("nargs", "+") if is_list else None, **kwargs)
+        shown = "auto" if default is None else " ".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{meta['help']} [default: {shown}]".replace("%", "%%")
+        aliases = [old for old, new in RENAMED_OPTIONS.items() if new == f.name and old not in names]
+        for flags, text in ((["--" + f.name.replace("_", "-")], help_text),
+                            *((["--" + old.replace("_", "-")], argparse.SUPPRESS) for old in aliases)):
+            _add_field_flag(group, flags, f, meta, text)
+
+
+def _add_field_flag(group, flags: list[str], f, meta, help_text: str) -> None:
+    kind, is_list = _arg_type(f.type)
+    kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+    if meta.get("choices"):
+        kwargs["choices"] = meta["choices"]
+    if f.name == "resume":
+        group.add_argument(*flags, nargs="?", const="auto", metavar="RUN", **kwargs)
+    elif kind is bool:
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+    else:
+        group.add_argument(*flags, type=meta.get("type", kind), nargs=meta.get("nargs", "+") if is_list else None,
+                           **kwargs)
 
 
 def given_options(args: argparse.Namespace) -> dict:
     """The options set on the command line or in the --config file (nothing else is in ``args``)."""
     return {k: v for k, v in vars(args).items() if k not in _INTERNAL}
+
+
+def training_options(args: argparse.Namespace) -> dict:
+    """The options given; a resumed run (``--resume``) starts from the options saved in its folder."""
+    values = given_options(args)
+    if values.get("resume"):  # what is given again is compared with the saved values (and reported)
+        values = {**_saved_run_config(values["resume"], values.get("output")), **values}
+    return values
+
+
+def print_config(cfg) -> None:
+    import yaml
+
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+
+
+def require(args: argparse.Namespace, *names: str) -> None:
+    """A one-line error for the first of ``names`` not given (an option a subcommand cannot run without)."""
+    for name in names:
+        if getattr(args, name) in (None, []):
+            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
 
 
 def _saved_run_config(resume: str, output: str | None) -> dict:
@@ -88,21 +122,11 @@ def _saved_run_config(resume: str, output: str | None) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import yaml
+    from ..train import resolve_config, train
 
-    from ..train import NonFiniteLossError, resolve_config, train
-
-    values = given_options(args)
-    if values.get("resume"):
-        # A resumed run keeps its saved options; only what is given again is compared (and reported).
-        values = {**_saved_run_config(values["resume"], values.get("output")), **values}
-    cfg = resolve_config(values)
+    cfg = resolve_config(training_options(args))
     if args.print_config:
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print_config(cfg)
         return 0
-    try:
-        train(cfg)
-    except NonFiniteLossError as err:
-        print(f"xcit train: stopped: {err}", file=sys.stderr)
-        return 1
+    train(cfg)
     return 0

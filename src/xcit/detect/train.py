@@ -1,132 +1,179 @@
-"""Detection training on the shared engine: torchrun processes, AMP, atomic resumable checkpoints,
-JSON Lines metrics, progress bars and curves; COCO AP evaluation during and after training."""
+"""Detection training on the run engine (:mod:`xcit.train.run`): what is detection's own is here (COCO
+data, the detector, its losses and COCO AP); run folder, logs, checkpoints and the optimiser step
+are the engine's, as for every training command."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..train import distributed as dist_utils
-from ..train.checkpoint import resume_path, rng_state, save_state, set_rng_state
-from ..train.run import autocast_context, resolve_amp
-from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
-from ..train.optim import dense_param_groups
+from ..train.checkpoint import rng_state, set_rng_state
+from ..train.config import RunOptions, _opt, merge_with_preset, validate_run_options
+from ..train.engine import resume_target
+from ..train.metrics import format_duration, progress_bar
+from ..train.optim import WD_RULES, StepSchedule, dense_param_groups
+from ..train.run import (
+    CLIP_MODES,
+    OptimStep,
+    Run,
+    autocast_context,
+    default_run_name,
+    endless,
+    resolve_amp,
+    run_process,
+    set_lr,
+    set_threads,
+    time_up,
+)
 from .coco import CocoDetection, collate
 from .evaluation import evaluate_results, format_metrics, predict_dataset
 from .model import build_detector, detector_from_config, detector_state, read_detector_checkpoint
 
 log = logging.getLogger("xcit.train")
 
+KINDS = ("mask_rcnn", "faster_rcnn")
+
 
 @dataclass
-class DetectConfig:
-    """Defaults are the official COCO recipe (REFERENCE 4, docs/fidelity.md): Mask R-CNN + FPN(256), AdamW
-    lr 1e-4, wd 0.05 (no decay only for names containing 'norm'), 36 epochs with the rate divided by 10
-    after epochs 27 and 33, linear warm-up, 16 images per step, shorter side drawn from 480..800 (longer
-    <= 1333) and the DETR-style crop policy, L1 box losses, 1000 proposals kept after NMS in training,
-    aligned RoIAlign with adaptive sampling, tested at 800."""
+class DetectConfig(RunOptions):
+    """Every option of ``xcit detect train``. Defaults are the official COCO recipe (REFERENCE 4,
+    docs/fidelity.md): Mask R-CNN + FPN(256), AdamW lr 1e-4, wd 0.05 (no decay only for names containing
+    'norm'), 36 epochs with the rate divided by 10 after epochs 27 and 33, linear warm-up, 2 images per
+    process (16 over the official 8 GPUs), shorter side drawn from 480..800 (longer <= 1333) and the
+    DETR-style crop policy, L1 box losses, 1000 proposals kept after NMS in training, aligned RoIAlign
+    with adaptive sampling, tested at 800."""
 
-    train_json: str = ""
-    val_json: str | None = None
-    images: str | None = None  # image root for both files (default: ROOT/images for ROOT/annotations/*.json)
-    out: str = "runs/detect"
-    kind: str = "mask_rcnn"
-    # backbone
-    backbone: str | None = None
-    pretrained: str | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    out_indices: list[int] | None = None
-    drop_path: float | None = None  # default: the named model's dense-task rate
-    # detector
-    fpn_channels: int = 256
-    anchor_sizes: list[int] | None = None  # default 32 64 128 256 512
-    min_size: list[int] | None = None  # training shorter sides; default 480..800 step 32
-    max_size: int = 1333
-    test_size: int | None = None  # default: the largest training size; 0: native
-    box_head_dim: int = 1024
-    mask_head_channels: int = 256
-    rpn_batch_size: int = 256
-    rpn_pre_nms_train: int = 2000
-    rpn_post_nms_train: int = 1000
-    rpn_pre_nms_test: int = 1000
-    rpn_post_nms_test: int = 1000
-    roi_batch_size: int = 512
-    detections_per_img: int = 100
-    roi_align: str = "mmdet"  # mmcv's aligned RoIAlign with adaptive sampling; torchvision: aligned=False, 2 samples
-    box_loss: str = "l1"  # the official L1 box losses; smooth_l1: torchvision's (beta 1/9)
-    # optimisation
-    epochs: float = 36
-    iters: int | None = None  # overrides epochs
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    wd_rule: str = "mmcv"  # no decay only for names containing 'norm' (official); bias-norm: the classification rule
-    wd_exempt_per_channel: bool = False  # with bias-norm: also exempt XCA temperatures
-    lr_steps: list[float] = field(default_factory=lambda: [27 / 36, 33 / 36])  # fractions of the run
-    lr_gamma: float = 0.1
-    warmup_iters: int = 500
-    warmup_ratio: float = 0.001
-    clip_grad: float | None = None
-    time_limit_min: float | None = None
-    amp: str = "none"  # none, bf16, fp16, auto
-    # augmentation
-    hflip: float = 0.5
-    vflip: float = 0.0
-    rot90: bool = False
-    color_jitter: float = 0.0
-    crop_policy: bool = True  # the official 3x recipe's DETR-style crop on half of the images
-    # engine
-    eval_interval: int = 0  # 0: only at the end
-    checkpoint_interval: int = 500
-    log_interval: int = 20
-    device: str = "auto"
-    workers: int = 2
-    threads: int | None = None
-    seed: int = 0
-    strict: bool = False
-    resume: str | None = None  # a last.pt, or "auto"
-
-
-class StepSchedule:
-    """Linear warm-up, then the rate times ``gamma`` at each milestone (fractions of the run).
-
-    Progress is the larger of step / total and elapsed / time limit, so a run capped by wall-clock
-    time still reaches its decays.
-    """
-
-    def __init__(self, base_lr: float, total: int, steps: list[float], gamma: float, warmup: int, warmup_ratio: float,
-                 time_limit_s: float | None = None) -> None:
-        if any(not 0 < s <= 1 for s in steps):
-            raise ValueError(f"expected --lr-steps as fractions of the run in (0, 1], got {steps}")
-        self.base_lr, self.total, self.steps, self.gamma = base_lr, max(total, 1), sorted(steps), gamma
-        self.warmup, self.warmup_ratio, self.time_limit_s = warmup, warmup_ratio, time_limit_s
-
-    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
-        progress = step / self.total
-        if self.time_limit_s:
-            progress = max(progress, elapsed_s / self.time_limit_s)
-        lr = self.base_lr * self.gamma ** sum(progress >= s for s in self.steps)
-        if step < self.warmup:
-            lr *= self.warmup_ratio + (1 - self.warmup_ratio) * step / self.warmup
-        return lr
+    # --- data
+    data: str | None = _opt(None, "a prepared dataset: ROOT/annotations/{train,val}.json + ROOT/images", "data")
+    train_json: str | None = _opt(None, "COCO file of the training images (default: ROOT/annotations/train.json)", "data")
+    val_json: str | None = _opt(None, "COCO file of the evaluation images (default: ROOT/annotations/val.json if "
+                                "present)", "data")
+    images: str | None = _opt(None, "image root for both files (default: ROOT/images for ROOT/annotations/*.json)",
+                              "data")
+    strict: bool = _opt(False, "fail on invalid annotations instead of skipping (and counting) them", "data")
+    # --- model
+    kind: str = _opt("mask_rcnn", "mask_rcnn (boxes + masks) or faster_rcnn (boxes)", "model", KINDS)
+    model: str | None = _opt(None, "backbone architecture, e.g. xcit_tiny_12_p16 (or give --pretrained / a custom "
+                             "shape)", "model")
+    pretrained: str | None = _opt(None, "backbone weights: a classification or DINO checkpoint, or a name "
+                                  "(hf-hub:timm/..., dino_xcit_small_12_p16)", "model")
+    patch_size: int | None = _opt(None, "custom backbone: patch size", "model")
+    embed_dim: int | None = _opt(None, "custom backbone: embedding dimension", "model")
+    depth: int | None = _opt(None, "custom backbone: XCA blocks", "model")
+    num_heads: int | None = _opt(None, "custom backbone: heads", "model")
+    out_indices: list[int] | None = _opt(None, "XCA blocks feeding the pyramid (default 3 5 7 11 / 7 11 15 23)",
+                                         "model", nargs=4)
+    drop_path: float | None = _opt(None, "stochastic depth (default: the named model's dense-task rate)", "model")
+    fpn_channels: int = _opt(256, "FPN width", "model")
+    anchor_sizes: list[int] | None = _opt(None, "anchor size per level P2..P6 (default 32 64 128 256 512)", "model",
+                                          nargs=5)
+    box_head_dim: int = _opt(1024, "box head MLP width", "model")
+    mask_head_channels: int = _opt(256, "mask head conv width", "model")
+    rpn_batch_size: int = _opt(256, "anchors sampled per image for the RPN loss", "model")
+    rpn_pre_nms_train: int = _opt(2000, "proposals kept before NMS per level in training", "model")
+    rpn_post_nms_train: int = _opt(1000, "proposals kept after NMS per image in training (the official configs)",
+                                   "model")
+    rpn_pre_nms_test: int = _opt(1000, "proposals kept before NMS per level at test time", "model")
+    rpn_post_nms_test: int = _opt(1000, "proposals kept after NMS per image at test time", "model")
+    roi_batch_size: int = _opt(512, "RoIs sampled per image for the box head", "model")
+    detections_per_img: int = _opt(100, "detections kept per image", "model")
+    roi_align: str = _opt("mmdet", "mmdet (official: aligned, adaptive sampling) or torchvision (aligned=False, "
+                          "2 samples)", "model", ("mmdet", "torchvision"))
+    box_loss: str = _opt("l1", "l1 (official) or smooth_l1 (torchvision's, beta 1/9)", "model", ("l1", "smooth_l1"))
+    min_size: list[int] | None = _opt(None, "training shorter sides, one drawn per batch (default 480..800 step 32); "
+                                      "0: native size", "model")
+    max_size: int = _opt(1333, "cap on the longer side", "model")
+    test_size: int | None = _opt(None, "test shorter side (default: the largest training size; 0: native)", "model")
+    # --- optimisation
+    epochs: float = _opt(36, "training epochs (may be fractional)", "optim")
+    iters: int | None = _opt(None, "training steps (overrides --epochs)", "optim")
+    batch_size: int = _opt(2, "images per step per process (global batch = this x processes; the official "
+                           "recipe: 2 x 8 GPUs)", "optim")
+    lr: float = _opt(1e-4, "AdamW learning rate (not scaled with the batch, as mmdet)", "optim")
+    weight_decay: float = _opt(0.05, "AdamW weight decay", "optim")
+    wd_rule: str = _opt("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases "
+                        "and 1-d parameters, the classification rule)", "optim", WD_RULES)
+    wd_exempt_per_channel: bool = _opt(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
+                                       "temperatures)", "optim")
+    lr_steps: list[float] = _opt([27 / 36, 33 / 36], "fractions of the run where the rate drops", "optim")
+    lr_gamma: float = _opt(0.1, "drop factor at each of --lr-steps", "optim")
+    warmup_iters: int = _opt(500, "linear warm-up steps", "optim")
+    warmup_ratio: float = _opt(0.001, "warm-up starts at this fraction of the rate", "optim")
+    clip_grad: float | None = _opt(None, "clip gradient norms to this value (default: no clipping)", "optim")
+    clip_grad_mode: str = _opt("global", "global: one norm over all parameters; per-param: each separately", "optim",
+                               CLIP_MODES)
+    time_budget_min: float | None = _opt(None, "stop after this many minutes; the step schedule then follows the "
+                                         "elapsed time", "optim")
+    # --- augmentation
+    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
+    vflip: float = _opt(0.0, "vertical flip probability (top-down imagery)", "augment")
+    rot90: bool = _opt(False, "random 90-degree turns (top-down imagery)", "augment")
+    color_jitter: float = _opt(0.0, "brightness / contrast / saturation jitter (hue a quarter of it); 0: off",
+                               "augment")
+    crop_policy: bool = _opt(True, "the official 3x recipe's DETR-style random crop on half of the images",
+                             "augment")
+    # --- run (the options shared by every training command are in RunOptions)
+    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)", "run")
+    preset: str | None = _opt(None, "option preset: coco (the official recipe, the default)", "run")
 
 
-def data_paths(cfg: DetectConfig) -> tuple[Path, Path | None, Path]:
-    """(train JSON, val JSON or None, image root) with the defaults of the prepared layout."""
+PRESETS: dict[str, dict[str, Any]] = {"coco": {}}
+
+
+def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DetectConfig:
+    """A :class:`DetectConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated);
+    ``data`` fills the COCO file paths of a prepared dataset."""
+    known = list(DetectConfig.__dataclass_fields__)
+    merged = merge_with_preset({**(values or {}), **kwargs}, known, PRESETS, "", (
+        "output", "resume", "data", "train_json", "val_json", "images", "model", "pretrained", "clip_grad",
+        "time_budget_min", "iters", "test_size"), what="detection", choose=lambda data: "coco")
+    cfg = DetectConfig(**merged)
+    if cfg.time_budget_min == 0:
+        cfg.time_budget_min = None
+    if cfg.data:
+        root = Path(cfg.data)
+        cfg.train_json = cfg.train_json or str(root / "annotations" / "train.json")
+        if cfg.val_json is None and (root / "annotations" / "val.json").is_file():
+            cfg.val_json = str(root / "annotations" / "val.json")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: DetectConfig) -> None:
+    """Raise ``ValueError`` saying what was expected for an option that cannot work, before anything runs."""
+    validate_run_options(cfg)
     if not cfg.train_json:
-        raise ValueError("expected --train-json FILE (or --data ROOT holding annotations/train.json)")
-    train = Path(cfg.train_json)
-    val = Path(cfg.val_json) if cfg.val_json else None
-    return train, val, image_root(train, cfg.images)
+        raise ValueError("expected --data ROOT (holding annotations/train.json) or --train-json FILE")
+    if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
+        raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
+                         "--num-heads)")
+    for name in ("batch_size", "fpn_channels", "box_head_dim", "mask_head_channels", "rpn_batch_size",
+                 "roi_batch_size", "detections_per_img", "max_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
+    for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"expected {name} > 0, got {value!r}")
+    if cfg.iters is not None and cfg.iters < 1:
+        raise ValueError(f"expected iters >= 1, got {cfg.iters}")
+    if cfg.eval_every < 0 or cfg.warmup_iters < 0 or cfg.weight_decay < 0:
+        raise ValueError("expected eval_every, warmup_iters and weight_decay >= 0")
+    for name in ("hflip", "vflip", "warmup_ratio"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"expected {name} in [0, 1], got {getattr(cfg, name)}")
+    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
+        raise ValueError(f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        raise ValueError(f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
+    if any(not 0 < s <= 1 for s in cfg.lr_steps):
+        raise ValueError(f"expected --lr-steps as fractions of the run in (0, 1], got {cfg.lr_steps}")
 
 
 def image_root(json_path: Path, images: str | None) -> Path:
@@ -143,7 +190,7 @@ def build_from_config(cfg: DetectConfig, num_classes: int) -> torch.nn.Module:
         "kind", "fpn_channels", "anchor_sizes", "min_size", "max_size", "test_size", "box_head_dim", "mask_head_channels",
         "rpn_batch_size", "rpn_pre_nms_train", "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test",
         "detections_per_img", "roi_align", "box_loss")}
-    return build_detector(num_classes, cfg.backbone, cfg.pretrained, out_indices=cfg.out_indices,
+    return build_detector(num_classes, cfg.model, cfg.pretrained, out_indices=cfg.out_indices,
                           drop_path_rate=cfg.drop_path, arch=arch, roi_batch_size=cfg.roi_batch_size, **settings)
 
 
@@ -164,183 +211,147 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
     return {f"{prefix[k]}_{name.lower()}": v for k, m in metrics.items() for name, v in m.items()}
 
 
-def train(cfg: DetectConfig) -> dict:
-    """Train a detector as ``cfg`` says; returns the final metrics (also in OUT/summary.json)."""
-    ctx = dist_utils.setup(cfg.device)
-    try:
-        return _train(cfg, ctx)
-    finally:
-        dist_utils.cleanup(ctx)
-        close_logging()
+def train(config: DetectConfig | dict | None = None, **options: Any) -> dict:
+    """Train a detector as ``config`` says; returns the run's result (also in OUTPUT/result.json)."""
+    if isinstance(config, DetectConfig):
+        validate(config)
+        cfg = resolve_config({**config.to_dict(), **options}) if options else config
+    else:
+        cfg = resolve_config(config or {}, **options)
+    with run_process(cfg.device, cfg.dist_backend) as env:
+        return _train(cfg, env)
 
 
-def _train(cfg: DetectConfig, ctx: dist_utils.DistEnv) -> dict:
-    start = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    dist_utils.barrier(ctx)
-    setup_logging(out, ctx.is_main)
-    torch.manual_seed(cfg.seed + ctx.rank)
-    train_json, val_json, root = data_paths(cfg)
+def _train(cfg: DetectConfig, env: dist_utils.DistEnv) -> dict:
+    thread_note = set_threads(cfg.threads, env)
+    torch.manual_seed(cfg.seed + env.rank)
+    train_json, val_json = Path(cfg.train_json), Path(cfg.val_json) if cfg.val_json else None
     masks = cfg.kind == "mask_rcnn"
-    train_set = CocoDetection(train_json, root, masks=masks, train=True, hflip=cfg.hflip, vflip=cfg.vflip,
-                              rot90=cfg.rot90, color_jitter=cfg.color_jitter, crop_policy=cfg.crop_policy,
-                              strict=cfg.strict, seed=cfg.seed + ctx.rank)
+    train_set = CocoDetection(train_json, image_root(train_json, cfg.images), masks=masks, train=True, hflip=cfg.hflip,
+                              vflip=cfg.vflip, rot90=cfg.rot90, color_jitter=cfg.color_jitter,
+                              crop_policy=cfg.crop_policy, strict=cfg.strict, seed=cfg.seed + env.rank)
     val_set = CocoDetection(val_json, image_root(val_json, cfg.images), masks=masks, strict=cfg.strict) if val_json else None
     if val_set is not None and val_set.class_names != train_set.class_names:
         raise ValueError(f"{val_json} has categories {val_set.class_names}, {train_json} {train_set.class_names}")
-    if cfg.batch_size % ctx.world_size:
-        raise ValueError(f"expected --batch-size divisible by the {ctx.world_size} processes, got {cfg.batch_size}")
-    per_proc = cfg.batch_size // ctx.world_size
-    amp_dtype = resolve_amp(cfg.amp, ctx.device)
-    if ctx.distributed:
-        sampler = torch.utils.data.DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
+    amp_dtype = resolve_amp(cfg.amp, env.device)
+    if env.distributed:
+        sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
     else:
-        sampler = torch.utils.data.RandomSampler(train_set, replacement=len(train_set) < per_proc,
-                                                 num_samples=max(len(train_set), per_proc))
-    loader = torch.utils.data.DataLoader(train_set, batch_size=per_proc, sampler=sampler, num_workers=cfg.workers,
+        sampler = torch.utils.data.RandomSampler(train_set, replacement=len(train_set) < cfg.batch_size,
+                                                 num_samples=max(len(train_set), cfg.batch_size))
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=collate, drop_last=True, persistent_workers=cfg.workers > 0)
     steps_per_epoch = max(len(loader), 1)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-
-    resume = resume_path(cfg.resume, out)
-    raw = read_detector_checkpoint(resume) if resume else None
+    raw = read_detector_checkpoint(_state_file(resume_target(cfg.resume, cfg.output))) if cfg.resume else None
     model = detector_from_config(raw["config"]) if raw else build_from_config(cfg, len(train_set.categories))
     if raw:
         model.load_state_dict(raw["model"])
-    model.to(ctx.device)
+    run = Run.open(cfg, env, default_run_name("detect", cfg.data or train_json.stem, cfg.model or "custom"),
+                   resuming=raw is not None, elapsed_before=raw["train_state"]["elapsed"] if raw else 0.0)
+    model.to(env.device)
     net = model
-    if ctx.distributed:
-        model = dist_utils.convert_batchnorm(model, ctx.device)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    if env.distributed:
+        if cfg.sync_bn:
+            model = dist_utils.convert_batchnorm(model, env.device)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule, exempt_per_channel=cfg.wd_exempt_per_channel)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    time_limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    step = OptimStep(torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999)), model.parameters(), env, amp_dtype,
+                     clip_grad=cfg.clip_grad, clip_mode=cfg.clip_grad_mode,
+                     hint="Try a lower --lr, a longer --warmup-iters, --clip-grad or --amp none.")
+    time_limit = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     schedule = StepSchedule(cfg.lr, total, cfg.lr_steps, cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio, time_limit)
-    step, elapsed_before, best = 0, 0.0, -1.0
+    best = -1.0
     if raw:
-        state = raw["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed_before, best = state["step"], state["elapsed"], state["best"]
-        if state.get("rng") is not None and not ctx.distributed:
-            set_rng_state(state["rng"])
-        log.info("resumed from %s at step %d (%.1f min trained)", resume, step, elapsed_before / 60)
+        step.load_state_dict(raw["train_state"])
+        best = raw["train_state"]["best"]
+        if raw["train_state"].get("rng") is not None and not env.distributed:
+            set_rng_state(raw["train_state"]["rng"])
+        log.info("resumed from %s at step %d (%.1f min trained)", run.path / "last.pt", step.steps, run.elapsed_before / 60)
     meta = {"classes": train_set.class_names, "category_ids": [c["id"] for c in train_set.categories],
-            "train_config": json.loads(json.dumps(asdict(cfg)))}
-    if ctx.is_main:
-        (out / "config.json").write_text(json.dumps(meta["train_config"], indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("data: %s", train_set.report.summary())
-        if val_set is not None:
-            log.info("validation: %s", val_set.report.summary())
-        log.info("training %s on %d images (%s), %.2f M parameters, %d process(es) on %s; %d steps of %d images%s",
-                 cfg.kind, len(train_set), ", ".join(train_set.class_names), n_params / 1e6, ctx.world_size, ctx.device,
-                 total, cfg.batch_size, f" or {cfg.time_limit_min:g} min" if time_limit else "")
-    writer = MetricsWriter(out, ctx.is_main, tensorboard=False)
+            "train_config": cfg.to_dict()}
+    run.save_config(cfg.to_dict(), {"steps": total, "steps_per_epoch": steps_per_epoch, "world_size": env.world_size,
+                                    "global_batch": cfg.batch_size * env.world_size, "device": str(env.device)})
+    log.info("data: %s", train_set.report.summary())
+    if val_set is not None:
+        log.info("validation: %s", val_set.report.summary())
+    log.info("training %s on %d images (%s), %.2f M parameters, %d process(es) on %s; %d steps of %d images "
+             "(--batch-size %d per process)%s%s", cfg.kind, len(train_set), ", ".join(train_set.class_names),
+             sum(p.numel() for p in model.parameters()) / 1e6, env.world_size, env.device, total,
+             cfg.batch_size * env.world_size, cfg.batch_size, f" or {cfg.time_budget_min:g} min" if time_limit else "",
+             f"; {thread_note}" if thread_note else "")
 
-    def elapsed() -> float:
-        return elapsed_before + time.time() - start
-
-    def save(name: str, extra: dict | None = None) -> None:
-        if ctx.is_main:
-            train_state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                           "elapsed": elapsed(), "best": best, "rng": rng_state()}
-            save_state(out / name, {**detector_state(model, meta), "train_state": train_state, **(extra or {})})
+    def state() -> dict:
+        return {**detector_state(model, meta),
+                "train_state": {**step.state_dict(), "step": step.steps, "elapsed": run.elapsed(), "best": best,
+                                "rng": rng_state()}}
 
     def run_eval() -> dict:
         nonlocal best
-        metrics = evaluate(model, val_set, ctx, amp_dtype)
+        metrics = evaluate(model, val_set, env, amp_dtype)
         flat = flat_metrics(metrics)
-        if ctx.is_main:
-            writer.write("eval", step, elapsed=round(elapsed(), 1), **flat)
-            log.info("[eval] step %d\n%s", step, format_metrics(metrics))
-            key = "mask_ap" if masks else "box_ap"
-            if flat[key] > best:
-                best = flat[key]
-                save_state(out / "best.pt", {**detector_state(model, meta), "metrics": flat, "step": step})
-            _plot(out, masks)
-        return metrics
+        run.write("eval", step.steps, elapsed=round(run.elapsed(), 1), **flat)
+        log.info("[eval] step %d\n%s", step.steps, format_metrics(metrics))
+        if flat["mask_ap" if masks else "box_ap"] > best:
+            best = flat["mask_ap" if masks else "box_ap"]
+            run.save("best.pt", {**detector_state(model, meta), "metrics": flat, "step": step.steps})
+        run.plot(lambda d: _plot(d, masks))
+        return flat
 
-    def batches():
-        epoch = step // steps_per_epoch
-        while True:
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    data = batches()
+    batches = endless(loader, sampler, step.steps // steps_per_epoch)
     net.train()
     window: dict[str, list[float]] = {}
     seen, t_log = 0, time.time()
-    bar = progress_bar(total, "train", ctx.is_main)
-    bar.update(step)
-    while step < total:
-        if dist_utils.broadcast_object(time_limit is not None and elapsed() >= time_limit, ctx):
-            log.info("time limit of %g min reached at step %d", cfg.time_limit_min, step)
+    bar = progress_bar(total, "train", cfg.progress and env.is_main)
+    bar.update(step.steps)
+    while step.steps < total:
+        if time_up(run, cfg.time_budget_min):
+            log.info("time budget of %g min reached at step %d", cfg.time_budget_min, step.steps)
             break
-        lr = schedule.lr(step, elapsed())
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        images, targets = next(data)
-        images = [im.to(ctx.device, non_blocking=True) for im in images]
-        targets = [{k: v.to(ctx.device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with autocast_context(ctx.device, amp_dtype):
+        lr = schedule.lr(step.steps, run.elapsed())
+        set_lr(step.optimizer, lr)
+        images, targets = next(batches)
+        images = [im.to(env.device, non_blocking=True) for im in images]
+        targets = [{k: v.to(env.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        with autocast_context(env.device, amp_dtype):
             losses = net(images, targets)
-        loss = sum(v.float() for v in losses.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step} ({ {k: v.item() for k, v in losses.items()} }); "
-                                     "lower --lr, raise --warmup-iters or use --amp none")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.clip_grad:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
+        loss = step(sum(v.float() for v in losses.values()), parts=losses)
         bar.update(1)
-        for k, v in {"loss": loss, **losses}.items():
-            window.setdefault(k, []).append(v.item())
-        seen += len(images) * ctx.world_size
-        if ctx.is_main and (step % cfg.log_interval == 0 or step == 1):
+        for k, v in {"loss": loss, **{k: float(v.detach()) for k, v in losses.items()}}.items():
+            window.setdefault(k, []).append(v)
+        seen += len(images) * env.world_size
+        if step.steps % cfg.log_every == 0 or step.steps == 1:
             means = {k: sum(v) / len(v) for k, v in window.items()}
             rate = seen / max(time.time() - t_log, 1e-9)
-            writer.write("train", step, lr=lr, elapsed=round(elapsed(), 1), img_per_s=round(rate, 2), **means)
-            log.info("step %d/%d  loss %.4f (%s)  lr %.2e  %.2f img/s  %s elapsed", step, total, means["loss"],
+            run.write("train", step.steps, lr=lr, elapsed=round(run.elapsed(), 1), img_per_s=round(rate, 2), **means)
+            log.info("step %d/%d  loss %.4f (%s)  lr %.2e  %.2f img/s  %s elapsed", step.steps, total, means["loss"],
                      " ".join(f"{k.removeprefix('loss_')} {v:.3f}" for k, v in means.items() if k != "loss"), lr, rate,
-                     format_duration(elapsed()))
+                     format_duration(run.elapsed()))
             window, seen, t_log = {}, 0, time.time()
-        if val_set is not None and cfg.eval_interval and step % cfg.eval_interval == 0 and step < total:
+        if val_set is not None and cfg.eval_every and step.steps % cfg.eval_every == 0 and step.steps < total:
             run_eval()
-        if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-            save("last.pt")
+        if cfg.ckpt_every and step.steps % cfg.ckpt_every == 0:
+            run.save("last.pt", state)
     bar.close()
-    train_time = elapsed()
-    save("last.pt")
-    summary: dict[str, Any] = {"step": step, "train_min": round(train_time / 60, 2), "images": len(train_set)}
+    train_time = run.elapsed()
+    run.save("last.pt", state)
+    result: dict[str, Any] = {"steps": step.steps, "train_min": round(train_time / 60, 2), "images": len(train_set),
+                              "skipped_annotations": {"train": dict(train_set.report.skipped)}}
     if val_set is not None:
         t_eval = time.time()
-        metrics = run_eval()
-        summary.update(flat_metrics(metrics), eval_s=round(time.time() - t_eval, 1), best=best)
-    if ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        _plot(out, masks)
-        log.info("finished at step %d after %s; %s (last.pt%s)", step, format_duration(train_time), out,
-                 ", best.pt" if val_set is not None else "")
-    writer.close()
-    return summary
+        result.update(metrics=run_eval(), eval_s=round(time.time() - t_eval, 1), best=best)
+        result["skipped_annotations"]["val"] = dict(val_set.report.skipped)
+    run.plot(lambda d: _plot(d, masks))
+    log.info("finished at step %d after %s; %s (last.pt%s)", step.steps, format_duration(train_time), run.path,
+             ", best.pt" if val_set is not None else "")
+    return run.finish("completed", **result)
 
 
-def _plot(out: Path, masks: bool) -> None:
+def _state_file(target: Path) -> Path:
+    return target / "last.pt" if target.is_dir() else target
+
+
+def _plot(run_dir: Path, masks: bool) -> Path | None:
     from ..train.plots import plot_history
 
-    try:
-        plot_history(out / "metrics.jsonl", out / "curves.png", metric="mask_ap50" if masks else "box_ap50")
-    except Exception as err:  # noqa: BLE001 - a figure is not worth failing a run for
-        log.warning("could not draw curves: %s", err)
+    return plot_history(run_dir / "metrics.jsonl", run_dir / "curves.png", metric="mask_ap50" if masks else "box_ap50")

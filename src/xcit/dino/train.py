@@ -223,7 +223,7 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
         log.info(thread_note)
     net.train()
     teacher.train()  # as DINO: batch statistics in the stem's BatchNorm for both networks
-    loss_value, epoch_losses = float("nan"), []
+    loss_value, epoch_losses, skipped_images, skipped_total = float("nan"), [], 0, 0
     try:
         while step.steps < total_steps:
             epoch, start = divmod(step.steps, steps_per_epoch)
@@ -231,7 +231,10 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
             bar = progress_bar(steps_per_epoch, f"dino epoch {epoch + 1}", cfg.progress and env.is_main)
             bar.update(start)
             t_log, seen = time.time(), 0
-            for crops, _, _ in loader:
+            for crops, _, skipped in loader:
+                skipped_images += len(skipped)
+                if not crops:  # every image of the batch unreadable (listed in train.log)
+                    continue
                 fitted = budget.fit(step.steps, total_steps)
                 if fitted is not None:
                     total_steps = fitted
@@ -263,10 +266,13 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
             bar.close()
             done_epoch = step.steps / steps_per_epoch
             mean_loss = sum(epoch_losses) / max(len(epoch_losses), 1)
-            run.write("epoch", step.steps, epoch=done_epoch, train_loss=mean_loss, elapsed=round(run.elapsed(), 1))
-            log.info("epoch %.2f/%.2f  mean loss %.4f  (elapsed %s)", done_epoch, total_steps / steps_per_epoch,
-                     mean_loss, format_duration(run.elapsed()))
-            epoch_losses = []
+            skipped_images = int(dist_utils.all_reduce_sum(torch.tensor([skipped_images]), env)[0])
+            run.write("epoch", step.steps, epoch=done_epoch, train_loss=mean_loss, elapsed=round(run.elapsed(), 1),
+                      skipped_images=skipped_images)
+            log.info("epoch %.2f/%.2f  mean loss %.4f  (elapsed %s)%s", done_epoch, total_steps / steps_per_epoch,
+                     mean_loss, format_duration(run.elapsed()),
+                     f"  skipped {skipped_images} unreadable image(s) (listed in train.log)" if skipped_images else "")
+            epoch_losses, skipped_total, skipped_images = [], skipped_total + skipped_images, 0
             run.save("last.pt", full_state)
             dist_utils.barrier(env)
     except NonFiniteLossError as err:
@@ -287,7 +293,8 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
         from .plots import plot_pretraining
 
         run.plot(plot_pretraining)
-    record = run.finish("completed", epochs=step.steps / steps_per_epoch, steps=step.steps, final_loss=loss_value)
+    record = run.finish("completed", epochs=step.steps / steps_per_epoch, steps=step.steps, final_loss=loss_value,
+                        skipped_images={"train": skipped_total})
     log.info("done: %d steps (%.2f epochs) in %s; teacher backbone: %s", step.steps, step.steps / steps_per_epoch,
              format_duration(record["wall_time"]), teacher_path)
     dist_utils.barrier(env)

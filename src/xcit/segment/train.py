@@ -1,29 +1,54 @@
-"""Segmentation training and evaluation loops (thin: the engine pieces live in :mod:`.engine`)."""
+"""Segmentation training on the run engine (:mod:`xcit.train.run`): what is segmentation's own is here
+(image/mask folders, the segmenter, its losses and mIoU); run folder, logs, checkpoints and the
+optimiser step are the engine's, as for every training command."""
 from __future__ import annotations
 
-import json
+import logging
 import math
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..models import MODELS, resolve_name
-from ..models.weights import load_file
 from ..train import distributed as dist_utils
-from ..train.checkpoint import resume_path as resume_state_path
-from ..train.checkpoint import save_state
-from ..train.run import resolve_amp
-from ..train.metrics import MetricsWriter
-from ..train.optim import PolySchedule, dense_param_groups
+from ..train.checkpoint import read_task_checkpoint
+from ..train.config import RunOptions, _opt, merge_with_preset, validate_run_options
+from ..train.engine import resume_target
+from ..train.metrics import format_duration, progress_bar
+from ..train.optim import WD_RULES, PolySchedule, dense_param_groups
 from ..train.plots import plot_history
+from ..train.run import (
+    CLIP_MODES,
+    OptimStep,
+    Run,
+    default_run_name,
+    endless,
+    resolve_amp,
+    run_process,
+    set_lr,
+    set_threads,
+    time_up,
+)
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
 from .metrics import ConfusionMatrix, format_metrics
 from .model import FORMAT, build_segmenter, load_segmenter, segmenter_config, segmenter_from_config
+
+log = logging.getLogger("xcit.train")
+
+HEADS = ("fpn", "upernet")
+EVAL_MODES = ("whole", "slide")
+
+
+def int_or_none(text: str) -> int | None:
+    """An integer, or None for the word 'none' (``--scale none``: keep the images' own size)."""
+    if str(text).strip().lower() == "none":
+        return None
+    return int(text)
 
 
 @dataclass
@@ -38,65 +63,152 @@ class EvalSettings:
 
 
 @dataclass
-class TrainConfig:
-    """Defaults are the paper's ADE20k recipe (REFERENCE 4): AdamW lr 6e-5, wd 0.01, poly, 512 crops."""
+class SegmentConfig(RunOptions):
+    """Every option of ``xcit segment train``. Defaults are the paper's ADE20k recipe (REFERENCE 4): AdamW
+    lr 6e-5, wd 0.01, poly with warm-up, 512x512 crops, 2 images per process (16 over the official 8 GPUs)."""
 
-    data: str = ""
-    out: str = "runs/segment"
-    train_split: str = "training"
-    val_split: str = "validation"
-    num_classes: int | None = None  # default: len(classes) in ROOT/dataset.yaml
-    ignore_index: int | None = None  # default: dataset.yaml's, else 255
-    reduce_zero_label: bool | None = None  # default: dataset.yaml's, else False
-    # model
-    backbone: str | None = None  # e.g. xcit_small_12_p16
-    pretrained: str | None = None  # classification or DINO checkpoint for the trunk
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    out_indices: list[int] | None = None
-    drop_path: float | None = None  # default: the named model's dense-task rate, else 0
-    head: str = "upernet"
-    channels: int | None = None  # head width: 512 UperNet, 128 Semantic FPN
-    fpn_channels: int | None = None  # Semantic FPN neck width; default: the backbone's (official configs)
-    norm: str = "bn"
-    aux: bool | None = None  # default: on for UperNet
-    aux_weight: float = 0.4
-    # optimisation
-    iters: int = 80000
-    batch_size: int = 16  # total over all processes
-    lr: float = 6e-5
-    weight_decay: float = 0.01
-    wd_rule: str = "mmcv"  # official: no decay only for names containing 'norm'; bias-norm: the classification rule
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    power: float = 1.0
-    min_lr: float = 0.0
-    time_limit_min: float | None = None
-    amp: str = "none"  # none, bf16, fp16 (CUDA), auto: xcit.train.engine.resolve_amp
-    grad_checkpointing: bool = False
-    # augmentation
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])
-    scale: list[int] | None = field(default_factory=lambda: [2048, 512])
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    cat_max_ratio: float = 0.75
-    photometric: bool = True
-    flip: float = 0.5
-    # evaluation
-    eval_interval: int = 8000
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    # engine
-    device: str = "auto"
-    workers: int = 4
-    threads: int | None = None
-    seed: int = 0
-    log_interval: int = 50
-    checkpoint_interval: int = 1000
-    resume: str | None = None  # a last.pt, or "auto": OUT/last.pt if it exists
+    # --- data
+    data: str | None = _opt(None, "dataset root (ROOT/images/SPLIT, ROOT/annotations/SPLIT, optional "
+                            "ROOT/dataset.yaml)", "data")
+    train_split: str = _opt("training", "training split", "data")
+    val_split: str = _opt("validation", "evaluation split", "data")
+    num_classes: int | None = _opt(None, "classes (default: those in ROOT/dataset.yaml)", "data")
+    ignore_index: int | None = _opt(None, "mask value to ignore (default: dataset.yaml's, else 255)", "data")
+    reduce_zero_label: bool | None = _opt(None, "0 is 'other' (ignored) and k is class k-1, as in ADE20k (default: "
+                                          "dataset.yaml's, else off)", "data")
+    # --- model
+    model: str | None = _opt(None, "backbone architecture, e.g. xcit_small_12_p16 (or give --pretrained / a custom "
+                             "shape)", "model")
+    pretrained: str | None = _opt(None, "backbone weights: a classification or DINO checkpoint, or a name "
+                                  "(hf-hub:timm/..., dino_xcit_small_12_p16, xcit_small_12_p16_224.fb_in1k)", "model")
+    patch_size: int | None = _opt(None, "custom backbone: patch size", "model")
+    embed_dim: int | None = _opt(None, "custom backbone: embedding dimension", "model")
+    depth: int | None = _opt(None, "custom backbone: XCA blocks", "model")
+    num_heads: int | None = _opt(None, "custom backbone: heads", "model")
+    out_indices: list[int] | None = _opt(None, "XCA blocks feeding the pyramid", "model", nargs=4)
+    drop_path: float | None = _opt(None, "stochastic depth (default: the named model's dense-task rate, else 0)",
+                                   "model")
+    head: str = _opt("upernet", "decode head: Semantic FPN or UperNet", "model", HEADS)
+    channels: int | None = _opt(None, "head width (default: UperNet 512, Semantic FPN 128)", "model")
+    fpn_channels: int | None = _opt(None, "Semantic FPN neck width (default: the backbone's, as the official "
+                                    "configs: 384 for small)", "model")
+    norm: str = _opt("bn", "head norm: BatchNorm (synchronised when distributed) or GroupNorm", "model", ("bn", "gn"))
+    aux: bool | None = _opt(None, "auxiliary FCN head (default: on for UperNet)", "model")
+    aux_weight: float = _opt(0.4, "auxiliary loss weight", "model")
+    grad_checkpointing: bool = _opt(False, "recompute blocks in backward to save memory", "model")
+    # --- optimisation
+    iters: int = _opt(80000, "training iterations", "optim")
+    batch_size: int = _opt(2, "images per step per process (global batch = this x processes; the official "
+                           "recipe: 2 x 8 GPUs)", "optim")
+    lr: float = _opt(6e-5, "AdamW learning rate (not scaled with the batch, as mmseg)", "optim")
+    weight_decay: float = _opt(0.01, "AdamW weight decay", "optim")
+    wd_rule: str = _opt("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, "
+                        "norms and 1-d parameters, the classification rule)", "optim", WD_RULES)
+    wd_exempt_per_channel: bool = _opt(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
+                                       "temperatures)", "optim")
+    warmup_iters: int = _opt(1500, "linear warm-up iterations", "optim")
+    warmup_ratio: float = _opt(1e-6, "warm-up starts at this fraction of the rate", "optim")
+    power: float = _opt(1.0, "poly power", "optim")
+    min_lr: float = _opt(0.0, "final learning rate", "optim")
+    clip_grad: float | None = _opt(None, "clip gradient norms to this value (default: no clipping)", "optim")
+    clip_grad_mode: str = _opt("global", "global: one norm over all parameters; per-param: each separately", "optim",
+                               CLIP_MODES)
+    time_budget_min: float | None = _opt(None, "stop after this many minutes; the poly schedule then runs on the "
+                                         "elapsed time", "optim")
+    # --- augmentation
+    crop_size: list[int] = _opt([512, 512], "random crop H [W]", "augment")
+    scale: list[int] | None = _opt([2048, 512], "base rescale LONG SHORT, or 'none' to keep the images' own size",
+                                   "augment", type=int_or_none)
+    ratio_range: list[float] = _opt([0.5, 2.0], "random rescale range", "augment", nargs=2)
+    cat_max_ratio: float = _opt(0.75, "re-draw crops where one class exceeds this share", "augment")
+    photometric: bool = _opt(True, "photometric jitter", "augment")
+    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
+    # --- evaluation
+    eval_every: int = _opt(8000, "evaluate every N iterations (0: only at the end)", "eval")
+    eval_mode: str = _opt("whole", "test-time inference: whole image or sliding window", "eval", EVAL_MODES)
+    eval_scale: list[int] | None = _opt(None, "keep-ratio rescale before inference: LONG SHORT, or 'none' for the "
+                                        "native size (default: --scale)", "eval", type=int_or_none)
+    eval_crop_size: list[int] | None = _opt(None, "slide window H [W] (default: --crop-size)", "eval")
+    eval_stride: list[int] | None = _opt(None, "slide step H [W] (default: 2/3 of the window)", "eval")
+    eval_flip: bool = _opt(False, "add the mirrored prediction", "eval")
+    # --- run (the options shared by every training command are in RunOptions)
+    preset: str | None = _opt(None, "option preset: ade20k (the paper's recipe, the default)", "run")
+
+    @property
+    def eval(self) -> EvalSettings:
+        """The test-time settings these options give (the defaults follow the training crops)."""
+        crop = list(self.eval_crop_size or self.crop_size)
+        return EvalSettings(mode=self.eval_mode, scale=self.scale if self.eval_scale == "default" else self.eval_scale,
+                            crop_size=crop, stride=list(self.eval_stride or [max(1, 2 * s // 3) for s in crop]),
+                            flip=self.eval_flip)
 
 
-def _resolve_dataset(cfg: TrainConfig) -> tuple[DatasetInfo, int, int, bool]:
+TrainConfig = SegmentConfig  # the name before the one dialect
+PRESETS: dict[str, dict[str, Any]] = {"ade20k": {}}
+
+
+def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> SegmentConfig:
+    """A :class:`SegmentConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
+    given = {**(values or {}), **kwargs}
+    given = {k.replace("-", "_"): v for k, v in given.items()}
+    if "flip" in given and "hflip" not in given:  # the training flip's name before the one dialect
+        given["hflip"] = given.pop("flip")
+    eval_scale_given = "eval_scale" in given
+    merged = merge_with_preset(given, list(SegmentConfig.__dataclass_fields__), PRESETS, "", (
+        "output", "resume", "data", "model", "pretrained", "clip_grad", "time_budget_min"), what="segmentation",
+        choose=lambda data: "ade20k")
+    for key in ("scale", "eval_scale"):  # 'none' (a list of one None from the command line) keeps the size
+        if isinstance(merged.get(key), str) and merged[key].strip().lower() == "none" or merged.get(key) == [None]:
+            merged[key] = None
+    if not eval_scale_given:
+        merged["eval_scale"] = "default"
+    for key in ("crop_size", "eval_crop_size", "eval_stride"):
+        value = merged.get(key)
+        if value is not None:
+            if not isinstance(value, list) or len(value) not in (1, 2) or any(
+                    isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+                raise ValueError(f"expected {key} as H [W] with positive integers, got {value!r}")
+            merged[key] = [value[0], value[-1]]
+    cfg = SegmentConfig(**merged)
+    if cfg.time_budget_min == 0:
+        cfg.time_budget_min = None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: SegmentConfig) -> None:
+    """Raise ``ValueError`` saying what was expected for an option that cannot work, before anything runs."""
+    validate_run_options(cfg)
+    if not cfg.data:
+        raise ValueError("expected --data ROOT (ROOT/images/SPLIT and ROOT/annotations/SPLIT)")
+    if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
+        raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
+                         "--num-heads)")
+    for name in ("iters", "batch_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
+    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ValueError(f"expected lr > 0, got {cfg.lr!r}")
+    for name in ("eval_every", "warmup_iters", "weight_decay", "min_lr", "aux_weight"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"expected {name} >= 0, got {getattr(cfg, name)}")
+    for name in ("hflip", "warmup_ratio", "cat_max_ratio"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"expected {name} in [0, 1], got {getattr(cfg, name)}")
+    if cfg.scale is not None and (len(cfg.scale) != 2 or min(cfg.scale) < 1):
+        raise ValueError(f"expected --scale LONG SHORT (e.g. 2048 512) or 'none', got {cfg.scale}")
+    if cfg.eval_scale not in (None, "default") and (len(cfg.eval_scale) != 2 or min(cfg.eval_scale) < 1):
+        raise ValueError(f"expected --eval-scale LONG SHORT or 'none', got {cfg.eval_scale}")
+    if len(cfg.ratio_range) != 2 or not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
+        raise ValueError(f"expected --ratio-range LOW HIGH with 0 < LOW <= HIGH, got {cfg.ratio_range}")
+    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
+        raise ValueError(f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        raise ValueError(f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
+
+
+def _resolve_dataset(cfg: SegmentConfig) -> tuple[DatasetInfo, int, int, bool]:
     info = DatasetInfo.load(cfg.data) or DatasetInfo()
     num_classes = cfg.num_classes if cfg.num_classes is not None else len(info.classes)
     if num_classes < 1:
@@ -111,15 +223,6 @@ def _resolve_dataset(cfg: TrainConfig) -> tuple[DatasetInfo, int, int, bool]:
     return info, num_classes, ignore, rzl
 
 
-def _loop(loader, sampler):
-    epoch = 0
-    while True:
-        if sampler is not None and hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
 @torch.no_grad()
 def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: dist_utils.DistEnv | None = None,
              amp_dtype: torch.dtype | None = None, progress: bool = False) -> dict:
@@ -130,192 +233,167 @@ def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: di
     net.eval()
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
     indices = range(ctx.rank, len(dataset), ctx.world_size)
-    for n, i in enumerate(indices):
+    bar = progress_bar(len(indices), "eval", progress and ctx.is_main)
+    for i in indices:
         image, mask = dataset.load(i)
         probs = infer(net, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
                       stride=settings.stride, flip=settings.flip, amp_dtype=amp_dtype)
         cm.update(probs.argmax(0), mask)
-        if progress and ctx.is_main and (n + 1) % 50 == 0:
-            print(f"  evaluated {n + 1}/{len(indices)} images", file=sys.stderr, flush=True)
+        bar.update(1)
+    bar.close()
     cm.all_reduce()
     net.train(was_training)
     return cm.compute()
 
 
-def _checkpoint(model, cfg: TrainConfig, info: DatasetInfo, extra: dict | None = None) -> dict:
+def _checkpoint(model, cfg: SegmentConfig, info: DatasetInfo, extra: dict | None = None) -> dict:
     net = getattr(model, "module", model)
     meta = {"classes": info.classes, "palette": info.palette, "ignore_index": info.ignore_index,
-            "reduce_zero_label": info.reduce_zero_label, "eval": asdict(cfg.eval), "train_config": _plain(asdict(cfg))}
+            "reduce_zero_label": info.reduce_zero_label, "eval": asdict(cfg.eval), "train_config": cfg.to_dict()}
     return {"format": FORMAT, "config": segmenter_config(net), "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
             "meta": meta, **(extra or {})}
 
 
-def _plain(obj):
-    return json.loads(json.dumps(obj))
+def train(config: SegmentConfig | dict | None = None, **options: Any) -> dict:
+    """Train a segmenter as ``config`` says; returns the run's result (also in OUTPUT/result.json)."""
+    if isinstance(config, SegmentConfig):
+        validate(config)
+        cfg = resolve_config({**config.to_dict(), **options}) if options else config
+    else:
+        cfg = resolve_config(config or {}, **options)
+    with run_process(cfg.device, cfg.dist_backend) as env:
+        return _train(cfg, env)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train a segmenter as ``cfg`` says; returns the last evaluation's metrics (also in OUT/summary.json)."""
-    ctx = dist_utils.setup(cfg.device)
-    try:
-        return _train(cfg, ctx)
-    finally:
-        dist_utils.cleanup(ctx)
-
-
-def _train(cfg: TrainConfig, ctx: dist_utils.DistEnv) -> dict:
-    start = time.time()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    torch.manual_seed(cfg.seed + ctx.rank)
-    random.seed(cfg.seed + ctx.rank)
+def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
+    thread_note = set_threads(cfg.threads, env)
+    torch.manual_seed(cfg.seed + env.rank)
+    random.seed(cfg.seed + env.rank)
     info, num_classes, ignore, rzl = _resolve_dataset(cfg)
-    if cfg.batch_size % ctx.world_size:
-        raise ValueError(f"expected --batch-size divisible by the {ctx.world_size} processes, got {cfg.batch_size}")
-    per_proc = cfg.batch_size // ctx.world_size
-    amp_dtype = resolve_amp(cfg.amp, ctx.device)
-
+    amp_dtype = resolve_amp(cfg.amp, env.device)
     tr_img, tr_msk = split_dirs(cfg.data, cfg.train_split)
     va_img, va_msk = split_dirs(cfg.data, cfg.val_split)
-    transform = TrainTransform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio, cfg.flip, cfg.photometric,
-                               ignore, seed=cfg.seed + ctx.rank)
+    transform = TrainTransform(cfg.crop_size, cfg.scale, cfg.ratio_range, cfg.cat_max_ratio, cfg.hflip, cfg.photometric,
+                               ignore, seed=cfg.seed + env.rank)
     train_set = SegmentationFolder(tr_img, tr_msk, num_classes, ignore_index=ignore, reduce_zero_label=rzl, transform=transform)
     val_set = SegmentationFolder(va_img, va_msk, num_classes, ignore_index=ignore, reduce_zero_label=rzl)
-    if ctx.distributed:
-        sampler = torch.utils.data.DistributedSampler(train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
+    if env.distributed:
+        sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
+        if math.ceil(len(train_set) / env.world_size) < cfg.batch_size:
+            raise ValueError(f"expected at least {cfg.batch_size} training images per process ({env.world_size} "
+                             f"processes, --batch-size {cfg.batch_size}), got {len(train_set)} images in all")
     else:
-        sampler = torch.utils.data.RandomSampler(train_set, replacement=len(train_set) < per_proc,
-                                                 num_samples=max(len(train_set), per_proc))
+        sampler = torch.utils.data.RandomSampler(train_set, replacement=len(train_set) < cfg.batch_size,
+                                                 num_samples=max(len(train_set), cfg.batch_size))
     loader = torch.utils.data.DataLoader(
-        train_set, batch_size=per_proc, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-        pin_memory=ctx.device.type == "cuda", worker_init_fn=worker_init, persistent_workers=False,
-    )
-    if ctx.distributed and math.ceil(len(train_set) / ctx.world_size) < per_proc:
-        raise ValueError(f"expected at least {per_proc} training images per process ({ctx.world_size} processes, "
-                         f"--batch-size {cfg.batch_size}), got {len(train_set)} images in all")
-
-    drop_path = cfg.drop_path
-    if drop_path is None:
-        drop_path = MODELS[resolve_name(cfg.backbone).arch].drop_path_rate if cfg.backbone else 0.0
-    arch = dict(patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
-    resume_path = resume_state_path(cfg.resume, out)
-    if resume_path is not None:  # rebuild exactly the saved model; the backbone init is not needed
-        raw = load_file(resume_path, what="segmentation checkpoint")
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
+        pin_memory=env.device.type == "cuda", worker_init_fn=worker_init, persistent_workers=False)
+    raw = None
+    if cfg.resume:  # rebuild exactly the saved model; the backbone init is not needed
+        target = resume_target(cfg.resume, cfg.output)
+        raw = read_task_checkpoint(target / "last.pt" if target.is_dir() else target, FORMAT, "segment")
         model = segmenter_from_config(raw["config"])
         model.load_state_dict(raw["model"])
     else:
-        raw = None
-        model = build_segmenter(num_classes, cfg.backbone, cfg.pretrained, head=cfg.head, out_indices=cfg.out_indices,
-                                drop_path_rate=drop_path, arch={k: v for k, v in arch.items() if v is not None},
-                                channels=cfg.channels, norm=cfg.norm, aux=cfg.aux, fpn_channels=cfg.fpn_channels)
+        drop_path = cfg.drop_path
+        if drop_path is None:
+            drop_path = MODELS[resolve_name(cfg.model).arch].drop_path_rate if cfg.model else 0.0
+        arch = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(cfg, k) is not None}
+        model = build_segmenter(num_classes, cfg.model, cfg.pretrained, head=cfg.head, out_indices=cfg.out_indices,
+                                drop_path_rate=drop_path, arch=arch, channels=cfg.channels, norm=cfg.norm, aux=cfg.aux,
+                                fpn_channels=cfg.fpn_channels)
+    run = Run.open(cfg, env, default_run_name("segment", cfg.data, cfg.model or "custom"), resuming=raw is not None,
+                   elapsed_before=raw["train_state"]["elapsed"] if raw else 0.0)
     model.backbone.set_grad_checkpointing(cfg.grad_checkpointing)
-    model.to(ctx.device)
+    model.to(env.device)
     net = model
-    if ctx.distributed:
-        model = dist_utils.convert_batchnorm(model, ctx.device)  # SyncBN on GPUs, all-reduce BN on CPU
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
-    groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-    time_limit = cfg.time_limit_min * 60 if cfg.time_limit_min else None
+    if env.distributed:
+        if cfg.sync_bn:
+            model = dist_utils.convert_batchnorm(model, env.device)  # SyncBN on GPUs, all-reduce BN on CPU
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule, exempt_per_channel=cfg.wd_exempt_per_channel)
+    step = OptimStep(torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999)), model.parameters(), env, amp_dtype,
+                     clip_grad=cfg.clip_grad, clip_mode=cfg.clip_grad_mode,
+                     hint="Try a lower --lr, a longer --warmup-iters, --clip-grad or --amp none.")
+    time_limit = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     schedule = PolySchedule(cfg.lr, cfg.iters, cfg.warmup_iters, cfg.warmup_ratio, cfg.power, cfg.min_lr, time_limit)
-
-    step, elapsed_before, best = 0, 0.0, -1.0
+    best = -1.0
     if raw is not None:
-        state = raw["train_state"]
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, elapsed_before, best = state["step"], state["elapsed"], state["best"]
-        if ctx.is_main:
-            print(f"resumed from {resume_path} at step {step} ({elapsed_before / 60:.1f} min trained)", flush=True)
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(_plain(asdict(cfg)), indent=2))
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"training {model.head_config['head']} on {len(train_set)} images ({num_classes} classes), "
-              f"validating on {len(val_set)}; {n_params / 1e6:.2f} M parameters; {ctx.world_size} process(es) on "
-              f"{ctx.device}; up to {cfg.iters} iterations" + (f" or {cfg.time_limit_min} min" if time_limit else ""), flush=True)
+        step.load_state_dict({**raw["train_state"], "steps": raw["train_state"]["step"]})
+        best = raw["train_state"]["best"]
+        log.info("resumed from %s at step %d (%.1f min trained)", run.path / "last.pt", step.steps, run.elapsed_before / 60)
+    run.save_config(cfg.to_dict(), {"world_size": env.world_size, "global_batch": cfg.batch_size * env.world_size,
+                                    "device": str(env.device), "eval": asdict(cfg.eval)})
+    log.info("training %s on %d images (%d classes), validating on %d; %.2f M parameters; %d process(es) on %s; up to %d "
+             "iterations of %d images (--batch-size %d per process)%s%s", model.head_config["head"], len(train_set),
+             num_classes, len(val_set), sum(p.numel() for p in model.parameters()) / 1e6, env.world_size, env.device,
+             cfg.iters, cfg.batch_size * env.world_size, cfg.batch_size,
+             f" or {cfg.time_budget_min:g} min" if time_limit else "", f"; {thread_note}" if thread_note else "")
 
-    logger = MetricsWriter(out, ctx.is_main, tensorboard=False)
-
-    def elapsed() -> float:
-        return elapsed_before + time.time() - start
-
-    def save(name: str) -> None:
-        if ctx.is_main:
-            extra = {"train_state": {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                                     "elapsed": elapsed(), "best": best}}
-            save_state(out / name, _checkpoint(model, cfg, info, extra))
+    def state() -> dict:
+        return _checkpoint(model, cfg, info, {"train_state": {**step.state_dict(), "step": step.steps,
+                                                              "elapsed": run.elapsed(), "best": best}})
 
     def run_eval() -> dict:
         nonlocal best
-        metrics = evaluate(model, val_set, cfg.eval, ctx, amp_dtype)
-        if ctx.is_main:
-            logger.write("eval", step, elapsed=round(elapsed(), 1), miou=metrics["miou"], pixel_acc=metrics["pixel_acc"],
-                         mean_acc=metrics["mean_acc"], iou=metrics["iou"])
-            print(f"[eval] step {step}: mIoU {100 * metrics['miou']:.2f}  pixel acc {100 * metrics['pixel_acc']:.2f}  "
-                  "IoU " + " ".join(f"{n}={100 * v:.1f}" for n, v in zip(info.classes, metrics["iou"]) if not math.isnan(v))[:400],
-                  flush=True)
-            if metrics["miou"] > best:
-                best = metrics["miou"]
-                save_state(out / "best.pt", _checkpoint(model, cfg, info, {"metrics": metrics, "step": step}))
-            plot_history(out / "metrics.jsonl", out / "curves.png")
+        metrics = evaluate(model, val_set, cfg.eval, env, amp_dtype, progress=cfg.progress)
+        run.write("eval", step.steps, elapsed=round(run.elapsed(), 1), miou=metrics["miou"],
+                  pixel_acc=metrics["pixel_acc"], mean_acc=metrics["mean_acc"], iou=metrics["iou"])
+        log.info("[eval] step %d: mIoU %.2f  pixel acc %.2f  IoU %s", step.steps, 100 * metrics["miou"],
+                 100 * metrics["pixel_acc"], " ".join(f"{n}={100 * v:.1f}" for n, v in zip(info.classes, metrics["iou"])
+                                                      if not math.isnan(v))[:400])
+        if metrics["miou"] > best:
+            best = metrics["miou"]
+            run.save("best.pt", _checkpoint(model, cfg, info, {"metrics": metrics, "step": step.steps}))
+        run.plot(lambda d: plot_history(d / "metrics.jsonl", d / "curves.png"))
         return metrics
 
-    batches = _loop(loader, sampler)
+    batches = endless(loader, sampler)
     net.train()
     window, seen, t_log = [], 0, time.time()
-    while step < cfg.iters:
-        if dist_utils.broadcast_object(time_limit is not None and elapsed() >= time_limit, ctx):
-            if ctx.is_main:
-                print(f"time limit of {cfg.time_limit_min} min reached at step {step}", flush=True)
+    bar = progress_bar(cfg.iters, "train", cfg.progress and env.is_main)
+    bar.update(step.steps)
+    while step.steps < cfg.iters:
+        if time_up(run, cfg.time_budget_min):
+            log.info("time budget of %g min reached at step %d", cfg.time_budget_min, step.steps)
             break
-        lr = schedule.lr(step, elapsed())
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = schedule.lr(step.steps, run.elapsed())
+        set_lr(step.optimizer, lr)
         images, masks = next(batches)
-        images, masks = images.to(ctx.device, non_blocking=True), masks.to(ctx.device, non_blocking=True)
-        with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        images, masks = images.to(env.device, non_blocking=True), masks.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             outputs = net(images)
         logits, aux = outputs if isinstance(outputs, tuple) else (outputs, None)
         loss = F.cross_entropy(logits.float(), masks, ignore_index=ignore)
         aux_loss = F.cross_entropy(aux.float(), masks, ignore_index=ignore) if aux is not None else None
         total = loss + cfg.aux_weight * aux_loss if aux_loss is not None else loss
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"loss is {total.item()} at step {step}; lower --lr or use --amp none")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        window.append(total.item())
-        seen += images.shape[0] * ctx.world_size
-        if ctx.is_main and (step % cfg.log_interval == 0 or step == 1):
+        value = step(total, parts={"decode": loss, **({"aux": aux_loss} if aux_loss is not None else {})})
+        bar.update(1)
+        window.append(value)
+        seen += images.shape[0] * env.world_size
+        if step.steps % cfg.log_every == 0 or step.steps == 1:
             rate = seen / max(time.time() - t_log, 1e-9)
-            logger.write("train", step, loss=sum(window) / len(window), decode_loss=loss.item(),
-                         aux_loss=aux_loss.item() if aux_loss is not None else None, lr=lr,
-                         elapsed=round(elapsed(), 1), img_per_s=round(rate, 2))
-            eta = (cfg.iters - step) * (time.time() - t_log) / max(len(window), 1)
+            run.write("train", step.steps, loss=sum(window) / len(window), decode_loss=loss.item(),
+                      aux_loss=aux_loss.item() if aux_loss is not None else None, lr=lr,
+                      elapsed=round(run.elapsed(), 1), img_per_s=round(rate, 2))
+            eta = (cfg.iters - step.steps) * (time.time() - t_log) / max(len(window), 1)
             if time_limit:
-                eta = min(eta, time_limit - elapsed())
-            print(f"step {step}/{cfg.iters}  loss {sum(window) / len(window):.4f}  lr {lr:.2e}  {rate:.1f} img/s  "
-                  f"elapsed {elapsed() / 60:.1f} min  eta {max(eta, 0) / 60:.1f} min", flush=True)
+                eta = min(eta, time_limit - run.elapsed())
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.1f img/s  elapsed %s  eta %s", step.steps, cfg.iters,
+                     sum(window) / len(window), lr, rate, format_duration(run.elapsed()), format_duration(max(eta, 0)))
             window, seen, t_log = [], 0, time.time()
-        if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.iters:
+        if cfg.eval_every and step.steps % cfg.eval_every == 0 and step.steps < cfg.iters:
             run_eval()
-        if cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0:
-            save("last.pt")
-    save("last.pt")
+        if cfg.ckpt_every and step.steps % cfg.ckpt_every == 0:
+            run.save("last.pt", state)
+    bar.close()
+    run.save("last.pt", state)
     metrics = run_eval()
-    if ctx.is_main:
-        summary = {"step": step, "elapsed_min": round(elapsed() / 60, 2), "miou": metrics["miou"], "iou": metrics["iou"],
-                   "pixel_acc": metrics["pixel_acc"], "mean_acc": metrics["mean_acc"], "classes": info.classes,
-                   "best_miou": best}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(format_metrics(metrics, info.classes), flush=True)
-        print(f"finished at step {step} after {elapsed() / 60:.1f} min; checkpoints in {out} (last.pt, best.pt)", flush=True)
-    logger.close()
+    log.info("%s", format_metrics(metrics, info.classes))
+    log.info("finished at step %d after %s; checkpoints in %s (last.pt, best.pt)", step.steps,
+             format_duration(run.elapsed()), run.path)
+    run.finish("completed", steps=step.steps, elapsed_min=round(run.elapsed() / 60, 2), metrics=metrics,
+               classes=info.classes, best_miou=best)
     return metrics
 
 
@@ -323,8 +401,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", s
                         device: str = "auto", amp: str = "none", num_classes: int | None = None,
                         ignore_index: int | None = None, reduce_zero_label: bool | None = None) -> tuple[dict, list[str]]:
     """Metrics of a segmentation checkpoint on ``data``/``split``; returns (metrics, class names)."""
-    ctx = dist_utils.setup(device)
-    try:
+    with run_process(device) as ctx:
         model, meta = load_segmenter(checkpoint, map_location="cpu")
         model.to(ctx.device)
         n = num_classes or model.num_classes
@@ -339,5 +416,3 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", s
         metrics = evaluate(model, dataset, settings, ctx, resolve_amp(amp, ctx.device), progress=True)
         classes = meta.get("classes") or [f"class{i}" for i in range(n)]
         return metrics, classes
-    finally:
-        dist_utils.cleanup(ctx)
