@@ -58,6 +58,8 @@ def files(tmp_path) -> dict[str, Path]:
         "MISSING": tmp_path / "missing.yaml",
         "PLAIN": tmp_path / "plain.pth",
         "EXPORTED": tmp_path / "exported",
+        "NOTES": yaml_file("notes.txt", "some notes, not a checkpoint, not JSON\n"),
+        "NOWHERE": tmp_path / "nowhere",
     }
 
 
@@ -75,6 +77,24 @@ def files(tmp_path) -> dict[str, Path]:
     (["train", "--config", "GOOD", "--config", "MISSING", "--print-config"], ["missing.yaml", "does not exist"]),
     (["eval", "PLAIN", "--device", "cpu"], ["expected --data", "does not record"]),
     (["export", "--checkpoint", "PLAIN", "-o", "EXPORTED"], ["already holds", "plain.json", "--overwrite"]),
+    # every training command: bad values, files and paths are one line, never a traceback
+    (["train", "--data", "digits", "--output", "NOTES", "--threads", "1"], ["--output", "notes.txt", "is a file"]),
+    (["train", "--data", "digits", "--resume", "NOTES", "--threads", "1"], ["notes.txt", "checkpoint"]),
+    (["train", "--data", "NOWHERE", "--threads", "1"], ["nowhere"]),
+    (["dino", "--data", "digits", "--lr", "-1", "--print-config"], ["lr", "-1"]),
+    (["dino", "--data", "digits", "--resume", "NOTES", "--threads", "1"], ["notes.txt", "checkpoint"]),
+    (["dino", "--data", "digits", "--output", "NOTES", "--threads", "1"], ["notes.txt", "is a file"]),
+    (["detect", "train", "--train-json", "NOWHERE", "--model", "xcit_nano_12_p16"], ["nowhere"]),
+    (["detect", "train", "--train-json", "NOTES", "--model", "xcit_nano_12_p16"], ["notes.txt", "JSON"]),
+    (["detect", "train", "--train-json", "NOTES", "--model", "xcit_nope"], ["xcit_nope"]),
+    (["detect", "train", "--train-json", "NOTES", "--batch-size", "0", "--model", "xcit_nano_12_p16"],
+     ["batch_size", "0"]),
+    (["detect", "train", "--train-json", "NOTES"], ["expected --model"]),
+    (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16"], ["nowhere"]),
+    (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--scale", "512"], ["--scale"]),
+    (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--resume", "NOTES"],
+     ["notes.txt", "segmentation checkpoint"]),
+    (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--amp", "fp17"], ["--amp", "fp17"]),
 ])
 def test_bad_input_is_one_line_on_stderr_and_a_nonzero_status(argv, expected, files, capsys):
     code, _, err = run([str(files.get(a, a)) for a in argv], capsys)

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..models import resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import rng_state, set_rng_state
 from ..train.config import RunOptions, _opt, merge_with_preset, validate_run_options
@@ -153,6 +154,8 @@ def validate(cfg: DetectConfig) -> None:
     if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
         raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
                          "--num-heads)")
+    if cfg.model is not None:
+        resolve_name(cfg.model)  # an unknown name: ValueError listing the known ones
     for name in ("batch_size", "fpn_channels", "box_head_dim", "mask_head_channels", "rpn_batch_size",
                  "roi_batch_size", "detections_per_img", "max_size"):
         value = getattr(cfg, name)

@@ -184,6 +184,8 @@ def validate(cfg: SegmentConfig) -> None:
     if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
         raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
                          "--num-heads)")
+    if cfg.model is not None:
+        resolve_name(cfg.model)  # an unknown name: ValueError listing the known ones
     for name in ("iters", "batch_size"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -269,6 +271,12 @@ def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
     thread_note = set_threads(cfg.threads, env)
     torch.manual_seed(cfg.seed + env.rank)
     random.seed(cfg.seed + env.rank)
+    raw = None
+    if cfg.resume:  # rebuild exactly the saved model; the backbone init is not needed
+        target = resume_target(cfg.resume, cfg.output)
+        raw = read_task_checkpoint(target / "last.pt" if target.is_dir() else target, FORMAT, "segment")
+    if not Path(cfg.data).is_dir():
+        raise FileNotFoundError(f"expected --data to be a dataset folder, got {cfg.data}, which does not exist")
     info, num_classes, ignore, rzl = _resolve_dataset(cfg)
     amp_dtype = resolve_amp(cfg.amp, env.device)
     tr_img, tr_msk = split_dirs(cfg.data, cfg.train_split)
@@ -288,10 +296,7 @@ def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
         pin_memory=env.device.type == "cuda", worker_init_fn=worker_init, persistent_workers=False)
-    raw = None
-    if cfg.resume:  # rebuild exactly the saved model; the backbone init is not needed
-        target = resume_target(cfg.resume, cfg.output)
-        raw = read_task_checkpoint(target / "last.pt" if target.is_dir() else target, FORMAT, "segment")
+    if raw is not None:
         model = segmenter_from_config(raw["config"])
         model.load_state_dict(raw["model"])
     else:
