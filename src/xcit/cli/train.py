@@ -56,7 +56,9 @@ def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: d
 
     from ..train.config import RENAMED_OPTIONS
 
-    ordered = sorted(config_fields, key=lambda f: f.metadata["group"] == "run")
+    order = list(titles)
+    ordered = sorted(config_fields, key=lambda f: order.index(f.metadata["group"]) if f.metadata["group"] in order
+                     else len(order) - 1)
     groups: dict[str, argparse._ArgumentGroup] = {}
     names = {f.name for f in config_fields}
     for f in ordered:

@@ -12,25 +12,25 @@ from typing import Any
 
 import torch
 
-from ..models import resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import rng_state, set_rng_state
-from ..train.config import RunOptions, _opt, merge_with_preset, validate_run_options
+from ..train.config import PyramidOptions, _opt, merge_with_preset, validate_dense_options
 from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
-from ..train.optim import WD_RULES, StepSchedule, dense_param_groups
+from ..train.optim import StepSchedule, dense_param_groups
 from ..train.run import (
-    CLIP_MODES,
     OptimStep,
     Run,
     autocast_context,
     default_run_name,
     endless,
     resolve_amp,
-    run_process,
+    data_parallel,
+    launch,
     set_lr,
     set_threads,
     time_up,
+    train_sampler,
 )
 from .coco import CocoDetection, collate
 from .evaluation import evaluate_results, format_metrics, predict_dataset
@@ -42,7 +42,7 @@ KINDS = ("mask_rcnn", "faster_rcnn")
 
 
 @dataclass
-class DetectConfig(RunOptions):
+class DetectConfig(PyramidOptions):
     """Every option of ``xcit detect train``. Defaults are the official COCO recipe (REFERENCE 4,
     docs/fidelity.md): Mask R-CNN + FPN(256), AdamW lr 1e-4, wd 0.05 (no decay only for names containing
     'norm'), 36 epochs with the rate divided by 10 after epochs 27 and 33, linear warm-up, 2 images per
@@ -60,17 +60,6 @@ class DetectConfig(RunOptions):
     strict: bool = _opt(False, "fail on invalid annotations instead of skipping (and counting) them", "data")
     # --- model
     kind: str = _opt("mask_rcnn", "mask_rcnn (boxes + masks) or faster_rcnn (boxes)", "model", KINDS)
-    model: str | None = _opt(None, "backbone architecture, e.g. xcit_tiny_12_p16 (or give --pretrained / a custom "
-                             "shape)", "model")
-    pretrained: str | None = _opt(None, "backbone weights: a classification or DINO checkpoint, or a name "
-                                  "(hf-hub:timm/..., dino_xcit_small_12_p16)", "model")
-    patch_size: int | None = _opt(None, "custom backbone: patch size", "model")
-    embed_dim: int | None = _opt(None, "custom backbone: embedding dimension", "model")
-    depth: int | None = _opt(None, "custom backbone: XCA blocks", "model")
-    num_heads: int | None = _opt(None, "custom backbone: heads", "model")
-    out_indices: list[int] | None = _opt(None, "XCA blocks feeding the pyramid (default 3 5 7 11 / 7 11 15 23)",
-                                         "model", nargs=4)
-    drop_path: float | None = _opt(None, "stochastic depth (default: the named model's dense-task rate)", "model")
     fpn_channels: int = _opt(256, "FPN width", "model")
     anchor_sizes: list[int] | None = _opt(None, "anchor size per level P2..P6 (default 32 64 128 256 512)", "model",
                                           nargs=5)
@@ -94,23 +83,12 @@ class DetectConfig(RunOptions):
     # --- optimisation
     epochs: float = _opt(36, "training epochs (may be fractional)", "optim")
     iters: int | None = _opt(None, "training steps (overrides --epochs)", "optim")
-    batch_size: int = _opt(2, "images per step per process (global batch = this x processes; the official "
-                           "recipe: 2 x 8 GPUs)", "optim")
     lr: float = _opt(1e-4, "AdamW learning rate (not scaled with the batch, as mmdet)", "optim")
     weight_decay: float = _opt(0.05, "AdamW weight decay", "optim")
-    wd_rule: str = _opt("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases "
-                        "and 1-d parameters, the classification rule)", "optim", WD_RULES)
-    wd_exempt_per_channel: bool = _opt(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
-                                       "temperatures)", "optim")
     lr_steps: list[float] = _opt([27 / 36, 33 / 36], "fractions of the run where the rate drops", "optim")
     lr_gamma: float = _opt(0.1, "drop factor at each of --lr-steps", "optim")
     warmup_iters: int = _opt(500, "linear warm-up steps", "optim")
     warmup_ratio: float = _opt(0.001, "warm-up starts at this fraction of the rate", "optim")
-    clip_grad: float | None = _opt(None, "clip gradient norms to this value (default: no clipping)", "optim")
-    clip_grad_mode: str = _opt("global", "global: one norm over all parameters; per-param: each separately", "optim",
-                               CLIP_MODES)
-    time_budget_min: float | None = _opt(None, "stop after this many minutes; the step schedule then follows the "
-                                         "elapsed time", "optim")
     # --- augmentation
     hflip: float = _opt(0.5, "horizontal flip probability", "augment")
     vflip: float = _opt(0.0, "vertical flip probability (top-down imagery)", "augment")
@@ -148,33 +126,20 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Detec
 
 def validate(cfg: DetectConfig) -> None:
     """Raise ``ValueError`` saying what was expected for an option that cannot work, before anything runs."""
-    validate_run_options(cfg)
     if not cfg.train_json:
         raise ValueError("expected --data ROOT (holding annotations/train.json) or --train-json FILE")
-    if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
-        raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
-                         "--num-heads)")
-    if cfg.model is not None:
-        resolve_name(cfg.model)  # an unknown name: ValueError listing the known ones
-    for name in ("batch_size", "fpn_channels", "box_head_dim", "mask_head_channels", "rpn_batch_size",
-                 "roi_batch_size", "detections_per_img", "max_size"):
+    validate_dense_options(cfg)
+    for name in ("fpn_channels", "box_head_dim", "mask_head_channels", "rpn_batch_size", "roi_batch_size",
+                 "detections_per_img", "max_size"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
-    for name, value in (("epochs", cfg.epochs), ("lr", cfg.lr)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"expected {name} > 0, got {value!r}")
+    if not isinstance(cfg.epochs, (int, float)) or not math.isfinite(cfg.epochs) or cfg.epochs <= 0:
+        raise ValueError(f"expected epochs > 0, got {cfg.epochs!r}")
     if cfg.iters is not None and cfg.iters < 1:
         raise ValueError(f"expected iters >= 1, got {cfg.iters}")
-    if cfg.eval_every < 0 or cfg.warmup_iters < 0 or cfg.weight_decay < 0:
-        raise ValueError("expected eval_every, warmup_iters and weight_decay >= 0")
-    for name in ("hflip", "vflip", "warmup_ratio"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"expected {name} in [0, 1], got {getattr(cfg, name)}")
-    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
-        raise ValueError(f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min}")
-    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
-        raise ValueError(f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
+    if not 0 <= cfg.vflip <= 1:
+        raise ValueError(f"expected vflip in [0, 1], got {cfg.vflip}")
     if any(not 0 < s <= 1 for s in cfg.lr_steps):
         raise ValueError(f"expected --lr-steps as fractions of the run in (0, 1], got {cfg.lr_steps}")
 
@@ -188,7 +153,7 @@ def image_root(json_path: Path, images: str | None) -> Path:
 
 
 def build_from_config(cfg: DetectConfig, num_classes: int) -> torch.nn.Module:
-    arch = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(cfg, k) is not None}
+    arch = cfg.arch()
     settings = {k: getattr(cfg, k) for k in (
         "kind", "fpn_channels", "anchor_sizes", "min_size", "max_size", "test_size", "box_head_dim", "mask_head_channels",
         "rpn_batch_size", "rpn_pre_nms_train", "rpn_post_nms_train", "rpn_pre_nms_test", "rpn_post_nms_test",
@@ -216,13 +181,7 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 
 def train(config: DetectConfig | dict | None = None, **options: Any) -> dict:
     """Train a detector as ``config`` says; returns the run's result (also in OUTPUT/result.json)."""
-    if isinstance(config, DetectConfig):
-        validate(config)
-        cfg = resolve_config({**config.to_dict(), **options}) if options else config
-    else:
-        cfg = resolve_config(config or {}, **options)
-    with run_process(cfg.device, cfg.dist_backend) as env:
-        return _train(cfg, env)
+    return launch(_train, config, options, DetectConfig, resolve_config, validate)
 
 
 def _train(cfg: DetectConfig, env: dist_utils.DistEnv) -> dict:
@@ -237,11 +196,7 @@ def _train(cfg: DetectConfig, env: dist_utils.DistEnv) -> dict:
     if val_set is not None and val_set.class_names != train_set.class_names:
         raise ValueError(f"{val_json} has categories {val_set.class_names}, {train_json} {train_set.class_names}")
     amp_dtype = resolve_amp(cfg.amp, env.device)
-    if env.distributed:
-        sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
-    else:
-        sampler = torch.utils.data.RandomSampler(train_set, replacement=len(train_set) < cfg.batch_size,
-                                                 num_samples=max(len(train_set), cfg.batch_size))
+    sampler = train_sampler(train_set, cfg.batch_size, env, cfg.seed)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=collate, drop_last=True, persistent_workers=cfg.workers > 0)
     steps_per_epoch = max(len(loader), 1)
@@ -252,12 +207,7 @@ def _train(cfg: DetectConfig, env: dist_utils.DistEnv) -> dict:
         model.load_state_dict(raw["model"])
     run = Run.open(cfg, env, default_run_name("detect", cfg.data or train_json.stem, cfg.model or "custom"),
                    resuming=raw is not None, elapsed_before=raw["train_state"]["elapsed"] if raw else 0.0)
-    model.to(env.device)
-    net = model
-    if env.distributed:
-        if cfg.sync_bn:
-            model = dist_utils.convert_batchnorm(model, env.device)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    model, net = data_parallel(model.to(env.device), env, cfg.sync_bn)
     groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule, exempt_per_channel=cfg.wd_exempt_per_channel)
     step = OptimStep(torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999)), model.parameters(), env, amp_dtype,
                      clip_grad=cfg.clip_grad, clip_mode=cfg.clip_grad_mode,

@@ -28,17 +28,8 @@ from ..train.config import RUNTIME_OPTIONS, rename_options
 from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
 from ..train.optim import build_param_groups
-from ..train.run import (
-    NonFiniteLossError,
-    OptimStep,
-    Run,
-    autocast_context,
-    default_run_name,
-    resolve_amp,
-    run_process,
-    seed_everything,
-    set_threads,
-)
+from ..train.run import NonFiniteLossError, OptimStep, Run, autocast_context, default_run_name, launch
+from ..train.run import resolve_amp, seed_everything, set_threads
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
 from .config import DinoConfig, resolve_config, validate
 from .head import DINOHead, MultiCropNet, last_layer_params
@@ -135,9 +126,7 @@ def pretrain(config: DinoConfig | dict | None = None, **options: Any) -> DinoRes
     Bad options raise ``ValueError`` before anything runs; a diverging loss raises
     :class:`~xcit.train.NonFiniteLossError` (the last good ``last.pt`` is kept).
     """
-    cfg = resolve_config(config.to_dict() if isinstance(config, DinoConfig) else config, **options)
-    with run_process(cfg.device, cfg.dist_backend) as env:
-        return _pretrain(cfg, env)
+    return launch(_pretrain, config, options, DinoConfig, resolve_config, validate)
 
 
 def _resume(cfg: DinoConfig) -> tuple[DinoConfig, dict | None]:

@@ -17,22 +17,24 @@ import torch.nn.functional as F
 from ..models import MODELS, resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import read_task_checkpoint
-from ..train.config import RunOptions, _opt, merge_with_preset, validate_run_options
+from ..train.config import PyramidOptions, _opt, merge_with_preset, validate_dense_options
 from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
-from ..train.optim import WD_RULES, PolySchedule, dense_param_groups
+from ..train.optim import PolySchedule, dense_param_groups
 from ..train.plots import plot_history
 from ..train.run import (
-    CLIP_MODES,
     OptimStep,
     Run,
     default_run_name,
+    data_parallel,
     endless,
+    launch,
     resolve_amp,
     run_process,
     set_lr,
     set_threads,
     time_up,
+    train_sampler,
 )
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, infer, split_dirs, worker_init
 from .metrics import ConfusionMatrix, format_metrics
@@ -63,7 +65,7 @@ class EvalSettings:
 
 
 @dataclass
-class SegmentConfig(RunOptions):
+class SegmentConfig(PyramidOptions):
     """Every option of ``xcit segment train``. Defaults are the paper's ADE20k recipe (REFERENCE 4): AdamW
     lr 6e-5, wd 0.01, poly with warm-up, 512x512 crops, 2 images per process (16 over the official 8 GPUs)."""
 
@@ -77,17 +79,6 @@ class SegmentConfig(RunOptions):
     reduce_zero_label: bool | None = _opt(None, "0 is 'other' (ignored) and k is class k-1, as in ADE20k (default: "
                                           "dataset.yaml's, else off)", "data")
     # --- model
-    model: str | None = _opt(None, "backbone architecture, e.g. xcit_small_12_p16 (or give --pretrained / a custom "
-                             "shape)", "model")
-    pretrained: str | None = _opt(None, "backbone weights: a classification or DINO checkpoint, or a name "
-                                  "(hf-hub:timm/..., dino_xcit_small_12_p16, xcit_small_12_p16_224.fb_in1k)", "model")
-    patch_size: int | None = _opt(None, "custom backbone: patch size", "model")
-    embed_dim: int | None = _opt(None, "custom backbone: embedding dimension", "model")
-    depth: int | None = _opt(None, "custom backbone: XCA blocks", "model")
-    num_heads: int | None = _opt(None, "custom backbone: heads", "model")
-    out_indices: list[int] | None = _opt(None, "XCA blocks feeding the pyramid", "model", nargs=4)
-    drop_path: float | None = _opt(None, "stochastic depth (default: the named model's dense-task rate, else 0)",
-                                   "model")
     head: str = _opt("upernet", "decode head: Semantic FPN or UperNet", "model", HEADS)
     channels: int | None = _opt(None, "head width (default: UperNet 512, Semantic FPN 128)", "model")
     fpn_channels: int | None = _opt(None, "Semantic FPN neck width (default: the backbone's, as the official "
@@ -98,23 +89,12 @@ class SegmentConfig(RunOptions):
     grad_checkpointing: bool = _opt(False, "recompute blocks in backward to save memory", "model")
     # --- optimisation
     iters: int = _opt(80000, "training iterations", "optim")
-    batch_size: int = _opt(2, "images per step per process (global batch = this x processes; the official "
-                           "recipe: 2 x 8 GPUs)", "optim")
     lr: float = _opt(6e-5, "AdamW learning rate (not scaled with the batch, as mmseg)", "optim")
     weight_decay: float = _opt(0.01, "AdamW weight decay", "optim")
-    wd_rule: str = _opt("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, "
-                        "norms and 1-d parameters, the classification rule)", "optim", WD_RULES)
-    wd_exempt_per_channel: bool = _opt(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
-                                       "temperatures)", "optim")
     warmup_iters: int = _opt(1500, "linear warm-up iterations", "optim")
     warmup_ratio: float = _opt(1e-6, "warm-up starts at this fraction of the rate", "optim")
     power: float = _opt(1.0, "poly power", "optim")
     min_lr: float = _opt(0.0, "final learning rate", "optim")
-    clip_grad: float | None = _opt(None, "clip gradient norms to this value (default: no clipping)", "optim")
-    clip_grad_mode: str = _opt("global", "global: one norm over all parameters; per-param: each separately", "optim",
-                               CLIP_MODES)
-    time_budget_min: float | None = _opt(None, "stop after this many minutes; the poly schedule then runs on the "
-                                         "elapsed time", "optim")
     # --- augmentation
     crop_size: list[int] = _opt([512, 512], "random crop H [W]", "augment")
     scale: list[int] | None = _opt([2048, 512], "base rescale LONG SHORT, or 'none' to keep the images' own size",
@@ -178,36 +158,22 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Segme
 
 def validate(cfg: SegmentConfig) -> None:
     """Raise ``ValueError`` saying what was expected for an option that cannot work, before anything runs."""
-    validate_run_options(cfg)
     if not cfg.data:
         raise ValueError("expected --data ROOT (ROOT/images/SPLIT and ROOT/annotations/SPLIT)")
-    if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
-        raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
-                         "--num-heads)")
-    if cfg.model is not None:
-        resolve_name(cfg.model)  # an unknown name: ValueError listing the known ones
-    for name in ("iters", "batch_size"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
-    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
-        raise ValueError(f"expected lr > 0, got {cfg.lr!r}")
-    for name in ("eval_every", "warmup_iters", "weight_decay", "min_lr", "aux_weight"):
+    validate_dense_options(cfg)
+    if isinstance(cfg.iters, bool) or not isinstance(cfg.iters, int) or cfg.iters < 1:
+        raise ValueError(f"expected iters to be an integer >= 1, got {cfg.iters!r}")
+    for name in ("min_lr", "aux_weight"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"expected {name} >= 0, got {getattr(cfg, name)}")
-    for name in ("hflip", "warmup_ratio", "cat_max_ratio"):
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise ValueError(f"expected {name} in [0, 1], got {getattr(cfg, name)}")
+    if not 0 <= cfg.cat_max_ratio <= 1:
+        raise ValueError(f"expected cat_max_ratio in [0, 1], got {cfg.cat_max_ratio}")
     if cfg.scale is not None and (len(cfg.scale) != 2 or min(cfg.scale) < 1):
         raise ValueError(f"expected --scale LONG SHORT (e.g. 2048 512) or 'none', got {cfg.scale}")
     if cfg.eval_scale not in (None, "default") and (len(cfg.eval_scale) != 2 or min(cfg.eval_scale) < 1):
         raise ValueError(f"expected --eval-scale LONG SHORT or 'none', got {cfg.eval_scale}")
     if len(cfg.ratio_range) != 2 or not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
         raise ValueError(f"expected --ratio-range LOW HIGH with 0 < LOW <= HIGH, got {cfg.ratio_range}")
-    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
-        raise ValueError(f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min}")
-    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
-        raise ValueError(f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
 
 
 def _resolve_dataset(cfg: SegmentConfig) -> tuple[DatasetInfo, int, int, bool]:
@@ -258,13 +224,7 @@ def _checkpoint(model, cfg: SegmentConfig, info: DatasetInfo, extra: dict | None
 
 def train(config: SegmentConfig | dict | None = None, **options: Any) -> dict:
     """Train a segmenter as ``config`` says; returns the run's result (also in OUTPUT/result.json)."""
-    if isinstance(config, SegmentConfig):
-        validate(config)
-        cfg = resolve_config({**config.to_dict(), **options}) if options else config
-    else:
-        cfg = resolve_config(config or {}, **options)
-    with run_process(cfg.device, cfg.dist_backend) as env:
-        return _train(cfg, env)
+    return launch(_train, config, options, SegmentConfig, resolve_config, validate)
 
 
 def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
@@ -285,14 +245,7 @@ def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
                                ignore, seed=cfg.seed + env.rank)
     train_set = SegmentationFolder(tr_img, tr_msk, num_classes, ignore_index=ignore, reduce_zero_label=rzl, transform=transform)
     val_set = SegmentationFolder(va_img, va_msk, num_classes, ignore_index=ignore, reduce_zero_label=rzl)
-    if env.distributed:
-        sampler = torch.utils.data.DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=cfg.seed)
-        if math.ceil(len(train_set) / env.world_size) < cfg.batch_size:
-            raise ValueError(f"expected at least {cfg.batch_size} training images per process ({env.world_size} "
-                             f"processes, --batch-size {cfg.batch_size}), got {len(train_set)} images in all")
-    else:
-        sampler = torch.utils.data.RandomSampler(train_set, replacement=len(train_set) < cfg.batch_size,
-                                                 num_samples=max(len(train_set), cfg.batch_size))
+    sampler = train_sampler(train_set, cfg.batch_size, env, cfg.seed)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers, drop_last=True,
         pin_memory=env.device.type == "cuda", worker_init_fn=worker_init, persistent_workers=False)
@@ -303,19 +256,14 @@ def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
         drop_path = cfg.drop_path
         if drop_path is None:
             drop_path = MODELS[resolve_name(cfg.model).arch].drop_path_rate if cfg.model else 0.0
-        arch = {k: getattr(cfg, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(cfg, k) is not None}
+        arch = cfg.arch()
         model = build_segmenter(num_classes, cfg.model, cfg.pretrained, head=cfg.head, out_indices=cfg.out_indices,
                                 drop_path_rate=drop_path, arch=arch, channels=cfg.channels, norm=cfg.norm, aux=cfg.aux,
                                 fpn_channels=cfg.fpn_channels)
     run = Run.open(cfg, env, default_run_name("segment", cfg.data, cfg.model or "custom"), resuming=raw is not None,
                    elapsed_before=raw["train_state"]["elapsed"] if raw else 0.0)
     model.backbone.set_grad_checkpointing(cfg.grad_checkpointing)
-    model.to(env.device)
-    net = model
-    if env.distributed:
-        if cfg.sync_bn:
-            model = dist_utils.convert_batchnorm(model, env.device)  # SyncBN on GPUs, all-reduce BN on CPU
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    model, net = data_parallel(model.to(env.device), env, cfg.sync_bn)  # SyncBN on GPUs, all-reduce BN on CPU
     groups = dense_param_groups(model, cfg.weight_decay, cfg.wd_rule, exempt_per_channel=cfg.wd_exempt_per_channel)
     step = OptimStep(torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999)), model.parameters(), env, amp_dtype,
                      clip_grad=cfg.clip_grad, clip_mode=cfg.clip_grad_mode,

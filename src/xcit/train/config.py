@@ -18,6 +18,8 @@ from typing import Any
 import yaml
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
+CLIP_MODES = ("global", "per-param")
+WD_RULES = ("mmcv", "bias-norm")
 DISTILLATION = ("none", "soft", "hard")
 SCHEDULES = ("cosine", "constant")
 CROPS = ("random-resized", "pad", "none")
@@ -57,6 +59,42 @@ class RunOptions:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class PyramidOptions(RunOptions):
+    """The options detection and segmentation share: the backbone (an XCiT feeding a feature pyramid) and how
+    the optimiser treats it."""
+
+    model: str | None = _opt(None, "backbone architecture, e.g. xcit_small_12_p16 (or give --pretrained / a custom "
+                             "shape)", "model")
+    pretrained: str | None = _opt(None, "backbone weights: a classification or DINO checkpoint, or a name "
+                                  "(hf-hub:timm/..., dino_xcit_small_12_p16, xcit_small_12_p16_224.fb_in1k)", "model")
+    patch_size: int | None = _opt(None, "custom backbone: patch size", "model")
+    embed_dim: int | None = _opt(None, "custom backbone: embedding dimension", "model")
+    depth: int | None = _opt(None, "custom backbone: XCA blocks", "model")
+    num_heads: int | None = _opt(None, "custom backbone: heads", "model")
+    out_indices: list[int] | None = _opt(None, "XCA blocks feeding the pyramid (default 3 5 7 11 / 7 11 15 23)",
+                                         "model", nargs=4)
+    drop_path: float | None = _opt(None, "stochastic depth (default: the named model's dense-task rate, else 0)",
+                                   "model")
+
+    batch_size: int = _opt(2, "images per step per process (global batch = this x processes; the official "
+                           "recipes: 2 x 8 GPUs)", "optim")
+    wd_rule: str = _opt("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, "
+                        "norms and 1-d parameters, the classification rule)", "optim", WD_RULES)
+    wd_exempt_per_channel: bool = _opt(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
+                                       "temperatures)", "optim")
+    clip_grad: float | None = _opt(None, "clip gradient norms to this value (default: no clipping)", "optim")
+    clip_grad_mode: str = _opt("global", "global: one norm over all parameters; per-param: each separately", "optim",
+                               CLIP_MODES)
+    time_budget_min: float | None = _opt(None, "stop after this many minutes; the learning-rate schedule then follows "
+                                         "the elapsed time", "optim")
+
+    def arch(self) -> dict[str, int]:
+        """The custom shape options given (patch size, width, depth, heads)."""
+        return {k: getattr(self, k) for k in ("patch_size", "embed_dim", "depth", "num_heads")
+                if getattr(self, k) is not None}
 
 
 RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
@@ -263,6 +301,33 @@ def validate_run_options(cfg: RunOptions) -> None:
         raise ValueError(f"expected device auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.overwrite and cfg.resume:
         raise ValueError("expected --resume or --overwrite, not both (resuming keeps the run's files)")
+
+
+def validate_dense_options(cfg: Any) -> None:
+    """The checks detection and segmentation training share: a backbone to build, positive counts and rates,
+    and the optional budget and clipping values."""
+    validate_run_options(cfg)
+    if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
+        raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
+                         "--num-heads)")
+    if cfg.model is not None:
+        from ..models import resolve_name
+
+        resolve_name(cfg.model)  # an unknown name: ValueError listing the known ones
+    if isinstance(cfg.batch_size, bool) or not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
+        raise ValueError(f"expected batch_size to be an integer >= 1, got {cfg.batch_size!r}")
+    if not isinstance(cfg.lr, (int, float)) or not math.isfinite(cfg.lr) or cfg.lr <= 0:
+        raise ValueError(f"expected lr > 0, got {cfg.lr!r}")
+    for name in ("eval_every", "warmup_iters", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"expected {name} >= 0, got {getattr(cfg, name)}")
+    for name in ("hflip", "warmup_ratio"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"expected {name} in [0, 1], got {getattr(cfg, name)}")
+    if cfg.time_budget_min is not None and cfg.time_budget_min <= 0:
+        raise ValueError(f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min}")
+    if cfg.clip_grad is not None and cfg.clip_grad <= 0:
+        raise ValueError(f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -35,8 +35,8 @@ from .run import (
     Run,
     autocast_context,
     default_run_name,
+    launch,
     resolve_amp,
-    run_process,
     seed_everything,
     set_threads,
 )
@@ -193,13 +193,7 @@ def train(config: TrainConfig | dict | None = None, **options: Any) -> RunResult
     ``CheckpointError`` for bad options or data before any training, and
     :class:`NonFiniteLossError` if the loss diverges (the last good checkpoint is kept).
     """
-    if isinstance(config, TrainConfig):
-        cfg = resolve_config({**config.to_dict(), **options}) if options else config
-        validate(cfg)
-    else:
-        cfg = resolve_config(config or {}, **options)
-    with run_process(cfg.device, cfg.dist_backend) as env:
-        return _train(cfg, env)
+    return launch(_train, config, options, TrainConfig, resolve_config, validate)
 
 
 def _resume_config(cfg: TrainConfig, state: dict) -> TrainConfig:

@@ -19,7 +19,7 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-WD_RULES = ("mmcv", "bias-norm")
+from .config import WD_RULES
 
 
 def build_param_groups(

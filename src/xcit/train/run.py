@@ -38,12 +38,11 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .checkpoint import save_state
-from .config import AMP_MODES
+from .config import AMP_MODES, CLIP_MODES
 from .metrics import MetricsWriter, close_logging, setup_logging
 
 log = logging.getLogger("xcit.train")
 
-CLIP_MODES = ("global", "per-param")
 
 # Files a run writes into its folder; a folder holding any of them belongs to another run.
 RUN_FILES = ("config.yaml", "train.log", "metrics.jsonl", "last.pt", "best.pt", "result.json", "curves.png",
@@ -149,6 +148,42 @@ def run_process(device: str = "auto", backend: str | None = None) -> Iterator[di
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def launch(body: Callable[[Any, dist_utils.DistEnv], Any], config: Any, options: dict[str, Any], kind: type,
+           resolve: Callable[..., Any], validate: Callable[[Any], None]) -> Any:
+    """Resolve a task's options (a ``kind`` instance, a mapping or keywords) and run ``body(cfg, env)`` in
+    :func:`run_process`: the ``train`` function of every task."""
+    if isinstance(config, kind):
+        validate(config)
+        cfg = resolve({**config.to_dict(), **options}) if options else config
+    else:
+        cfg = resolve(config or {}, **options)
+    with run_process(cfg.device, cfg.dist_backend) as env:
+        return body(cfg, env)
+
+
+def train_sampler(dataset: Any, batch_size: int, env: dist_utils.DistEnv, seed: int) -> torch.utils.data.Sampler:
+    """This process's share of the training images, shuffled every epoch (``set_epoch``); one process with fewer
+    images than a batch draws with replacement."""
+    if env.distributed:
+        if math.ceil(len(dataset) / env.world_size) < batch_size:
+            raise ValueError(f"expected at least {batch_size} training images per process ({env.world_size} processes, "
+                             f"--batch-size {batch_size}), got {len(dataset)} images in all")
+        return torch.utils.data.DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=seed)
+    return torch.utils.data.RandomSampler(dataset, replacement=len(dataset) < batch_size,
+                                          num_samples=max(len(dataset), batch_size))
+
+
+def data_parallel(model: nn.Module, env: dist_utils.DistEnv, sync_bn: bool = True) -> tuple[nn.Module, nn.Module]:
+    """(model, net): the model (BatchNorm synchronised across processes when ``sync_bn``) and what training
+    steps call: a DistributedDataParallel wrapper of it when there are several processes, else itself."""
+    if not env.distributed:
+        return model, model
+    if sync_bn:
+        model = dist_utils.convert_batchnorm(model, env.device)
+    return model, nn.parallel.DistributedDataParallel(
+        model, device_ids=[env.device] if env.device.type == "cuda" else None)
 
 
 # ---------------------------------------------------------------------------------- run folder
