@@ -160,3 +160,27 @@ def test_cli_non_checkpoints_exit_with_one_line(tmp_path, capsys):
             err = capsys.readouterr().err.strip()
             assert err.startswith(f"xcit {argv[0]}: error:") and name in err and "\n" not in err, err
             assert "Traceback" not in err
+
+
+def test_dense_task_checkpoints_say_where_they_belong(tmp_path, capsys):
+    """A detector / segmenter file given to a classifier command names the commands that take it, and its
+    backbone serves as --pretrained weights."""
+    from xcit.cli import main
+    from xcit.detect.model import build_detector, detector_state
+    from xcit.segment.model import build_segmenter, read_backbone_state, save_segmenter
+    from xcit.train.checkpoint import save_state
+
+    arch = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    detector = build_detector(2, arch=arch, kind="faster_rcnn", fpn_channels=32, box_head_dim=64,
+                              anchor_sizes=[8, 16, 32, 64, 128], min_size=[64], max_size=128)
+    save_state(tmp_path / "det.pt", detector_state(detector, {"classes": ["a", "b"]}))
+    save_segmenter(build_segmenter(3, arch=arch, head="fpn", channels=16, fpn_channels=16), tmp_path / "seg.pt")
+    for name, task in (("det.pt", "detect"), ("seg.pt", "segment")):
+        for argv in (["eval", str(tmp_path / name), "--data", "digits"],
+                     ["predict", "x.png", "--checkpoint", str(tmp_path / name)],
+                     ["export", "--checkpoint", str(tmp_path / name), "-o", str(tmp_path / "exported")]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert f"xcit {task} predict" in err and "--pretrained" in err and len(err.strip().splitlines()) == 1, err
+        trunk = read_backbone_state(tmp_path / name)
+        assert "blocks.0.attn.qkv.weight" in trunk and not any(k.startswith(("backbone", "fpn", "head")) for k in trunk)

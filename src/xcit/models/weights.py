@@ -29,7 +29,7 @@ from .registry import MODELS, release_url, resolve_name
 PathLike = str | os.PathLike
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 _DINO_KEYS = ("teacher", "student")  # DINO training checkpoints (official and `xcit dino`): teacher first
-_BACKBONE_PREFIXES = ("module.backbone.", "backbone.", "encoder.")
+_BACKBONE_PREFIXES = ("module.backbone.", "backbone.body.", "backbone.", "encoder.")  # backbone.body.: our detectors
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _CA_QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.([qkv])\.(weight|bias)$")
 DIGEST_KEY = "tensor_sha256"
@@ -121,6 +121,9 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     else:
         raw = load_file(path)
         arch = raw.get("arch") if isinstance(raw, dict) and isinstance(raw.get("arch"), dict) else {}
+        task = TASK_FORMATS.get(raw.get("format")) if isinstance(raw, dict) else None
+        if task is not None:
+            arch = {**arch, "task": task}
     return to_official_layout(_unwrap(raw, path)), arch
 
 
@@ -316,9 +319,24 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict:
     return arch
 
 
+# Files of the dense tasks (a whole detector / segmenter): their backbone serves as --pretrained weights, the
+# file itself is not a classifier for create_model.
+TASK_FORMATS = {"xcit-detector-1": "detect", "xcit-segmenter-1": "segment"}
+
+
 def inspect_checkpoint(path: PathLike) -> dict:
-    """The architecture a checkpoint holds: saved metadata where present, else read off its shapes."""
+    """The architecture a checkpoint holds: saved metadata where present, else read off its shapes.
+
+    A detection or segmentation checkpoint is a :class:`CheckpointError` that says which commands take it.
+    """
     state, saved = _read(path)
+    task = saved.pop("task", None)
+    if task is not None:
+        what = {"detect": "detection", "segment": "segmentation"}[task]
+        raise CheckpointError(
+            f"{path} is a {what} checkpoint (a whole {'detector' if task == 'detect' else 'segmenter'}, written by "
+            f"`xcit {task} train`), not an XCiT classifier: use it with `xcit {task} eval` / `xcit {task} predict`, "
+            f"or give it as --pretrained to `xcit {task} train` to start from its backbone")
     return {**infer_architecture(state), **saved}
 
 
