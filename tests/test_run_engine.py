@@ -164,3 +164,54 @@ def test_resolve_config_takes_old_names_in_python_with_a_warning(tmp_path):
     assert seg.scale is None and seg.crop_size == [64, 64] and seg.eval.stride == [42, 42]
     with pytest.raises(ValueError, match="expected --model NAME"):
         segment_config(data=str(tmp_path))
+
+
+def test_sigterm_stops_a_run_cleanly_and_it_resumes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from xcit.train import load_state
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "xcit", "train", *TINY_DIGITS[:2], "--threads", "1", "--no-progress", "--no-plot"]
+    proc = subprocess.Popen([*cli, "--epochs", "3", "--ckpt-every", "2", "--output", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "last.pt").exists() and load_state(run / "last.pt")["step"] >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "Traceback" not in err and "--resume" in err
+    assert not list(run.glob(".*.tmp")) and not (run / "model.pth").exists()
+    stopped_at = load_state(run / "last.pt")["step"]
+    resumed = subprocess.run([*cli, "--resume", str(run)], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((run / "result.json").read_text())["steps"] == 66 > stopped_at
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import xcit.train.checkpoint as checkpoint
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    run = tmp_path / "run"
+    code = main(["train", *TINY_DIGITS, "--output", str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and "could not write the checkpoint" in err and "No space left" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(run.glob(".*.tmp")) and not (run / "last.pt").exists()  # no half-written file left

@@ -113,6 +113,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     resumed = subprocess.run(_cli("--resume", str(run)), env=_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"step {killed_at}" in (run / "train.log").read_text()
+    assert not list(run.glob(".*.tmp"))  # a write cut short by the kill leaves nothing behind after the resume
     a, b = _weights(tmp_path / "a" / "model.pth"), _weights(run / "model.pth")
     assert a.keys() == b.keys()
     for k in a:
