@@ -187,11 +187,7 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     frozen_last = last_layer_params(student)
 
     def derived() -> dict:
-        return {"lr": lr, "global_batch": global_batch, "world_size": env.world_size, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps, "n_crops": n_crops, "device": str(env.device),
-                "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
-                "params_backbone": sum(p.numel() for p in student.backbone.parameters()),
-                "params_head": sum(p.numel() for p in student.head.parameters()), "torch_threads": torch.get_num_threads()}
+        return _derived(cfg, env, student, lr, steps_per_epoch, total_steps, n_crops, amp_dtype)
 
     def full_state() -> dict:
         opt = step.state_dict()
@@ -201,15 +197,7 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
                 "config": cfg.to_dict(), "data": data_info, "rng": rng_state()}
 
     run.save_config(cfg.to_dict(), derived())
-    info = derived()
-    log.info("DINO pretraining of %s (%d-channel %dpx globals, %d local %dpx) on %s: %.2fM backbone + %.2fM head "
-             "parameters, K=%d, %d crops, global batch %d (--batch-size %d per process), lr %.2e, %d steps (%d per "
-             "epoch), %s, %s, %d thread(s)%s", cfg.model, data_info["in_chans"], cfg.global_size, cfg.local_crops,
-             cfg.local_size, cfg.data, info["params_backbone"] / 1e6, info["params_head"] / 1e6, cfg.out_dim, n_crops,
-             global_batch, cfg.batch_size, lr, total_steps, steps_per_epoch, env.device, info["amp"],
-             torch.get_num_threads(), f", time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "")
-    if thread_note:
-        log.info(thread_note)
+    _describe(cfg, data_info, derived(), thread_note)
     net.train()
     teacher.train()  # as DINO: batch statistics in the stem's BatchNorm for both networks
     loss_value, epoch_losses, skipped_images, skipped_total = float("nan"), [], 0, 0
@@ -289,6 +277,28 @@ def _pretrain(cfg: DinoConfig, env: dist_utils.DistEnv) -> DinoResult:
     dist_utils.barrier(env)
     return DinoResult(run.path, teacher_path, step.steps / steps_per_epoch, step.steps, record["wall_time"], loss_value,
                       dict(run.files))
+
+
+def _derived(cfg: DinoConfig, env: dist_utils.DistEnv, student: MultiCropNet, lr: float, steps_per_epoch: int,
+             total_steps: int, n_crops: int, amp_dtype: torch.dtype | None) -> dict:
+    """The values a run derives from its options (``config.yaml``'s ``_derived``)."""
+    return {"lr": lr, "global_batch": cfg.batch_size * env.world_size, "world_size": env.world_size,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "n_crops": n_crops, "device": str(env.device),
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "none",
+            "params_backbone": sum(p.numel() for p in student.backbone.parameters()),
+            "params_head": sum(p.numel() for p in student.head.parameters()), "torch_threads": torch.get_num_threads()}
+
+
+def _describe(cfg: DinoConfig, data_info: dict, info: dict, thread_note: str) -> None:
+    log.info("DINO pretraining of %s (%d-channel %dpx globals, %d local %dpx) on %s: %.2fM backbone + %.2fM head "
+             "parameters, K=%d, %d crops, global batch %d (--batch-size %d per process), lr %.2e, %d steps (%d per "
+             "epoch), %s, %s, %d thread(s)%s", cfg.model, data_info["in_chans"], cfg.global_size, cfg.local_crops,
+             cfg.local_size, cfg.data, info["params_backbone"] / 1e6, info["params_head"] / 1e6, cfg.out_dim,
+             info["n_crops"], info["global_batch"], cfg.batch_size, info["lr"], info["total_steps"],
+             info["steps_per_epoch"], info["device"], info["amp"], info["torch_threads"],
+             f", time budget {cfg.time_budget_min} min" if cfg.time_budget_min else "")
+    if thread_note:
+        log.info(thread_note)
 
 
 class TimeBudget:
