@@ -6,7 +6,7 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .config import add_config_option
+from .config import add_config_option, require_options
 from .unreadable import Unreadable, add_policy
 
 
@@ -168,12 +168,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_predict)
 
 
-def _require(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) in (None, []):
-            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
-
-
 def run_prepare(args: argparse.Namespace) -> int:
     from ..segment.prepare import prepare
 
@@ -206,7 +200,7 @@ def train_config_from_args(args: argparse.Namespace):
 def run_train(args: argparse.Namespace) -> int:
     from ..segment.train import train
 
-    _require(args, "data")
+    require_options(args, "data")
     if args.backbone is None and args.pretrained is None and args.embed_dim is None:
         raise ValueError("expected --backbone NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/--num-heads)")
     train(train_config_from_args(args))
@@ -218,7 +212,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings, evaluate_checkpoint
 
-    _require(args, "checkpoint", "data")
+    require_options(args, "checkpoint", "data")
     _, meta = load_segmenter(args.checkpoint)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
     metrics, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, settings, args.device, args.amp,
@@ -235,17 +229,19 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from ..segment.data import colorize, infer, overlay, read_image
+    from ..data.images import read_image
+    from ..segment.data import colorize, infer, overlay
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings
-    from .predict import input_images, resolve_device
+    from ..train.distributed import pick_device
+    from .predict import input_images
 
-    _require(args, "checkpoint", "inputs")
+    require_options(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
     files = [Path(f) for f in input_images(args.inputs)]
     model, meta = load_segmenter(args.checkpoint)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     model.to(device)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
     palette = meta.get("palette") or []
