@@ -7,8 +7,7 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from .config import add_config_option
-from .segment import _require
+from .config import add_config_option, require_options
 from .unreadable import Unreadable, add_policy
 
 # Help for the training options; every field of xcit.detect.train.DetectConfig becomes --field-name.
@@ -161,9 +160,9 @@ def _load(args: argparse.Namespace):
     import torch
 
     from ..detect.model import load_detector, set_test_size
-    from .predict import resolve_device
+    from ..train.distributed import pick_device
 
-    _require(args, "checkpoint")
+    require_options(args, "checkpoint")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_detector(args.checkpoint)
@@ -171,7 +170,7 @@ def _load(args: argparse.Namespace):
         set_test_size(model, model.transform.test_size if args.test_size is None else args.test_size, args.max_size)
     if args.detections is not None:
         model.roi_heads.detections_per_img = args.detections
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     return model.to(device), meta, device
 
 
@@ -182,7 +181,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.coco_json is None and args.data:
         args.coco_json = str(Path(args.data) / "annotations" / "val.json")
-    _require(args, "coco_json")
+    require_options(args, "coco_json")
     model, meta, device = _load(args)
     masks = model.roi_heads.has_mask()
     path = Path(args.coco_json)
@@ -207,7 +206,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..detect.predict import predict_files
     from .predict import input_images
 
-    _require(args, "checkpoint", "inputs")
+    require_options(args, "checkpoint", "inputs")
     files = [Path(f) for f in input_images(args.inputs)]
     model, meta, device = _load(args)
     n = model.roi_heads.box_predictor.cls_score.out_features - 1

@@ -7,25 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
 from pathlib import Path
 
+from ..config import field_kind
 from .config import add_config_option
 
 _INTERNAL = {"func", "command", "config", "_parser", "print_config"}
-
-
-def _arg_type(annotation) -> tuple[type | None, bool]:
-    """(element type, is list) of a TrainConfig field annotation such as ``int | None``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"list": list}, {})  # annotations are postponed strings
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(
-        annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
-    base = args[0] if args else annotation
-    if typing.get_origin(base) is list:
-        return typing.get_args(base)[0], True
-    return base, False
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: dict[str, str]) -> None:
-    """One flag per dataclass field (``_opt`` metadata: help, group, choices, nargs), grouped under ``titles``.
+    """One flag per dataclass field (:func:`xcit.config.option` metadata: help, group, choices, nargs), grouped under ``titles``.
 
     Flags default to ``argparse.SUPPRESS``: only the options given end up in the namespace.
     """
@@ -60,7 +47,7 @@ def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: d
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         help_text = f"{meta['help']} [recipe default: {default if default is not None else 'auto'}]".replace("%", "%%")
-        kind, is_list = _arg_type(f.type)
+        kind, is_list = field_kind(f.type)
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
