@@ -16,7 +16,7 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import resume_path, rng_state, save_state, set_rng_state
 from ..train.engine import autocast_context, resolve_amp
 from ..train.metrics import MetricsWriter, close_logging, format_duration, progress_bar, setup_logging
-from ..train.optim import dense_param_groups
+from ..train.optim import StepSchedule, dense_param_groups
 from .coco import CocoDetection, collate
 from .evaluation import evaluate_results, format_metrics, predict_dataset
 from .model import build_detector, detector_from_config, detector_state, read_detector_checkpoint
@@ -94,30 +94,6 @@ class DetectConfig:
     seed: int = 0
     strict: bool = False
     resume: str | None = None  # a last.pt, or "auto"
-
-
-class StepSchedule:
-    """Linear warm-up, then the rate times ``gamma`` at each milestone (fractions of the run).
-
-    Progress is the larger of step / total and elapsed / time limit, so a run capped by wall-clock
-    time still reaches its decays.
-    """
-
-    def __init__(self, base_lr: float, total: int, steps: list[float], gamma: float, warmup: int, warmup_ratio: float,
-                 time_limit_s: float | None = None) -> None:
-        if any(not 0 < s <= 1 for s in steps):
-            raise ValueError(f"expected --lr-steps as fractions of the run in (0, 1], got {steps}")
-        self.base_lr, self.total, self.steps, self.gamma = base_lr, max(total, 1), sorted(steps), gamma
-        self.warmup, self.warmup_ratio, self.time_limit_s = warmup, warmup_ratio, time_limit_s
-
-    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
-        progress = step / self.total
-        if self.time_limit_s:
-            progress = max(progress, elapsed_s / self.time_limit_s)
-        lr = self.base_lr * self.gamma ** sum(progress >= s for s in self.steps)
-        if step < self.warmup:
-            lr *= self.warmup_ratio + (1 - self.warmup_ratio) * step / self.warmup
-        return lr
 
 
 def data_paths(cfg: DetectConfig) -> tuple[Path, Path | None, Path]:
