@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from xcit.cli.bench import bf16_agreement
+from xcit.bench import bf16_agreement
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,11 +24,11 @@ def child(width: int, height: int, threads: int, backbone: str, kind: str) -> di
     import torch
 
     from xcit.detect.model import build_detector, set_test_size
-    from xcit.detect.prepare import _read_voc
+    from xcit.data.trees import read_voc
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    tile, _ = _read_voc(None, "2019_YELL_2_541000_4977000_image_crop")
+    tile, _ = read_voc("2019_YELL_2_541000_4977000_image_crop")
     reps = (-(-height // tile.shape[0]), -(-width // tile.shape[1]), 1)
     image = torch.from_numpy(np.ascontiguousarray(np.tile(tile, reps)[:height, :width])).permute(2, 0, 1).float().div_(255)
     model = build_detector(1, backbone, kind=kind).eval()  # the paper's detector: FPN 256, 1000 proposals, 100 detections

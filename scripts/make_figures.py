@@ -4,8 +4,9 @@
     python scripts/make_figures.py                                   # photos, random-init xcit_nano_12_p16
     python scripts/make_figures.py --checkpoint runs/fmnist/best.pth # + Fashion-MNIST test images
 
-Everything goes through the ``xcit attention`` / ``xcit predict`` commands, so the figures show what
-users get. Photos are scikit-image's bundled astronaut, chelsea (cat) and coffee (public domain);
+Everything goes through the library calls behind the ``xcit attention`` / ``xcit predict`` commands
+(:func:`xcit.viz.pipeline.render_attention`, :class:`xcit.inference.Predictor`), so the figures show
+what users get. Photos are scikit-image's bundled astronaut, chelsea (cat) and coffee (public domain);
 Fashion-MNIST test images come from the Debian package ``dataset-fashion-mnist``
 (``/usr/share/datasets/fashion-mnist``) or ``--fashion-mnist DIR``. Needs ``pip install scikit-image``.
 """
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xcit.cli import main as xcit
+from xcit.inference import PredictionWriter, Predictor, load_for_inference, read_metadata
+from xcit.viz.pipeline import render_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -59,11 +61,28 @@ def write_fashion(folder: Path, source: Path, classes: tuple[int, ...]) -> list[
     return paths
 
 
-def run(args: list[str]) -> None:
-    print("$ xcit " + " ".join(args), flush=True)
-    code = xcit(args)
-    if code:
-        sys.exit(f"xcit {args[0]} failed with exit code {code}")
+def attention(paths: list[Path], out: Path, *, checkpoint: str | None = None, model: str | None = None,
+              short_side: int | None = None) -> None:
+    """``xcit attention PATHS [--checkpoint C | --model M] -o OUT --img-size S --xca-block -1 --palette --dpi 80``."""
+    inf = load_for_inference(checkpoint, model)
+    short_side = short_side or min(inf.img_size)
+    for result in render_attention(inf, paths, out, short_side=short_side, xca_blocks=[-1], palette=True, dpi=80):
+        print(f"{result.path} -> {', '.join(str(f) for f in result.figures)}", flush=True)
+
+
+def predict(names: list[str], checkpoint: str, output: Path, top_k: int = 3) -> None:
+    """``xcit predict NAMES --checkpoint C --top-k 3 -o OUTPUT`` (the CSV of the docs)."""
+    inf = load_for_inference(checkpoint)
+    k = min(top_k, inf.num_classes)
+    writer = PredictionWriter(output, top_k=k)
+    try:
+        for pred in Predictor(inf).predict(names, top_k=k):
+            if pred.error is not None:
+                sys.exit(f"{pred.path}: {pred.error}")
+            writer.write(pred)
+    finally:
+        writer.close()
+    print(f"wrote {output}")
 
 
 def main() -> None:
@@ -80,26 +99,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         photos = write_photos(tmp)
-        photo_model = ["--checkpoint", args.checkpoint] if args.photos_with_checkpoint else ["--model", args.model]
-        out = args.out / "photos"
+        photo_model = dict(checkpoint=args.checkpoint) if args.photos_with_checkpoint else dict(model=args.model)
         torch.manual_seed(0)  # the same random model on every run
-        run(["attention", *map(str, photos), *photo_model, "-o", str(out), "--img-size", "224", "--xca-block", "-1",
-             "--palette", "--dpi", "80"])
+        attention(photos, args.out / "photos", short_side=224, **photo_model)
         if args.checkpoint:
-            from xcit.inference import read_metadata
-
             data = read_metadata(args.checkpoint).get("data") or {}
             if int(data.get("in_chans", 3)) == 1 and args.fashion_mnist.is_dir():
                 fashion = write_fashion(tmp, args.fashion_mnist, tuple(args.fashion_classes))
                 out = args.out / "fashion_mnist"
-                size = ["--img-size", str(args.fashion_size)] if args.fashion_size else []
-                run(["attention", *map(str, fashion), "--checkpoint", args.checkpoint, "-o", str(out), *size,
-                     "--palette", "--dpi", "80", "--xca-block", "-1"])
+                attention(fashion, out, checkpoint=args.checkpoint, short_side=args.fashion_size)
                 here = os.getcwd()
                 os.chdir(tmp)  # file names, not temporary paths, in the CSV
                 try:
-                    run(["predict", *(f.name for f in fashion), "--checkpoint", str(Path(here, args.checkpoint)),
-                         "--top-k", "3", "--no-progress", "-o", str(Path(here, out, "predictions.csv"))])
+                    predict([f.name for f in fashion], str(Path(here, args.checkpoint)), Path(here, out, "predictions.csv"))
                 finally:
                     os.chdir(here)
             else:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from xcit.cli import bench_report
+from xcit.bench import report as bench_report
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results.json"
 
@@ -64,7 +64,7 @@ def test_deployment_runtimes_run_this_projects_export(tmp_path):
     import numpy as np
     import torch
 
-    from xcit.cli.bench import deployment_runners
+    from xcit.bench.contenders import deployment_runners
     from xcit.models import XCiT
 
     torch.manual_seed(0)
@@ -78,3 +78,34 @@ def test_deployment_runtimes_run_this_projects_export(tmp_path):
         out = make(x)()
         out = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
         np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, err_msg=name)
+
+
+def test_render_files_rewrites_the_report_and_plot_from_results_json(tmp_path):
+    """`xcit bench --render` is :func:`xcit.bench.render_files`: the library call, the command only parses options."""
+    from xcit.bench import render_files
+
+    out = tmp_path / "RESULTS.md"
+    render_files(RESULTS, out, appendix=[RESULTS])
+    text = out.read_text()
+    assert "| target | measured | goal | status |" in text and "](scaling.png)" in text
+    assert (tmp_path / "scaling.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(preset="slow"), "expected a preset in"),
+    (dict(clock="sundial"), "expected a clock in"),
+    (dict(model="xcit_huge"), "unknown model"),
+])
+def test_bench_settings_are_checked_before_anything_runs(settings, message):
+    from xcit.bench import BenchSettings
+
+    with pytest.raises(ValueError, match=message):
+        BenchSettings(**settings).check()
+
+
+def test_memory_probe_runs_in_a_fresh_process_without_the_command_line():
+    from xcit.bench.memory import run_memory_probe
+
+    result = run_memory_probe("this", "xcit_nano_12_p16", res=64, batch=1, threads=1)
+    assert "error" not in result, result
+    assert result["peak_mb"] >= result["before_mb"] > 0

@@ -76,6 +76,9 @@ def files(tmp_path) -> dict[str, Path]:
     (["segment", "train", "--config", "SHORT_LIST"], ["out_indices", "expected 4 values", "[1, 2]"]),
     (["train", "--config", "GOOD", "--config", "MISSING", "--print-config"], ["missing.yaml", "does not exist"]),
     (["eval", "PLAIN", "--device", "cpu"], ["expected --data", "does not record"]),
+    (["knn", "PLAIN", "--device", "cpu"], ["expected --data", "does not record"]),
+    (["linear", "--pixels", "--device", "cpu"], ["expected --data"]),
+    (["predict", "x.png", "--model", "xcit_nano_12_p16", "--device", "tpu"], ["expected a device", "'tpu'"]),
     (["export", "--checkpoint", "PLAIN", "-o", "EXPORTED"], ["already holds", "plain.json", "--overwrite"]),
     # every training command: bad values, files and paths are one line, never a traceback
     (["train", "--data", "digits", "--output", "NOTES", "--threads", "1"], ["--output", "notes.txt", "is a file"]),

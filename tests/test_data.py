@@ -204,7 +204,7 @@ def test_batch_eval_transform_matches_the_official_preprocessing():
     assert torch.allclose(same[0], eval_transform(40, 1.0, (0.5,), (0.25,))(Image.fromarray(img)), atol=1e-6)
 
 
-# --- images deeper than 8 bits (load_image is the one reader of predict, attention and class folders) ---
+# --- images deeper than 8 bits (load_image / read_image: the one reader of every task) ---
 
 def test_16bit_png_matches_its_8bit_version(tmp_path):
     from xcit.data.datasets import ImageFolderDataset
@@ -228,6 +228,25 @@ def test_16bit_png_matches_its_8bit_version(tmp_path):
     folder = ImageFolderDataset(tmp_path)
     images = {os.path.basename(folder.samples[i][0]): np.asarray(folder[i][0], dtype=int) for i in range(len(folder))}
     assert np.abs(images["deep.png"] - images["shallow.png"]).max() <= 1
+
+
+def test_segmentation_and_detection_read_images_as_classification_does(tmp_path):
+    """read_image (segment, detect) is load_image as a uint8 (3, H, W) tensor: 16-bit scaled by bit depth."""
+    from xcit.data.images import collect_images, list_images, load_image, read_image
+
+    deep = (np.arange(24 * 20).reshape(24, 20) * 131).astype(np.uint16)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(deep).save(tmp_path / "a" / "b" / "deep.PNG")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a" / "rgb.jpg")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    tensor = read_image(tmp_path / "a" / "b" / "deep.PNG")
+    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 24, 20)
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), np.asarray(load_image(tmp_path / "a" / "b" / "deep.PNG")))
+    assert list_images(tmp_path / "a") == [tmp_path / "a" / "b" / "deep.PNG", tmp_path / "a" / "rgb.jpg"]
+    assert list_images(tmp_path / "a", recursive=False) == [tmp_path / "a" / "rgb.jpg"]
+    assert collect_images([tmp_path / "a"]) == [str(p) for p in list_images(tmp_path / "a")]
+    with pytest.raises(ValueError, match="cannot read image"):
+        read_image(tmp_path / "a" / "notes.txt")
 
 
 def test_32bit_and_float_images_scale_by_depth(tmp_path):

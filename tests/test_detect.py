@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,10 @@ from PIL import Image
 from xcit.detect.coco import CocoDetection, CocoFormatError, clean_coco, collate, read_json
 from xcit.detect.evaluation import coco_eval, evaluate_results, to_coco_results
 from xcit.detect.model import XCiTFPN, build_detector, detector_state, load_detector, set_test_size
-from xcit.detect.train import DetectConfig, StepSchedule, train
+from xcit.detect.train import DetectConfig, train
+from xcit.models import create_pyramid
 from xcit.models.weights import CheckpointError
-from xcit.segment.model import build_backbone
+from xcit.train.optim import StepSchedule
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 SMALL_HEADS = dict(fpn_channels=32, box_head_dim=64, mask_head_channels=16, rpn_batch_size=64, roi_batch_size=64,
@@ -59,7 +61,7 @@ def write_coco(root: Path, *, sizes=((96, 128), (80, 112)), broken: dict | None 
 @pytest.mark.parametrize("patch", [16, 8])
 def test_pyramid_fpn_levels_and_strides_at_rectangular_sizes(patch):
     torch.manual_seed(0)
-    body = build_backbone(None, patch_size=patch, **TINY)
+    body = create_pyramid(None, patch_size=patch, **TINY)
     fpn = XCiTFPN(body, out_channels=24).eval()
     for h, w in [(96, 160), (64, 224), (128, 96)]:
         with torch.no_grad():
@@ -224,6 +226,52 @@ def test_invalid_annotations_are_skipped_with_counts_or_fail_in_strict_mode(tmp_
     assert targets[1]["boxes"].shape == (0, 4) and targets[1]["masks"].shape == (0, 80, 112)
     losses = tiny_detector(8).train()(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_non_finite_boxes_are_invalid_not_clipped(tmp_path):
+    """A NaN or infinite coordinate is an invalid annotation (counted; an error naming it with --strict), never kept."""
+    def corrupt(anns):
+        anns[0]["bbox"] = [float("nan"), 5, 20, 20]  # max(nan, 0) is nan: it used to be kept as "clipped"
+        anns[1]["bbox"] = [4, 5, float("inf"), 20]
+        anns[2]["bbox"] = [float("-inf"), 5, float("inf"), 20]
+        return anns
+
+    path = write_coco(tmp_path, broken={"annotations": corrupt})
+    assert "NaN" in path.read_text()  # Python's json writes (and reads) the non-standard NaN / Infinity literals
+    data = CocoDetection(path, tmp_path / "images", masks=True)
+    assert dict(data.report.skipped) == {"non-finite bbox": 3} and not data.report.repaired
+    assert data.report.kept == 3 and {a["id"] for a in data.coco["annotations"]} == {4, 5, 6}
+    assert all(math.isfinite(v) for a in data.coco["annotations"] for v in a["bbox"])
+    with pytest.raises(CocoFormatError, match=r"3 invalid annotations .*non-finite bbox, e\.g\. annotation 1: bbox \[nan"):
+        CocoDetection(path, tmp_path / "images", strict=True)
+
+
+@pytest.mark.parametrize("segmentation, problem", [
+    ([[1, 2, 3, 4, 5, 6, 7]], "odd number of coordinates"),
+    ([[1, 2, 30, 2]], "2 points (expected at least 3)"),
+    ([[1, "2", 30, 2, 30, 20]], "not a list of numbers"),
+    ([[1, 2, 30, float("nan"), 30, 20]], "non-finite coordinate"),
+    ([7], "not a list of numbers"),
+    ("1 2 3", "expected polygons (a list) or an RLE"),
+    ({"size": [96, 128]}, "RLE without counts"),
+    ({"counts": [0, 5], "size": [10, 10]}, "RLE of size [10, 10] in a 96x128"),
+])
+def test_malformed_segmentations_are_one_line_errors_naming_the_annotation(tmp_path, segmentation, problem):
+    def corrupt(anns):
+        anns[1]["segmentation"] = segmentation
+        return anns
+
+    path = write_coco(tmp_path, broken={"annotations": corrupt})
+    data = CocoDetection(path, tmp_path / "images", masks=True)  # not strict: dropped and counted
+    assert dict(data.report.skipped) == {"malformed segmentation": 1} and data.report.kept == 5
+    assert 2 not in {a["id"] for a in data.coco["annotations"]}
+    assert data.report.examples["malformed segmentation"].startswith("annotation 2: ") and problem in data.report.summary()
+    _, target = data.load(0)  # the remaining masks decode
+    assert target["masks"].shape[0] == len(target["boxes"]) == 2
+    with pytest.raises(CocoFormatError) as err:
+        CocoDetection(path, tmp_path / "images", masks=True, strict=True)
+    message = str(err.value)
+    assert "\n" not in message and "annotation 2: " in message and problem in message
 
 
 def test_flips_and_turns_move_boxes_with_the_masks(tmp_path):

@@ -248,14 +248,15 @@ def test_knn_and_linear_commands(tmp_path, capsys):
 
     run = pretrain(_tiny_cfg(epochs=1, output=str(tmp_path / "run")))
     capsys.readouterr()
-    assert main(["knn", str(run.teacher_path), "--data", "digits", "--json"]) == 0
+    assert main(["knn", str(run.teacher_path), "--json"]) == 0  # no --data: the dataset teacher.pth records
     knn = json.loads(capsys.readouterr().out)
-    assert knn["n"] == 364 and 10 < knn["top1"] <= 100 and knn["top5"] >= knn["top1"]
+    assert knn["data"] == "digits" and knn["n"] == 364 and 10 < knn["top1"] <= 100 and knn["top5"] >= knn["top1"]
     assert main(["knn", "--pixels", "--data", "digits", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["top1"] > 90  # 8x8 digits are easy for raw pixels
     out = tmp_path / "probe.pth"
-    assert main(["linear", str(run.teacher_path), "--data", "digits", "--epochs", "5", "--json", "--output", str(out)]) == 0
+    assert main(["linear", str(run.teacher_path), "--epochs", "5", "--json", "--output", str(out)]) == 0
     probe = json.loads(capsys.readouterr().out)
+    assert probe["data"] == "digits" and probe["n"] == 364
     assert main(["eval", str(out), "--data", "digits", "--json"]) == 0
     # the saved classifier (standardisation folded into its head) reproduces the probe's accuracy
     assert json.loads(capsys.readouterr().out)["top1"] == pytest.approx(probe["top1"], abs=0.3)
@@ -285,6 +286,16 @@ def test_bad_evaluation_requests_fail_clearly(tmp_path, capsys):
     assert "expected a checkpoint" in capsys.readouterr().err
     assert main(["knn", "some.pth", "--pixels", "--data", "digits"]) == 2
     assert "not both" in capsys.readouterr().err
+    # without --data: the checkpoint's recorded dataset, else a one-line error (never a default dataset)
+    from xcit import create_model, save_checkpoint
+
+    bare = save_checkpoint(create_model("xcit_nano_12_p16", num_classes=0, patch_size=4, embed_dim=32, depth=2, num_heads=2),
+                           tmp_path / "bare.pth")
+    for command in (["knn", str(bare)], ["linear", str(bare)], ["knn", "--pixels"], ["linear", "--pixels"]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err
+        assert "expected --data" in err and len(err.strip().splitlines()) == 1, err
+    assert "bare.pth does not record the dataset" in (main(["knn", str(bare)]), capsys.readouterr().err)[1]
     with pytest.raises(ValueError, match="k >= 1"):
         knn_classify(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), torch.randn(2, 3), torch.zeros(2, dtype=torch.long), k=0)
     with pytest.raises(ValueError, match="batch-size"):

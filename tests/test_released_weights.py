@@ -10,7 +10,6 @@ import torch
 
 import xcit
 from xcit.models.weights import CheckpointError
-from xcit.segment.model import build_backbone
 
 LAYOUTS = Path(__file__).resolve().parents[1] / "reference" / "layouts"
 REPO = "timm/xcit_nano_12_p16_224.fb_in1k"
@@ -53,7 +52,7 @@ def test_hub_weights_load_offline_from_the_cache_and_match_timm(hub_cache):
 
 def test_hub_weights_for_the_pyramid_and_the_pretrained_option(hub_cache):
     pyramid = xcit.create_pyramid(f"hf-hub:{REPO}", pretrained=True)
-    backbone = build_backbone(checkpoint=f"hf-hub:{REPO}")  # what --pretrained of `xcit segment/detect train` calls
+    backbone = xcit.create_pyramid(checkpoint=f"hf-hub:{REPO}")  # what --pretrained of `xcit segment/detect train` calls
     timm_state = hub_cache.state_dict()
     from xcit.inference.loading import load_for_inference
 

@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from xcit.models import create_pyramid
 from xcit.segment.data import SegmentationFolder, TrainTransform, infer
 from xcit.segment.heads import Segmenter
 from xcit.segment.metrics import ConfusionMatrix, metrics_from_confusion
-from xcit.segment.model import build_backbone, build_segmenter, load_segmenter, save_segmenter
+from xcit.segment.model import build_segmenter, load_segmenter, save_segmenter
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
@@ -64,15 +65,15 @@ def test_backbone_from_classification_checkpoint(tmp_path):
 
     clf = create_model("xcit_nano_12_p16", num_classes=7, patch_size=8, embed_dim=32, depth=4, num_heads=2)
     path = save_checkpoint(clf, tmp_path / "clf.pth")
-    backbone = build_backbone(checkpoint=path)
+    backbone = create_pyramid(checkpoint=path)
     assert backbone.patch_size == 8 and backbone.depth == 4
     assert torch.equal(backbone.blocks[3].attn.qkv.weight, clf.blocks[3].attn.qkv.weight)
     # a DINO training checkpoint: teacher weights under "backbone."
     dino = {"teacher": {f"backbone.{k}": v for k, v in clf.state_dict().items()}, "epoch": 3}
     torch.save(dino, tmp_path / "dino.pth")
-    assert torch.equal(build_backbone(checkpoint=tmp_path / "dino.pth").blocks[0].mlp.fc1.weight, clf.blocks[0].mlp.fc1.weight)
+    assert torch.equal(create_pyramid(checkpoint=tmp_path / "dino.pth").blocks[0].mlp.fc1.weight, clf.blocks[0].mlp.fc1.weight)
     with pytest.raises(ValueError, match="does not hold xcit_small_12_p16"):
-        build_backbone("xcit_small_12_p16", checkpoint=path)
+        create_pyramid("xcit_small_12_p16", checkpoint=path)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -293,6 +293,43 @@ def test_config_precedence_yaml_and_cli(tmp_path, capsys):
     assert printed["epochs"] == 7 and printed["lr"] == 0.002 and printed["ema"] is True and printed["preset"] == "digits"
 
 
+@pytest.mark.parametrize("values, expected", [
+    ({"epochs": "2"}, ("epochs", 2)),  # a string from an environment or a form: coerced as the command line does
+    ({"epochs": 2.0}, ("epochs", 2)),
+    ({"lr": "1e-3"}, ("lr", 1e-3)),
+    ({"lr": 1}, ("lr", 1.0)),
+    ({"mean": 0.5, "std": [0.25]}, ("mean", [0.5])),  # one value for a list option, as `--mean 0.5`
+    ({"output": Path("runs/x")}, ("output", "runs/x")),
+])
+def test_python_config_values_are_coerced_like_the_command_line(values, expected):
+    cfg = resolve_config({"data": "digits", **values})
+    name, value = expected
+    assert getattr(cfg, name) == value and type(getattr(cfg, name)) is type(value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"epochs": 2.5}, r"epochs: expected an integer, got 2\.5"),  # never silently 2
+    ({"epochs": True}, "epochs: expected an integer, got True"),
+    ({"lr": "abc"}, "lr: expected a number, got 'abc'"),
+    ({"ema": "yes"}, "ema: expected true or false, got 'yes'"),
+    ({"mean": ["a"]}, "mean: expected a number"),
+    ({"model": ["xcit_nano_12_p16"]}, "model: expected a single value"),
+])
+def test_python_config_values_of_the_wrong_type_name_the_option(values, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config({"data": "digits", **values})
+
+
+def test_dino_config_values_are_coerced_too():
+    from xcit.dino import resolve_config as dino_config
+
+    assert dino_config({"data": "digits", "epochs": "3", "out_dim": 64.0}).epochs == 3
+    with pytest.raises(ValueError, match="epochs: expected an integer, got 2.5"):
+        dino_config(data="digits", epochs=2.5)
+    with pytest.raises(ValueError, match="lr: expected a number, got 'abc'"):
+        dino_config(data="digits", lr="abc")
+
+
 def test_bundled_yaml_presets_are_valid(capsys):
     files = [f for pattern in ("fashion_mnist.yaml", "digits.yaml", "imagenet_*.yaml", "transfer_*.yaml")
              for f in sorted((REPO / "configs").glob(pattern))]

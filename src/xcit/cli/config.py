@@ -1,17 +1,19 @@
 """Config files for CLI subcommands: YAML keys become option defaults, the command line wins.
 
-This is the one place where values read from a file become typed option values (:func:`coerce`);
-the command line goes through argparse's own ``type=``. Every mistake is a one-line error.
+Values read from a file become typed option values through :func:`xcit.config.coerce` (the same rule
+``resolve_config`` applies to Python values); the command line goes through argparse's own ``type=``.
+Every mistake is a one-line error.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..config import coerce
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -21,32 +23,11 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
 
 
-def coerce(option: str, value: Any, kind: Callable[[str], Any]) -> Any:
-    """``value`` read from a config file as the option's ``kind``; ``ValueError`` naming both if it is not one.
-
-    Integers must be integral (``2.5`` is refused, never truncated; ``2.0`` is 2) and booleans are
-    not numbers: YAML's ``yes`` for a count is a mistake, not 1.
-    """
-    def fail(expected: str) -> ValueError:
-        return ValueError(f"{option}: expected {expected}, got {value!r}")
-
-    if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise fail("an integer" if kind is int else "a number")
-        if kind is int and isinstance(value, float):
-            if not value.is_integer():
-                raise fail("an integer")
-            return int(value)
-        try:
-            return kind(value)
-        except ValueError:
-            raise fail("an integer" if kind is int else "a number") from None
-    if isinstance(value, (dict, list)):
-        raise fail("a single value")
-    try:
-        return kind(value)
-    except (ValueError, TypeError, argparse.ArgumentTypeError) as err:
-        raise fail(f"a valid value ({err})") from None
+def require_options(args: argparse.Namespace, *names: str) -> None:
+    """``ValueError`` naming the first of ``names`` not given (``None`` or empty) on the command line or in a config file."""
+    for name in names:
+        if getattr(args, name) in (None, []):
+            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
 
 
 def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:

@@ -6,8 +6,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .config import add_config_option
-from .train import TITLES, add_field_options, print_config, require, training_options
+from .config import add_config_option, require_options
+from .train import TITLES, add_field_options, print_config, training_options
 from .unreadable import Unreadable, add_policy
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,7 +78,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
     if args.in_domain and args.dataset != "trees":
         raise ValueError("expected --in-domain only with trees (nuclei always holds out one quadrant of its image)")
-    require(args, "output")
+    require_options(args, "output")
     paths = prepare(args.dataset, args.output, args.source, **({"in_domain": True} if args.in_domain else {}))
     print(f"wrote {args.dataset} to {args.output}: {paths['train']} (training), {paths['val']} (held out); see SOURCE.txt")
     return 0
@@ -99,9 +99,9 @@ def _load(args: argparse.Namespace):
     import torch
 
     from ..detect.model import load_detector, set_test_size
-    from .predict import resolve_device
+    from ..train.distributed import pick_device
 
-    require(args, "checkpoint")
+    require_options(args, "checkpoint")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, meta = load_detector(args.checkpoint)
@@ -109,7 +109,7 @@ def _load(args: argparse.Namespace):
         set_test_size(model, model.transform.test_size if args.test_size is None else args.test_size, args.max_size)
     if args.detections is not None:
         model.roi_heads.detections_per_img = args.detections
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     return model.to(device), meta, device
 
 
@@ -120,7 +120,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.coco_json is None and args.data:
         args.coco_json = str(Path(args.data) / "annotations" / "val.json")
-    require(args, "coco_json")
+    require_options(args, "coco_json")
     model, meta, device = _load(args)
     masks = model.roi_heads.has_mask()
     path = Path(args.coco_json)
@@ -145,7 +145,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..detect.predict import predict_files
     from .predict import input_images
 
-    require(args, "checkpoint", "inputs")
+    require_options(args, "checkpoint", "inputs")
     files = [Path(f) for f in input_images(args.inputs)]
     model, meta, device = _load(args)
     n = model.roi_heads.box_predictor.cls_score.out_features - 1

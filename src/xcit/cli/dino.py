@@ -69,7 +69,9 @@ def _register_eval(sub: argparse._SubParsersAction, name: str) -> None:
                     "under torchrun.",
     )
     p.add_argument("checkpoint", nargs="?", default=None, help="XCiT weights (omit with --pixels)")
-    p.add_argument("--data", default="fashion-mnist", help="fashion-mnist, digits, an IDX folder or class folders")
+    p.add_argument("--data", default=None,
+                   help="fashion-mnist, digits, an IDX folder or class folders (default: the dataset the checkpoint "
+                        "records it was trained on)")
     p.add_argument("--train-split", default="train")
     p.add_argument("--test-split", default="val", help="Fashion-MNIST: val = its 10k test images")
     p.add_argument("--pixels", action="store_true", help="use the normalised pixels as features (baseline)")

@@ -40,24 +40,14 @@ def streamed(args: argparse.Namespace, path: str) -> bool:
     return is_large(path, limit)
 
 
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"expected an available device, got {name!r} but CUDA is not available")
-    return device
-
-
 def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
     """The :class:`InferenceModel` the options name; warns on stderr when it is randomly initialised."""
     from ..inference import load_for_inference
+    from ..train.distributed import pick_device
 
     if args.checkpoint is None and args.model is None:
         raise ValueError("expected --checkpoint CKPT or --model NAME (random weights), got neither")
-    inf = load_for_inference(args.checkpoint, args.model, img_size=img_size, crop_pct=crop_pct, device=resolve_device(args.device))
+    inf = load_for_inference(args.checkpoint, args.model, img_size=img_size, crop_pct=crop_pct, device=pick_device(args.device))
     if inf.random_init:
         from ..inference.loading import RANDOM_INIT_WARNING
 
@@ -68,7 +58,7 @@ def load_model(args: argparse.Namespace, img_size=None, crop_pct=None):
 def input_images(inputs: list[str], lists: list[str] = ()) -> list[str]:
     """The images every prediction command reads: files (kept even when missing, to be reported as unreadable),
     folders searched recursively and list files; ``ValueError`` when there are none."""
-    from ..inference.predict import collect_images
+    from ..data.images import collect_images
 
     paths = collect_images(inputs, lists)
     if not paths:

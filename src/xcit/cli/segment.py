@@ -6,8 +6,8 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
-from .config import add_config_option
-from .train import TITLES, add_field_options, print_config, require, training_options
+from .config import add_config_option, require_options
+from .train import TITLES, add_field_options, print_config, training_options
 from .unreadable import Unreadable, add_policy
 
 
@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_prepare(args: argparse.Namespace) -> int:
     from ..segment.prepare import prepare
 
-    require(args, "output")
+    require_options(args, "output")
     out = prepare(args.dataset, args.output, args.source)
     print(f"wrote {args.dataset} to {out} (training: 3 quadrants, validation: the held-out bottom-right quadrant)")
     return 0
@@ -148,7 +148,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings, evaluate_checkpoint
 
-    require(args, "checkpoint", "data")
+    require_options(args, "checkpoint", "data")
     _, meta = load_segmenter(args.checkpoint)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
     metrics, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, settings, args.device, args.amp,
@@ -165,17 +165,19 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from ..segment.data import colorize, infer, overlay, read_image
+    from ..data.images import read_image
+    from ..segment.data import colorize, infer, overlay
     from ..segment.model import load_segmenter
     from ..segment.train import EvalSettings
-    from .predict import input_images, resolve_device
+    from ..train.distributed import pick_device
+    from .predict import input_images
 
-    require(args, "checkpoint", "inputs")
+    require_options(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
     files = [Path(f) for f in input_images(args.inputs)]
     model, meta = load_segmenter(args.checkpoint)
-    device = resolve_device(args.device)
+    device = pick_device(args.device)
     model.to(device)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
     palette = meta.get("palette") or []

@@ -6,28 +6,15 @@ ImageNet recipe; ``torchrun --nproc_per_node=8 -m xcit train ...`` the same data
 from __future__ import annotations
 
 import argparse
-import types
-import typing
 from pathlib import Path
 
+from ..config import field_kind
 from .config import add_config_option
 
 _INTERNAL = {"func", "command", "config", "_parser", "print_config", "detect_command", "segment_command"}
 # Option groups of the training commands, in the order --help shows them (the shared run options last).
 TITLES = {"data": "data", "model": "model", "optim": "optimisation", "augment": "augmentation and regularisation",
           "distill": "distillation", "eval": "evaluation", "run": "run (the same options in every training command)"}
-
-
-def _arg_type(annotation) -> tuple[type | None, bool]:
-    """(element type, is list) of a TrainConfig field annotation such as ``int | None``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"list": list}, {})  # annotations are postponed strings
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(
-        annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
-    base = args[0] if args else annotation
-    if typing.get_origin(base) is list:
-        return typing.get_args(base)[0], True
-    return base, False
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: dict[str, str]) -> None:
-    """One flag per dataclass field (``_opt`` metadata: help, group, choices, nargs, type), grouped under ``titles``
+    """One flag per dataclass field (:func:`xcit.config.option` metadata: help, group, choices, nargs, type), grouped under ``titles``
     (the shared run options last), and the old spellings of renamed options as hidden aliases.
 
     Flags default to ``argparse.SUPPRESS``: only the options given end up in the namespace.
@@ -74,7 +61,7 @@ def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: d
 
 
 def _add_field_flag(group, flags: list[str], f, meta, help_text: str) -> None:
-    kind, is_list = _arg_type(f.type)
+    kind, is_list = field_kind(f.type)
     kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
     if meta.get("choices"):
         kwargs["choices"] = meta["choices"]
@@ -104,13 +91,6 @@ def print_config(cfg) -> None:
     import yaml
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
-
-
-def require(args: argparse.Namespace, *names: str) -> None:
-    """A one-line error for the first of ``names`` not given (an option a subcommand cannot run without)."""
-    for name in names:
-        if getattr(args, name) in (None, []):
-            raise ValueError(f"expected --{name.replace('_', '-')}, got none")
 
 
 def _saved_run_config(resume: str, output: str | None) -> dict:

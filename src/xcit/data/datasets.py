@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGENET_MEAN, IMAGENET_STD, load_image
+from .images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
 
 log = logging.getLogger("xcit.data")
 
@@ -36,7 +36,6 @@ FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 DIGITS_MEAN, DIGITS_STD = (0.3053,), (0.3759,)
 # Where a named Fashion-MNIST is looked for, first match wins ($XCIT_FASHION_MNIST overrides).
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "~/.cache/xcit/fashion-mnist", "data/fashion-mnist")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".jfif")
 NAMED_DATASETS = ("fashion-mnist", "digits")
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),

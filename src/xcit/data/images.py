@@ -1,9 +1,16 @@
-"""Image loading and the official evaluation preprocessing."""
+"""Image files: which names are images, listing them, reading them, and the official evaluation preprocessing.
+
+The one reader of every task (classification, attention, segmentation, detection) is
+:func:`load_image` (a PIL image) and :func:`read_image` (its uint8 tensor); deeper than 8-bit
+images are scaled by their bit depth (:func:`to_8bit`) everywhere.
+"""
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +19,45 @@ from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# file name endings (lower case) taken for images when folders are searched
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+def is_image_file(name: str | os.PathLike) -> bool:
+    """Whether a file name ends in one of :data:`IMAGE_EXTENSIONS` (any case)."""
+    return os.fspath(name).lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder: str | os.PathLike, *, recursive: bool = True, extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """The image files in ``folder`` (and its sub-folders when ``recursive``), sorted by path."""
+    folder = Path(folder)
+    entries = folder.rglob("*") if recursive else folder.iterdir()
+    ends = tuple(e.lower() for e in extensions)
+    return sorted(f for f in entries if f.name.lower().endswith(ends) and f.is_file())
+
+
+def collect_images(inputs: Iterable[str | os.PathLike] = (), lists: Iterable[str | os.PathLike] = ()) -> list[str]:
+    """Image paths from files, folders (searched recursively for image extensions, sorted) and list files.
+
+    A list file holds one path per line (blank lines and ``#`` comments skipped; ``-`` reads stdin);
+    relative paths in it are relative to the current directory. Files named explicitly are kept
+    even when missing or not images, so that they are reported as errors rather than dropped.
+    """
+    paths: list[str] = []
+    for item in inputs:
+        if Path(item).is_dir():
+            paths += [str(f) for f in list_images(item)]
+        else:
+            paths.append(os.fspath(item))
+    for lst in lists:
+        if os.fspath(lst) == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            if not Path(lst).is_file():
+                raise FileNotFoundError(f"list file {os.fspath(lst)!r} does not exist")
+            lines = Path(lst).read_text().splitlines()
+        paths += [s for line in lines if (s := line.strip()) and not s.startswith("#")]
+    return paths
 
 
 def load_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image:
@@ -25,6 +71,11 @@ def load_image(path: str | os.PathLike, in_chans: int = 3) -> Image.Image:
             return to_8bit(img).convert("L" if in_chans == 1 else "RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
+
+
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """uint8 (3, H, W) tensor of an image file (:func:`load_image` as RGB); ValueError if unreadable."""
+    return torch.from_numpy(np.array(load_image(path, in_chans=3))).permute(2, 0, 1).contiguous()
 
 
 def to_8bit(img: Image.Image) -> Image.Image:

@@ -19,18 +19,22 @@ PIP = "pip install --no-deps deepforest==2.1.0"
 CLASSES = ["background", "tree"]
 
 
+def read_voc(stem: str, source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB image (H, W, 3), boxes float (N, 4) as x0, y0, x1, y1 in pixels) of deepforest's
+    ``data/<stem>.png`` and its Pascal VOC ``data/<stem>.xml``; ``source``: the wheel or its folder."""
+    with Image.open(io.BytesIO(package_file("deepforest", f"data/{stem}.png", source, PIP))) as img:
+        image = np.array(img.convert("RGB"))
+    root = ET.fromstring(package_file("deepforest", f"data/{stem}.xml", source, PIP))
+    boxes = [[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")] for o in root.iter("object")]
+    return image, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+
+
 def load_trees(source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image (400, 400, 3), boxes float (N, 4) as x0, y0, x1, y1 in pixels, end-exclusive)."""
-    with Image.open(io.BytesIO(package_file("deepforest", "data/OSBS_029.png", source, PIP))) as img:
-        image = np.array(img.convert("RGB"))
-    root = ET.fromstring(package_file("deepforest", "data/OSBS_029.xml", source, PIP))
-    boxes = []
-    for obj in root.iter("object"):
-        b = obj.find("bndbox")
-        boxes.append([float(b.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")])
-    if not boxes:
+    image, boxes = read_voc("OSBS_029", source)
+    if not len(boxes):
         raise ValueError("deepforest OSBS_029.xml holds no boxes")
-    return image, np.asarray(boxes, dtype=np.float64)
+    return image, boxes
 
 
 def boxes_to_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:

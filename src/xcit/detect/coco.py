@@ -7,8 +7,11 @@ Validation rules (documented in docs/detection.md):
 * unreadable file or broken JSON, missing ``images`` / ``categories``, an image entry without
   ``id`` / ``file_name``, duplicate image or category ids, an image file that does not exist:
   :class:`CocoFormatError` naming the file and the problem;
-* an annotation with an unknown ``image_id`` or ``category_id``, a malformed ``bbox``, a box with
-  no area, or a box entirely outside its image: skipped, and counted in :class:`ValidationReport`;
+* an annotation with an unknown ``image_id`` or ``category_id``, a malformed ``bbox``, a box with a
+  non-finite coordinate (NaN, infinity), a box with no area, a box entirely outside its image, or a
+  malformed ``segmentation`` (a polygon of non-numbers, an odd number of coordinates or fewer than 3
+  points; an RLE without ``counts`` / ``size`` or of another size than its image): skipped, and
+  counted in :class:`ValidationReport`;
 * a box partly outside its image: clipped to the image, counted;
 * an image without annotations: kept (a negative example for training), counted;
 * ``iscrowd`` annotations: not trained on; COCO evaluation treats them as crowd regions;
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -30,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..segment.data import read_image
+from ..data.images import read_image
 
 log = logging.getLogger("xcit.data")
 
@@ -145,10 +149,17 @@ def clean_coco(data: dict[str, Any], path: str | os.PathLike = "<coco>", *, imag
             report.skip("unknown category_id", f"{where}: category_id {ann.get('category_id')!r}")
             continue
         box = ann.get("bbox")
-        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)):
+        if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(_is_number(v) for v in box)):
             report.skip("malformed bbox", f"{where}: bbox {box!r}")
             continue
+        if not all(math.isfinite(v) for v in box):
+            report.skip("non-finite bbox", f"{where}: bbox {box!r}")
+            continue
         img = images[ann["image_id"]]
+        problem = _segmentation_problem(ann.get("segmentation"), img)
+        if problem:
+            report.skip("malformed segmentation", f"{where}: {problem}")
+            continue
         x0, y0, w, h = (float(v) for v in box)
         if not (w > 0 and h > 0):
             report.skip("box without area", f"{where}: bbox {box!r}")
@@ -177,6 +188,35 @@ def clean_coco(data: dict[str, Any], path: str | os.PathLike = "<coco>", *, imag
     report.empty_images = len(images) - len(used)
     out = {**data, "images": list(images.values()), "annotations": kept, "categories": list(cats.values())}
     return out, report
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _segmentation_problem(seg: Any, img: dict) -> str | None:
+    """What is wrong with an annotation's ``segmentation`` (polygons or RLE), or None when it is usable or absent."""
+    if not seg:
+        return None  # absent: the box stands in for the mask where one is needed
+    if isinstance(seg, list):
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, (list, tuple)) or not all(_is_number(v) for v in poly):
+                return f"polygon {k} is not a list of numbers ({str(poly)[:60]})"
+            if not all(math.isfinite(v) for v in poly):
+                return f"polygon {k} has a non-finite coordinate ({str(poly)[:60]})"
+            if len(poly) % 2:
+                return f"polygon {k} has an odd number of coordinates ({len(poly)}; expected x, y pairs)"
+            if len(poly) < 6:
+                return f"polygon {k} has {len(poly) // 2} points (expected at least 3)"
+        return None
+    if isinstance(seg, dict):
+        counts, size = seg.get("counts"), seg.get("size")
+        if not (isinstance(counts, (str, bytes)) or (isinstance(counts, list) and all(isinstance(c, int) for c in counts))):
+            return f"RLE without counts (a string or a list of integers), got {str(counts)[:60]}"
+        if list(size or []) != [img["height"], img["width"]]:
+            return f"RLE of size {size!r} in a {img['height']}x{img['width']} (height x width) image"
+        return None
+    return f"expected polygons (a list) or an RLE (an object), got {type(seg).__name__}"
 
 
 def _area(ann: dict, img: dict) -> float:

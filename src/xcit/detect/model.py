@@ -1,6 +1,6 @@
 """Detectors: the XCiT pyramid + torchvision's FPN inside torchvision's Mask R-CNN / Faster R-CNN.
 
-The backbone is :func:`xcit.segment.model.build_backbone` (named, custom, or the trunk of any
+The backbone is :func:`xcit.models.create_pyramid` (named, custom, or the trunk of any
 classification or DINO checkpoint, official release files included), wrapped with a 256-channel
 :class:`torchvision.ops.FeaturePyramidNetwork` and a max-pooled fifth level (P2..P6, strides
 4..64) as in the paper's Mask R-CNN. Detector checkpoints hold the configuration to rebuild the
@@ -23,16 +23,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ..models import MODELS, XCiTPyramid, resolve_name
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from ..models import MODELS, XCiTPyramid, create_pyramid, resolve_name
 from ..models.weights import CheckpointError
-from ..segment.model import build_backbone
 from .recipe import BOX_LOSSES, ROI_ALIGNS, roi_poolers, use_box_loss
 
 FORMAT = "xcit-detector-1"
 KINDS = ("mask_rcnn", "faster_rcnn")
 CONVENTIONS = ("torchvision", "mmdet")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class XCiTFPN(nn.Module):
@@ -246,13 +244,13 @@ def build_detector(
 ) -> nn.Module:
     """Mask R-CNN (default) or Faster R-CNN (``kind="faster_rcnn"``) for ``num_classes`` object classes.
 
-    The backbone comes from :func:`xcit.segment.model.build_backbone` (``backbone`` name, ``pretrained``
+    The backbone comes from :func:`xcit.models.create_pyramid` (``backbone`` name, ``pretrained``
     checkpoint and/or ``arch`` shape); ``drop_path_rate`` defaults to the named model's dense-task
     rate. ``settings`` go to :func:`detector_config`.
     """
     if drop_path_rate is None:
         drop_path_rate = default_drop_path(backbone)
-    body = build_backbone(backbone, pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate, **(arch or {}))
+    body = create_pyramid(backbone, pretrained, out_indices=out_indices, drop_path_rate=drop_path_rate, **(arch or {}))
     cfg = detector_config(num_classes, **settings)
     cfg["backbone"] = dict(arch=dict(body.arch_config), out_indices=list(body.out_indices),
                            name=getattr(body, "model_name", None), drop_path_rate=drop_path_rate)

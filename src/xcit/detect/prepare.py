@@ -10,17 +10,15 @@ Output: ``OUT/images/{train,val}/*.png``, ``OUT/annotations/{train,val}.json``, 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from ..data.packaged import package_file
 from ..data.split import HELD_OUT_QUADRANT, TRAIN_QUADRANTS, quadrant_slices
+from ..data.trees import read_voc
 
 DATASETS = ("trees", "nuclei")
 TREE_TRAIN = ("2019_YELL_2_541000_4977000_image_crop", "2019_YELL_2_528000_4978000_image_crop2", "SOAP_061")
@@ -98,37 +96,27 @@ class CocoWriter:
         return path
 
 
-def _read_voc(source, stem: str) -> tuple[np.ndarray, np.ndarray]:
-    from ..data.trees import PIP
-
-    with Image.open(io.BytesIO(package_file("deepforest", f"data/{stem}.png", source, PIP))) as img:
-        image = np.array(img.convert("RGB"))
-    root = ET.fromstring(package_file("deepforest", f"data/{stem}.xml", source, PIP))
-    boxes = [[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")] for o in root.iter("object")]
-    return image, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-
-
 def prepare_trees(out: Path, source=None, tile: int = 400, overlap: int = 100, min_visible: float = 0.5,
                   in_domain: bool = False) -> dict:
     """Trees as described in the module docstring; ``in_domain`` instead trains on OSBS_029's three other
     quadrants too and holds out its bottom-right quadrant (segmentation's split): a same-site diagnostic."""
     train, val = CocoWriter(out, "train", ["tree"]), CocoWriter(out, "val", ["tree"])
     if in_domain:
-        image, boxes = _read_voc(source, TREE_HELD_OUT)
+        image, boxes = read_voc(TREE_HELD_OUT, source)
         h, w = image.shape[:2]
         for q in (*TRAIN_QUADRANTS, HELD_OUT_QUADRANT):
             rows, cols = quadrant_slices(h, w, q)
             kept = crop_boxes(boxes, cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start, min_visible)
             (val if q == HELD_OUT_QUADRANT else train).add(f"{TREE_HELD_OUT}_{q}", image[rows, cols], kept)
     for stem in TREE_TRAIN:
-        image, boxes = _read_voc(source, stem)
+        image, boxes = read_voc(stem, source)
         h, w = image.shape[:2]
         for y0 in tile_starts(h, tile, overlap):
             for x0 in tile_starts(w, tile, overlap):
                 th, tw = min(tile, h), min(tile, w)
                 train.add(f"{stem}_y{y0}_x{x0}", image[y0:y0 + th, x0:x0 + tw], crop_boxes(boxes, x0, y0, tw, th, min_visible))
     if not in_domain:
-        image, boxes = _read_voc(source, TREE_HELD_OUT)
+        image, boxes = read_voc(TREE_HELD_OUT, source)
         val.add(TREE_HELD_OUT, image, boxes)
     held_out = (f"{TREE_HELD_OUT}.png's {HELD_OUT_QUADRANT} quadrant (its other three quadrants are trained on: "
                 "--in-domain)" if in_domain else f"{TREE_HELD_OUT}.png (whole)")

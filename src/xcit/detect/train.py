@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ import torch
 
 from ..train import distributed as dist_utils
 from ..train.checkpoint import rng_state, set_rng_state
-from ..train.config import PyramidOptions, _opt, merge_with_preset, validate_dense_options
+from ..config import option
+from ..train.config import PyramidOptions, merge_with_preset, validate_dense_options
 from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
 from ..train.optim import StepSchedule, dense_param_groups
@@ -51,55 +52,55 @@ class DetectConfig(PyramidOptions):
     with adaptive sampling, tested at 800."""
 
     # --- data
-    data: str | None = _opt(None, "a prepared dataset: ROOT/annotations/{train,val}.json + ROOT/images", "data")
-    train_json: str | None = _opt(None, "COCO file of the training images (default: ROOT/annotations/train.json)", "data")
-    val_json: str | None = _opt(None, "COCO file of the evaluation images (default: ROOT/annotations/val.json if "
+    data: str | None = option(None, "a prepared dataset: ROOT/annotations/{train,val}.json + ROOT/images", "data")
+    train_json: str | None = option(None, "COCO file of the training images (default: ROOT/annotations/train.json)", "data")
+    val_json: str | None = option(None, "COCO file of the evaluation images (default: ROOT/annotations/val.json if "
                                 "present)", "data")
-    images: str | None = _opt(None, "image root for both files (default: ROOT/images for ROOT/annotations/*.json)",
+    images: str | None = option(None, "image root for both files (default: ROOT/images for ROOT/annotations/*.json)",
                               "data")
-    strict: bool = _opt(False, "fail on invalid annotations instead of skipping (and counting) them", "data")
+    strict: bool = option(False, "fail on invalid annotations instead of skipping (and counting) them", "data")
     # --- model
-    kind: str = _opt("mask_rcnn", "mask_rcnn (boxes + masks) or faster_rcnn (boxes)", "model", KINDS)
-    fpn_channels: int = _opt(256, "FPN width", "model")
-    anchor_sizes: list[int] | None = _opt(None, "anchor size per level P2..P6 (default 32 64 128 256 512)", "model",
+    kind: str = option("mask_rcnn", "mask_rcnn (boxes + masks) or faster_rcnn (boxes)", "model", KINDS)
+    fpn_channels: int = option(256, "FPN width", "model")
+    anchor_sizes: list[int] | None = option(None, "anchor size per level P2..P6 (default 32 64 128 256 512)", "model",
                                           nargs=5)
-    box_head_dim: int = _opt(1024, "box head MLP width", "model")
-    mask_head_channels: int = _opt(256, "mask head conv width", "model")
-    rpn_batch_size: int = _opt(256, "anchors sampled per image for the RPN loss", "model")
-    rpn_pre_nms_train: int = _opt(2000, "proposals kept before NMS per level in training", "model")
-    rpn_post_nms_train: int = _opt(1000, "proposals kept after NMS per image in training (the official configs)",
+    box_head_dim: int = option(1024, "box head MLP width", "model")
+    mask_head_channels: int = option(256, "mask head conv width", "model")
+    rpn_batch_size: int = option(256, "anchors sampled per image for the RPN loss", "model")
+    rpn_pre_nms_train: int = option(2000, "proposals kept before NMS per level in training", "model")
+    rpn_post_nms_train: int = option(1000, "proposals kept after NMS per image in training (the official configs)",
                                    "model")
-    rpn_pre_nms_test: int = _opt(1000, "proposals kept before NMS per level at test time", "model")
-    rpn_post_nms_test: int = _opt(1000, "proposals kept after NMS per image at test time", "model")
-    roi_batch_size: int = _opt(512, "RoIs sampled per image for the box head", "model")
-    detections_per_img: int = _opt(100, "detections kept per image", "model")
-    roi_align: str = _opt("mmdet", "mmdet (official: aligned, adaptive sampling) or torchvision (aligned=False, "
+    rpn_pre_nms_test: int = option(1000, "proposals kept before NMS per level at test time", "model")
+    rpn_post_nms_test: int = option(1000, "proposals kept after NMS per image at test time", "model")
+    roi_batch_size: int = option(512, "RoIs sampled per image for the box head", "model")
+    detections_per_img: int = option(100, "detections kept per image", "model")
+    roi_align: str = option("mmdet", "mmdet (official: aligned, adaptive sampling) or torchvision (aligned=False, "
                           "2 samples)", "model", ("mmdet", "torchvision"))
-    box_loss: str = _opt("l1", "l1 (official) or smooth_l1 (torchvision's, beta 1/9)", "model", ("l1", "smooth_l1"))
-    min_size: list[int] | None = _opt(None, "training shorter sides, one drawn per batch (default 480..800 step 32); "
+    box_loss: str = option("l1", "l1 (official) or smooth_l1 (torchvision's, beta 1/9)", "model", ("l1", "smooth_l1"))
+    min_size: list[int] | None = option(None, "training shorter sides, one drawn per batch (default 480..800 step 32); "
                                       "0: native size", "model")
-    max_size: int = _opt(1333, "cap on the longer side", "model")
-    test_size: int | None = _opt(None, "test shorter side (default: the largest training size; 0: native)", "model")
+    max_size: int = option(1333, "cap on the longer side", "model")
+    test_size: int | None = option(None, "test shorter side (default: the largest training size; 0: native)", "model")
     # --- optimisation
-    epochs: float = _opt(36, "training epochs (may be fractional)", "optim")
-    iters: int | None = _opt(None, "training steps (overrides --epochs)", "optim")
-    lr: float = _opt(1e-4, "AdamW learning rate (not scaled with the batch, as mmdet)", "optim")
-    weight_decay: float = _opt(0.05, "AdamW weight decay", "optim")
-    lr_steps: list[float] = _opt([27 / 36, 33 / 36], "fractions of the run where the rate drops", "optim")
-    lr_gamma: float = _opt(0.1, "drop factor at each of --lr-steps", "optim")
-    warmup_iters: int = _opt(500, "linear warm-up steps", "optim")
-    warmup_ratio: float = _opt(0.001, "warm-up starts at this fraction of the rate", "optim")
+    epochs: float = option(36, "training epochs (may be fractional)", "optim")
+    iters: int | None = option(None, "training steps (overrides --epochs)", "optim")
+    lr: float = option(1e-4, "AdamW learning rate (not scaled with the batch, as mmdet)", "optim")
+    weight_decay: float = option(0.05, "AdamW weight decay", "optim")
+    lr_steps: list[float] = option([27 / 36, 33 / 36], "fractions of the run where the rate drops", "optim")
+    lr_gamma: float = option(0.1, "drop factor at each of --lr-steps", "optim")
+    warmup_iters: int = option(500, "linear warm-up steps", "optim")
+    warmup_ratio: float = option(0.001, "warm-up starts at this fraction of the rate", "optim")
     # --- augmentation
-    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
-    vflip: float = _opt(0.0, "vertical flip probability (top-down imagery)", "augment")
-    rot90: bool = _opt(False, "random 90-degree turns (top-down imagery)", "augment")
-    color_jitter: float = _opt(0.0, "brightness / contrast / saturation jitter (hue a quarter of it); 0: off",
+    hflip: float = option(0.5, "horizontal flip probability", "augment")
+    vflip: float = option(0.0, "vertical flip probability (top-down imagery)", "augment")
+    rot90: bool = option(False, "random 90-degree turns (top-down imagery)", "augment")
+    color_jitter: float = option(0.0, "brightness / contrast / saturation jitter (hue a quarter of it); 0: off",
                                "augment")
-    crop_policy: bool = _opt(True, "the official 3x recipe's DETR-style random crop on half of the images",
+    crop_policy: bool = option(True, "the official 3x recipe's DETR-style random crop on half of the images",
                              "augment")
     # --- run (the options shared by every training command are in RunOptions)
-    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)", "run")
-    preset: str | None = _opt(None, "option preset: coco (the official recipe, the default)", "run")
+    eval_every: int = option(0, "evaluate every N steps (0: only at the end)", "run")
+    preset: str | None = option(None, "option preset: coco (the official recipe, the default)", "run")
 
 
 PRESETS: dict[str, dict[str, Any]] = {"coco": {}}
@@ -108,8 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {"coco": {}}
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DetectConfig:
     """A :class:`DetectConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated);
     ``data`` fills the COCO file paths of a prepared dataset."""
-    known = list(DetectConfig.__dataclass_fields__)
-    merged = merge_with_preset({**(values or {}), **kwargs}, known, PRESETS, "", (
+    merged = merge_with_preset({**(values or {}), **kwargs}, list(fields(DetectConfig)), PRESETS, "", (
         "output", "resume", "data", "train_json", "val_json", "images", "model", "pretrained", "clip_grad",
         "time_budget_min", "iters", "test_size"), what="detection", choose=lambda data: "coco")
     cfg = DetectConfig(**merged)

@@ -10,7 +10,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ..train.config import AMP_MODES, RunOptions, _opt, merge_with_preset, save_config, validate_run_options  # noqa: F401
+from ..config import option
+from ..train.config import AMP_MODES, RunOptions, merge_with_preset, save_config, validate_run_options  # noqa: F401
 
 CLIP_MODES = ("per-param", "global")
 
@@ -20,71 +21,71 @@ class DinoConfig(RunOptions):
     """Every option of ``xcit dino``; defaults are the official DINO code's ImageNet recipe (docs/fidelity.md)."""
 
     # --- data
-    data: str = _opt("fashion-mnist", "images to pretrain on (labels are never read): fashion-mnist, digits, an IDX "
+    data: str = option("fashion-mnist", "images to pretrain on (labels are never read): fashion-mnist, digits, an IDX "
                      "folder or a folder with <split>/<class>/ images", "data")
-    train_split: str = _opt("train", "split to pretrain on", "data")
-    in_chans: int | None = _opt(None, "image channels (default: the dataset's; 3 for folders)", "data")
-    mean: list[float] | None = _opt(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
-    std: list[float] | None = _opt(None, "normalisation std (default: the dataset's)", "data", nargs="+")
+    train_split: str = option("train", "split to pretrain on", "data")
+    in_chans: int | None = option(None, "image channels (default: the dataset's; 3 for folders)", "data")
+    mean: list[float] | None = option(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
+    std: list[float] | None = option(None, "normalisation std (default: the dataset's)", "data", nargs="+")
 
     # --- model
-    model: str = _opt("xcit_small_12_p16", "backbone architecture (see `xcit models`)", "model")
-    patch_size: int | None = _opt(None, "override the patch size (4, 8, 16)", "model")
-    embed_dim: int | None = _opt(None, "override the embedding dimension", "model")
-    depth: int | None = _opt(None, "override the number of XCA blocks", "model")
-    num_heads: int | None = _opt(None, "override the number of heads", "model")
-    tokens_norm: bool | None = _opt(None, "override class-attention tokens_norm", "model")
-    drop_path: float = _opt(0.1, "stochastic depth of the student", "model")
-    out_dim: int = _opt(65536, "K, the number of DINO head outputs (prototypes)", "model")
-    hidden_dim: int = _opt(2048, "DINO head MLP width", "model")
-    bottleneck_dim: int = _opt(256, "DINO head bottleneck (L2-normalised) width", "model")
-    norm_last_layer: bool = _opt(True, "fix the weight-normalised last layer's norms to 1", "model")
+    model: str = option("xcit_small_12_p16", "backbone architecture (see `xcit models`)", "model")
+    patch_size: int | None = option(None, "override the patch size (4, 8, 16)", "model")
+    embed_dim: int | None = option(None, "override the embedding dimension", "model")
+    depth: int | None = option(None, "override the number of XCA blocks", "model")
+    num_heads: int | None = option(None, "override the number of heads", "model")
+    tokens_norm: bool | None = option(None, "override class-attention tokens_norm", "model")
+    drop_path: float = option(0.1, "stochastic depth of the student", "model")
+    out_dim: int = option(65536, "K, the number of DINO head outputs (prototypes)", "model")
+    hidden_dim: int = option(2048, "DINO head MLP width", "model")
+    bottleneck_dim: int = option(256, "DINO head bottleneck (L2-normalised) width", "model")
+    norm_last_layer: bool = option(True, "fix the weight-normalised last layer's norms to 1", "model")
 
     # --- multi-crop augmentation
-    global_size: int = _opt(224, "global crop size (pixels)", "augment")
-    global_scale: list[float] = _opt([0.4, 1.0], "area range of the 2 global crops", "augment", nargs=2)
-    local_crops: int = _opt(8, "number of local crops (0: global crops only)", "augment")
-    local_size: int = _opt(96, "local crop size (pixels)", "augment")
-    local_scale: list[float] = _opt([0.05, 0.4], "area range of the local crops", "augment", nargs=2)
-    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
-    jitter_prob: float = _opt(0.8, "probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, "
+    global_size: int = option(224, "global crop size (pixels)", "augment")
+    global_scale: list[float] = option([0.4, 1.0], "area range of the 2 global crops", "augment", nargs=2)
+    local_crops: int = option(8, "number of local crops (0: global crops only)", "augment")
+    local_size: int = option(96, "local crop size (pixels)", "augment")
+    local_scale: list[float] = option([0.05, 0.4], "area range of the local crops", "augment", nargs=2)
+    hflip: float = option(0.5, "horizontal flip probability", "augment")
+    jitter_prob: float = option(0.8, "probability of colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, "
                               "hue 0.1)", "augment")
-    grayscale_prob: float = _opt(0.2, "probability of converting an RGB crop to grey", "augment")
-    blur_prob: list[float] = _opt([1.0, 0.1, 0.5], "Gaussian blur probability: global crop 1, global crop 2, "
+    grayscale_prob: float = option(0.2, "probability of converting an RGB crop to grey", "augment")
+    blur_prob: list[float] = option([1.0, 0.1, 0.5], "Gaussian blur probability: global crop 1, global crop 2, "
                                   "local crops", "augment", nargs=3)
-    blur_sigma: list[float] = _opt([0.1, 2.0], "blur sigma range in pixels", "augment", nargs=2)
-    solarize_prob: float = _opt(0.2, "solarisation probability of global crop 2", "augment")
+    blur_sigma: list[float] = option([0.1, 2.0], "blur sigma range in pixels", "augment", nargs=2)
+    solarize_prob: float = option(0.2, "solarisation probability of global crop 2", "augment")
 
     # --- optimisation
-    epochs: int = _opt(100, "pretraining epochs (with --time-budget-min: an upper bound)", "optim")
-    time_budget_min: float | None = _opt(None, "fit the run into this many minutes: the speed is measured on the "
+    epochs: int = option(100, "pretraining epochs (with --time-budget-min: an upper bound)", "optim")
+    time_budget_min: float | None = option(None, "fit the run into this many minutes: the speed is measured on the "
                                          "first steps and every schedule is set to the steps that fit (0: none)", "optim")
-    batch_size: int = _opt(64, "images per process per step (global batch = this x processes)", "optim")
-    lr: float = _opt(5e-4, "peak learning rate per 256 images (scaled by global batch / 256)", "optim")
-    min_lr: float = _opt(1e-6, "final learning rate of the cosine schedule", "optim")
-    warmup_epochs: float = _opt(10.0, "linear lr warm-up from 0, in epochs", "optim")
-    weight_decay: float = _opt(0.04, "weight decay at the start (cosine schedule)", "optim")
-    weight_decay_end: float = _opt(0.4, "weight decay at the end", "optim")
-    clip_grad: float | None = _opt(3.0, "clip gradient norms to this value (none: no clipping)", "optim")
-    clip_grad_mode: str = _opt("per-param", "per-param: each parameter's gradient separately (DINO's "
+    batch_size: int = option(64, "images per process per step (global batch = this x processes)", "optim")
+    lr: float = option(5e-4, "peak learning rate per 256 images (scaled by global batch / 256)", "optim")
+    min_lr: float = option(1e-6, "final learning rate of the cosine schedule", "optim")
+    warmup_epochs: float = option(10.0, "linear lr warm-up from 0, in epochs", "optim")
+    weight_decay: float = option(0.04, "weight decay at the start (cosine schedule)", "optim")
+    weight_decay_end: float = option(0.4, "weight decay at the end", "optim")
+    clip_grad: float | None = option(3.0, "clip gradient norms to this value (none: no clipping)", "optim")
+    clip_grad_mode: str = option("per-param", "per-param: each parameter's gradient separately (DINO's "
                                "utils.clip_gradients); global: one norm over all of them", "optim", CLIP_MODES)
-    wd_exempt_per_channel: bool = _opt(False, "also exempt per-channel parameters (XCA temperature, cls token) "
+    wd_exempt_per_channel: bool = option(False, "also exempt per-channel parameters (XCA temperature, cls token) "
                                        "from weight decay (DINO decays them; only biases and norms are exempt)",
                                        "optim")
-    freeze_last_layer: float = _opt(1.0, "epochs during which the head's last layer gets no update", "optim")
-    momentum_teacher: float = _opt(0.996, "teacher EMA momentum at the start (cosine to 1)", "optim")
-    warmup_teacher_temp: float = _opt(0.04, "teacher temperature at the start", "optim")
-    teacher_temp: float = _opt(0.07, "teacher temperature after the warm-up", "optim")
-    warmup_teacher_temp_epochs: float = _opt(30.0, "teacher temperature warm-up length in epochs", "optim")
-    teacher_temp_per_step: bool = _opt(False, "warm the teacher temperature up at every step (off: once per epoch, "
+    freeze_last_layer: float = option(1.0, "epochs during which the head's last layer gets no update", "optim")
+    momentum_teacher: float = option(0.996, "teacher EMA momentum at the start (cosine to 1)", "optim")
+    warmup_teacher_temp: float = option(0.04, "teacher temperature at the start", "optim")
+    teacher_temp: float = option(0.07, "teacher temperature after the warm-up", "optim")
+    warmup_teacher_temp_epochs: float = option(30.0, "teacher temperature warm-up length in epochs", "optim")
+    teacher_temp_per_step: bool = option(False, "warm the teacher temperature up at every step (off: once per epoch, "
                                        "as DINO; time-budgeted runs always do it per step)", "optim")
-    student_temp: float = _opt(0.1, "student temperature", "optim")
-    center_momentum: float = _opt(0.9, "momentum of the centre of teacher outputs", "optim")
-    koleo_weight: float = _opt(0.0, "weight of DINOv2's KoLeo regulariser on the student's global-crop features "
+    student_temp: float = option(0.1, "student temperature", "optim")
+    center_momentum: float = option(0.9, "momentum of the centre of teacher outputs", "optim")
+    koleo_weight: float = option(0.0, "weight of DINOv2's KoLeo regulariser on the student's global-crop features "
                                "(0: off, as in DINO)", "optim")
 
     # --- run (the options shared by every training command are in RunOptions)
-    preset: str | None = _opt(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
+    preset: str | None = option(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
 
 
 
@@ -127,7 +128,7 @@ def config_fields() -> list[dataclasses.Field]:
 
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DinoConfig:
     """A :class:`DinoConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
-    merged = merge_with_preset({**(values or {}), **kwargs}, [f.name for f in config_fields()], PRESETS,
+    merged = merge_with_preset({**(values or {}), **kwargs}, config_fields(), PRESETS,
                                DinoConfig.data, ("output", "resume", "clip_grad", "time_budget_min"), what="DINO")
     if merged.get("time_budget_min") == 0:  # `--time-budget-min 0` lifts a preset's budget
         merged["time_budget_min"] = None

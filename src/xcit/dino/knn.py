@@ -56,6 +56,19 @@ class FeatureSource:
     in_chans: int | None
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
+    dataset: str | None = None  # the dataset the checkpoint records it was trained on
+
+
+def evaluation_data(source: FeatureSource, data: str | None) -> str:
+    """``data`` if given, else the dataset ``source``'s checkpoint records (``xcit train``, ``xcit dino`` and the
+    linear probe write it); ``ValueError`` when neither says which images to evaluate on."""
+    if data is not None:
+        return str(data)
+    if source.dataset:
+        return source.dataset
+    why = ("raw pixel features have no checkpoint to read it from" if source.model.backbone is None
+           else f"{source.label} does not record the dataset it was trained on")
+    raise ValueError(f"expected --data (the images to evaluate on): {why}")
 
 
 def load_feature_model(checkpoint: str | os.PathLike | None = None, *, pixels: bool = False, random_init: bool = False,
@@ -78,7 +91,8 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, *, pixels: b
         label = f"random init ({label}'s architecture, seed {seed})"
     model.eval()
     return FeatureSource(FeatureModel(model, pool), label, data.get("img_size"), model.in_chans,
-                         tuple(data["mean"]) if data.get("mean") else None, tuple(data["std"]) if data.get("std") else None)
+                         tuple(data["mean"]) if data.get("mean") else None, tuple(data["std"]) if data.get("std") else None,
+                         str(data["dataset"]) if data.get("dataset") else None)
 
 
 DINO_CROP_PCT = 0.875  # eval_knn.py / eval_linear.py: Resize(256) + CenterCrop(224)
@@ -102,8 +116,10 @@ def feature_dataset(source: FeatureSource, data: str, split: str, classes: list[
     return dataset, size, source.mean or tuple(dataset.mean), source.std or tuple(dataset.std)
 
 
-def _loader(source: FeatureSource, data: str, split: str, env: dist_utils.DistEnv, batch_size: int, workers: int,
-            classes: list[str] | None = None, crop_pct: float | None = None):
+def eval_loader(source: FeatureSource, data: str, split: str, env: dist_utils.DistEnv, batch_size: int, workers: int,
+                classes: list[str] | None = None, crop_pct: float | None = None):
+    """(sharded loader, dataset) of ``split`` with the evaluation preprocessing of ``source`` (resize to
+    size / ``crop_pct``, centre crop; :func:`default_crop_pct` when not given)."""
     dataset, size, mean, std = feature_dataset(source, data, split, classes)
     crop_pct = default_crop_pct(data) if crop_pct is None else crop_pct
     if isinstance(dataset, TensorImageDataset):
@@ -189,9 +205,9 @@ def embed_splits(source: FeatureSource, data: str, train_split: str, test_split:
     """(train features and labels gathered from all processes, this process's test features and labels,
     class names, seconds spent). Both splits are resized to size / ``crop_pct`` and centre-cropped."""
     t0 = time.time()
-    train_loader, train_set = _loader(source, data, train_split, env, batch_size, workers, crop_pct=crop_pct)
-    test_loader, test_set = _loader(source, data, test_split, env, batch_size, workers, classes=list(train_set.classes),
-                                    crop_pct=crop_pct)
+    train_loader, train_set = eval_loader(source, data, train_split, env, batch_size, workers, crop_pct=crop_pct)
+    test_loader, test_set = eval_loader(source, data, test_split, env, batch_size, workers, classes=list(train_set.classes),
+                                        crop_pct=crop_pct)
     if len(test_set.classes) != len(train_set.classes):
         raise DataError(f"{test_split} has {len(test_set.classes)} classes, {train_split} {len(train_set.classes)}")
     model = source.model.to(env.device).eval()
@@ -201,17 +217,19 @@ def embed_splits(source: FeatureSource, data: str, train_split: str, test_split:
     return gather(train_f, env), gather(train_y, env), test_f, test_y, list(train_set.classes), time.time() - t0
 
 
-def knn_evaluate(checkpoint: str | os.PathLike | None = None, data: str = "fashion-mnist", *, pixels: bool = False,
+def knn_evaluate(checkpoint: str | os.PathLike | None = None, data: str | None = None, *, pixels: bool = False,
                  random_init: bool = False, train_split: str = "train", test_split: str = "val", k: int = 20,
                  temperature: float = 0.07, pool: str = "cls", batch_size: int = 500, device: str = "auto",
                  workers: int = 4, amp: str = "none", seed: int = 0, crop_pct: float | None = None) -> dict[str, Any]:
     """Weighted k-NN top-1 / top-5 (%) of frozen features: train-split features vote for test images.
 
     Preprocessing as DINO's ``eval_knn.py``: resize to size / ``crop_pct`` and centre crop (default
-    :func:`default_crop_pct`: 0.875 for image folders, 1.0 for the small in-memory datasets)."""
+    :func:`default_crop_pct`: 0.875 for image folders, 1.0 for the small in-memory datasets). ``data``
+    defaults to the dataset the checkpoint records (:func:`evaluation_data`)."""
     if batch_size < 1:
         raise ValueError(f"expected batch_size >= 1, got {batch_size}")
     source = load_feature_model(checkpoint, pixels=pixels, random_init=random_init, pool=pool, seed=seed)
+    data = evaluation_data(source, data)
     env = dist_utils.setup(device)
     try:
         train_f, train_y, test_f, test_y, classes, t_embed = embed_splits(

@@ -35,9 +35,10 @@ from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
 from ..train.run import autocast_context, resolve_amp
 from .knn import (
-    _loader,
     default_crop_pct,
     embed_splits,
+    eval_loader,
+    evaluation_data,
     extract_features,
     feature_dataset,
     load_feature_model,
@@ -131,7 +132,7 @@ def train_linear_augmented(model: nn.Module, loader, sampler, dim: int, num_clas
     return head.cpu()
 
 
-def linear_probe(checkpoint: str | os.PathLike | None = None, data: str = "fashion-mnist", *, pixels: bool = False,
+def linear_probe(checkpoint: str | os.PathLike | None = None, data: str | None = None, *, pixels: bool = False,
                  random_init: bool = False, train_split: str = "train", test_split: str = "val", pool: str = "cls",
                  protocol: str = "dino", epochs: int = 100, lr: float | None = None, weight_decay: float = 0.0,
                  probe_batch_size: int | None = None, crop_pct: float | None = None, batch_size: int = 500,
@@ -144,6 +145,7 @@ def linear_probe(checkpoint: str | os.PathLike | None = None, data: str = "fashi
     images per process and step; precomputed: features per step over all processes) default to the
     protocol's. With ``output`` (and the cls feature of a checkpoint) the
     backbone and the probe are saved as one XCiT classifier, usable by ``xcit eval`` / ``predict``.
+    ``data`` defaults to the dataset the checkpoint records (:func:`xcit.dino.knn.evaluation_data`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"expected protocol in {PROTOCOLS}, got {protocol!r}")
@@ -154,8 +156,9 @@ def linear_probe(checkpoint: str | os.PathLike | None = None, data: str = "fashi
     if epochs < 1 or probe_batch_size < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"expected epochs, probe_batch_size, batch_size >= 1 and lr > 0; got {epochs}, "
                          f"{probe_batch_size}, {batch_size}, {lr}")
-    crop_pct = default_crop_pct(data) if crop_pct is None else crop_pct
     source = load_feature_model(checkpoint, pixels=pixels, random_init=random_init, pool=pool, seed=seed)
+    data = evaluation_data(source, data)
+    crop_pct = default_crop_pct(data) if crop_pct is None else crop_pct
     if output is not None and (source.model.backbone is None or pool != "cls"):
         raise ValueError("expected --pool cls and a checkpoint to save the probe as a classifier (--output)")
     env = dist_utils.setup(device)
@@ -215,8 +218,8 @@ def _dino_protocol(source, data: str, train_split: str, test_split: str, env: di
     sampler = RepeatAugSampler(len(dataset), num_replicas=env.world_size, rank=env.rank, seed=seed)
     loader = build_loader(dataset, sampler, probe_batch_size, batch_transform=tf, workers=workers,
                           pin_memory=env.device.type == "cuda")
-    test_loader, test_set = _loader(source, data, test_split, env, batch_size, workers, classes=list(dataset.classes),
-                                    crop_pct=crop_pct)
+    test_loader, test_set = eval_loader(source, data, test_split, env, batch_size, workers, classes=list(dataset.classes),
+                                        crop_pct=crop_pct)
     if len(test_set.classes) != len(dataset.classes):
         raise DataError(f"{test_split} has {len(test_set.classes)} classes, {train_split} {len(dataset.classes)}")
     model = source.model.to(env.device).eval()

@@ -9,7 +9,7 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,36 +19,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.images import load_image
 from .loading import InferenceModel, load_for_inference
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
-)
-
-
-def collect_images(inputs: Iterable[str | os.PathLike] = (), lists: Iterable[str | os.PathLike] = ()) -> list[str]:
-    """Image paths from files, folders (searched recursively for image extensions, sorted) and list files.
-
-    A list file holds one path per line (blank lines and ``#`` comments skipped; ``-`` reads stdin);
-    relative paths in it are relative to the current directory. Files named explicitly are kept
-    even when missing or not images, so that they are reported as errors rather than dropped.
-    """
-    paths: list[str] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
-            paths += [str(f) for f in found]
-        else:
-            paths.append(os.fspath(item))
-    for lst in lists:
-        if os.fspath(lst) == "-":
-            lines = sys.stdin.read().splitlines()
-        else:
-            if not Path(lst).is_file():
-                raise FileNotFoundError(f"list file {os.fspath(lst)!r} does not exist")
-            lines = Path(lst).read_text().splitlines()
-        paths += [s for line in lines if (s := line.strip()) and not s.startswith("#")]
-    return paths
 
 
 @dataclass

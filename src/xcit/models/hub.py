@@ -108,7 +108,7 @@ def resolve_pretrained(name: str) -> tuple[str, Path]:
 def weights_file(spec: str | os.PathLike) -> Path:
     """``spec`` as a local file: an existing path as is, a hub / release / classification name fetched (or
     found in its cache). Raises :class:`CheckpointError` naming the accepted forms otherwise."""
-    from .registry import resolve_name
+    from .names import resolve_name
     from .weights import CheckpointError, download_file, download_release
 
     path = Path(spec)

@@ -1,114 +1,20 @@
-"""Named XCiT architectures, their reference numbers, and the model factory."""
+"""The model factories: a named (or checkpoint-shaped) XCiT classifier, and its dense pyramid backbone.
+
+The catalogue of names lives in :mod:`xcit.models.names`; reading weights in :mod:`xcit.models.weights`."""
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
+from pathlib import Path
 
+from .hub import DINO_MODELS, HF_PREFIX, resolve_pretrained, weights_file
+from .names import MODELS, WEIGHT_TAGS, ModelSpec, ResolvedName, list_models, release_url, resolve_name
+from .weights import TRUNK_PREFIXES, CheckpointError, download_release, inspect_checkpoint, load_checkpoint, read_trunk
 from .xcit import XCiT, XCiTPyramid
 
-RELEASE_URL = "https://dl.fbaipublicfiles.com/xcit/{file}.pth"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One official architecture: shape hyper-parameters and the paper's numbers."""
-
-    name: str
-    embed_dim: int
-    depth: int
-    num_heads: int
-    patch_size: int
-    tokens_norm: bool
-    num_params: int
-    gmacs_224: float
-    top1: tuple[float, float, float]  # ImageNet-1k: 224, 224 distilled, 384 distilled
-    drop_path_rate: float = 0.0  # the official fine-tuning / dense configs' choice
-
-    def kwargs(self) -> dict:
-        return dict(
-            patch_size=self.patch_size, embed_dim=self.embed_dim, depth=self.depth,
-            num_heads=self.num_heads, tokens_norm=self.tokens_norm,
-        )
-
-
-# size: (embed_dim, depth, heads, tokens_norm, params p16, params p8, GMACs p16, GMACs p8, drop path)
-_SIZES = {
-    "nano_12": (128, 12, 4, False, 3_053_224, 3_049_016, 0.55, 2.13, 0.0),
-    "tiny_12": (192, 12, 4, True, 6_716_272, 6_706_504, 1.23, 4.77, 0.0),
-    "tiny_24": (192, 24, 4, True, 12_116_896, 12_107_128, 2.32, 9.14, 0.05),
-    "small_12": (384, 12, 8, True, 26_253_304, 26_213_032, 4.80, 18.62, 0.05),
-    "small_24": (384, 24, 8, True, 47_671_384, 47_631_112, 9.06, 35.68, 0.1),
-    "medium_24": (512, 24, 8, True, 84_395_752, 84_323_624, 16.08, 63.34, 0.15),
-    "large_24": (768, 24, 16, True, 189_096_136, 188_932_648, 35.79, 140.95, 0.25),
-}
-# Official README top-1 (224 / 224 distilled / 384 distilled), patch 16 then patch 8.
-_TOP1 = {
-    "nano_12": ((69.9, 72.2, 75.4), (73.8, 76.3, 77.8)),
-    "tiny_12": ((77.1, 78.6, 80.9), (79.7, 81.2, 82.4)),
-    "tiny_24": ((79.4, 80.4, 82.6), (81.9, 82.6, 83.7)),
-    "small_12": ((82.0, 83.3, 84.7), (83.4, 84.2, 85.1)),
-    "small_24": ((82.6, 83.9, 85.1), (83.9, 84.9, 85.6)),
-    "medium_24": ((82.7, 84.3, 85.4), (83.7, 85.1, 85.8)),
-    "large_24": ((82.9, 84.9, 85.8), (84.4, 85.4, 86.0)),
-}
-
-MODELS: dict[str, ModelSpec] = {}
-for _size, (_dim, _depth, _heads, _tn, _p16, _p8, _g16, _g8, _dpr) in _SIZES.items():
-    for _patch, _params, _gmacs, _top1 in ((16, _p16, _g16, _TOP1[_size][0]), (8, _p8, _g8, _TOP1[_size][1])):
-        _name = f"xcit_{_size}_p{_patch}"
-        MODELS[_name] = ModelSpec(_name, _dim, _depth, _heads, _patch, _tn, _params, _gmacs, _top1, _dpr)
-
-# Release weights per tag: timm's pretrained tags map onto the official file names.
-WEIGHT_TAGS = {"in1k": "_224", "dist_in1k": "_224_dist", "dist_in1k_384": "_384_dist"}
-
-_ALIAS = re.compile(r"^(?P<base>xcit_[a-z]+_\d+_p\d+)(?:_(?P<res>224|384))?(?:\.fb_(?P<tag>in1k|dist_in1k))?$")
-
-
-@dataclass(frozen=True)
-class ResolvedName:
-    arch: str  # official architecture name
-    weights: str  # key of WEIGHT_TAGS
-    img_size: int
-
-
-def resolve_name(name: str) -> ResolvedName:
-    """Map an official or timm-style name to (architecture, release weights, default resolution).
-
-    ``xcit_small_12_p16``, ``xcit_small_12_p16_224``, ``xcit_small_12_p16_224.fb_dist_in1k`` and
-    ``xcit_small_12_p16_384.fb_dist_in1k`` are all accepted.
-    """
-    match = _ALIAS.match(name.strip().lower()) if isinstance(name, str) else None
-    if match is None or match["base"] not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known architectures: {', '.join(MODELS)} (see xcit.list_models())")
-    res = int(match["res"] or 224)
-    tag = match["tag"] or ("dist_in1k" if res == 384 else "in1k")
-    if res == 384 and tag != "dist_in1k":
-        raise ValueError(f"{name!r}: only distilled weights (.fb_dist_in1k) exist at 384")
-    return ResolvedName(match["base"], "dist_in1k_384" if res == 384 else tag, res)
-
-
-def list_models(pattern: str = "*", aliases: bool = False) -> list[str]:
-    """Official architecture names matching a glob ``pattern``; with ``aliases`` also timm's names."""
-    import fnmatch
-
-    names = list(MODELS)
-    if aliases:
-        names += [f"{n}_{r}" for n in MODELS for r in (224, 384)]
-        names += [f"{n}_224.fb_in1k" for n in MODELS] + [f"{n}_{r}.fb_dist_in1k" for n in MODELS for r in (224, 384)]
-    return [n for n in names if fnmatch.fnmatch(n, pattern)]
-
-
-def release_url(name: str) -> str:
-    """Download address of the official release file that ``name`` refers to.
-
-    The base can be redirected with the ``XCIT_WEIGHTS_URL`` environment variable (a mirror or a
-    ``file://`` folder), for machines without access to dl.fbaipublicfiles.com.
-    """
-    resolved = resolve_name(name)
-    file = resolved.arch + WEIGHT_TAGS[resolved.weights]
-    base = os.environ.get("XCIT_WEIGHTS_URL")
-    return f"{base.rstrip('/')}/{file}.pth" if base else RELEASE_URL.format(file=file)
+__all__ = [
+    "MODELS", "WEIGHT_TAGS", "ModelSpec", "ResolvedName", "create_model", "create_pyramid", "list_models", "release_url",
+    "resolve_name",
+]
 
 
 def create_model(
@@ -135,25 +41,9 @@ def create_model(
             (official and DINO files) or through the ``huggingface_hub`` client and its cache (``hf-hub:``).
         overrides: any other :class:`XCiT` argument (``patch_size=4``, ``eta``, ...).
     """
-    from .hub import DINO_MODELS, HF_PREFIX, resolve_pretrained, weights_file
-    from .weights import download_release, inspect_checkpoint, load_checkpoint
-
-    if checkpoint is not None and pretrained:
-        raise ValueError("give either checkpoint= or pretrained=True, not both")
-    if isinstance(name, str) and (name.startswith(HF_PREFIX) or name in DINO_MODELS):
-        if name in DINO_MODELS and num_classes is None:
-            num_classes = 0  # DINO backbones have no classifier
-        if pretrained:
-            name, checkpoint = resolve_pretrained(name)
-            pretrained = False
-        else:
-            name = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name[len("dino_"):]
-    if checkpoint is not None:
-        checkpoint = weights_file(checkpoint)  # a path, or a hub / DINO / release name
-    if pretrained:
-        if name is None:
-            raise ValueError("pretrained=True needs a model name")
-        checkpoint = download_release(name)
+    if isinstance(name, str) and name in DINO_MODELS and num_classes is None:
+        num_classes = 0  # DINO backbones have no classifier
+    name, checkpoint = _name_and_weights(name, checkpoint, pretrained)
     file_arch: dict = {}
     if checkpoint is not None:
         file_arch = inspect_checkpoint(checkpoint)
@@ -175,13 +65,92 @@ def create_model(
     return model
 
 
+# trunk options a pyramid takes from a checkpoint (the others, such as the head's, do not apply to it)
+_TRUNK_ARCH = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "eta", "use_pos_embed")
+_NOT_TRUNK = ("num_classes", "tokens_norm", "cls_attn_layers")
+
+
 def create_pyramid(
     name: str | None = None,
     checkpoint: str | os.PathLike | None = None,
     out_indices: list[int] | None = None,
     drop_path_rate: float = 0.0,
-    **kwargs,
+    *,
+    pretrained: bool = False,
+    **arch_overrides,
 ) -> XCiTPyramid:
-    """The 4-level dense backbone (strides 4/8/16/32) of a named XCiT, trunk loaded from ``checkpoint``."""
-    classifier = create_model(name, checkpoint=checkpoint, **kwargs)
-    return XCiTPyramid.from_classifier(classifier, out_indices=out_indices, drop_path_rate=drop_path_rate)
+    """The 4-level dense backbone (strides 4/8/16/32) of an XCiT: named, customised and/or initialised
+    from the trunk of any classification or DINO checkpoint.
+
+    Args:
+        name: an architecture name as for :func:`create_model` (official, timm, ``hf-hub:...``,
+            ``dino_...``). May be omitted when ``checkpoint`` or ``arch_overrides`` give the shape.
+        checkpoint: weights file or released-weights name (:func:`xcit.models.hub.weights_file`). Its trunk
+            (patch embedding, positional encoding, XCA blocks) is loaded; a classifier head, class-attention
+            blocks or a DINO head in it are ignored. The architecture is read from the file; every trunk
+            weight must be present and fit, else :class:`CheckpointError` names the difference (also when
+            ``name`` names another architecture).
+        out_indices: the 4 XCA blocks whose outputs form the pyramid (default: the official ones).
+        drop_path_rate: stochastic depth of the trunk.
+        pretrained: the release weights ``name`` refers to, as for :func:`create_model`.
+        arch_overrides: trunk options (``patch_size=8``, ``embed_dim=96``, ``depth=4``, ``in_chans=1``...);
+            ``None`` values are ignored; classifier-only options (``num_classes``, ``tokens_norm``) are ignored.
+    """
+    name, checkpoint = _name_and_weights(name, checkpoint, pretrained)
+    arch: dict = {}
+    state = None
+    if checkpoint is not None:
+        state, found = read_trunk(checkpoint)
+        arch = {k: found[k] for k in _TRUNK_ARCH if k in found}
+    if name is not None:
+        spec = {k: v for k, v in MODELS[resolve_name(name).arch].kwargs().items() if k not in _NOT_TRUNK}
+        clash = {k: (spec[k], arch[k]) for k in spec if k in arch and arch[k] != spec[k]}
+        if clash:
+            raise CheckpointError(
+                f"{checkpoint} does not hold {name}: " + ", ".join(f"{k} {a} (name) vs {b} (file)" for k, (a, b) in clash.items())
+            )
+        arch = {**spec, **arch}
+    overrides = {k: v for k, v in arch_overrides.items() if v is not None and k not in _NOT_TRUNK}
+    if not arch and not overrides:
+        raise ValueError("expected a model name, a checkpoint or an architecture (patch_size, embed_dim, ...), got none")
+    arch.update(overrides)
+    pyramid = XCiTPyramid(out_indices=out_indices, drop_path_rate=drop_path_rate, **arch)
+    if state is not None:
+        own = {k: v for k, v in pyramid.state_dict().items() if k.startswith(TRUNK_PREFIXES)}
+        missing = [k for k in own if k not in state]
+        bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+        if missing or bad:
+            raise CheckpointError(
+                f"{checkpoint} does not fit the backbone {arch}: "
+                + (f"missing {len(missing)} keys ({', '.join(missing[:5])}); " if missing else "")
+                + (f"mismatched: {'; '.join(bad[:5])}" if bad else "")
+            )
+        pyramid.load_state_dict({k: state[k] for k in own}, strict=False)
+    pyramid.model_name = resolve_name(name).arch if name else None
+    return pyramid
+
+
+def _name_and_weights(
+    name: str | None, checkpoint: str | os.PathLike | None, pretrained: bool
+) -> tuple[str | None, Path | None]:
+    """(architecture name, local weights file or None) for the factories' ``name`` / ``checkpoint`` / ``pretrained``.
+
+    Hub and DINO names become the architecture they hold; ``pretrained`` fetches the weights ``name``
+    refers to, ``checkpoint`` may be a path or a released-weights name.
+    """
+    if checkpoint is not None and pretrained:
+        raise ValueError("give either checkpoint= or pretrained=True, not both")
+    if isinstance(name, str) and (name.startswith(HF_PREFIX) or name in DINO_MODELS):
+        if pretrained:
+            name, checkpoint = resolve_pretrained(name)
+            pretrained = False
+        else:
+            name = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name[len("dino_"):]
+    if checkpoint is not None:
+        return name, weights_file(checkpoint)  # a path, or a hub / DINO / release name
+    if pretrained:
+        if name is None:
+            raise ValueError("pretrained=True needs a model name")
+        return name, download_release(name)
+    return name, None

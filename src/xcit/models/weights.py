@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .mmpretrain import MMPRETRAIN_MARK, from_mmpretrain
-from .registry import MODELS, release_url, resolve_name
+from .names import MODELS, release_url, resolve_name
 
 PathLike = str | os.PathLike
 _WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
@@ -251,7 +251,12 @@ def to_official_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """Rename timm keys to the official ones: ``pos_embed.`` -> ``pos_embeder.``, q/k/v -> fused qkv;
     mmpretrain classifiers (``backbone.xca_layers.*``) are renamed first (:mod:`xcit.models.mmpretrain`)."""
     if any(k.startswith(MMPRETRAIN_MARK) for k in state):
-        state = from_mmpretrain(state)
+        state, unknown = from_mmpretrain(state)
+        if unknown:
+            raise CheckpointError(
+                f"an mmpretrain XCiT checkpoint was expected (keys '{MMPRETRAIN_MARK}*'), but {len(unknown)} keys fit no "
+                f"XCiT module: {', '.join(unknown[:8])}"
+            )
     out: dict[str, torch.Tensor] = {}
     split: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -338,6 +343,24 @@ def inspect_checkpoint(path: PathLike) -> dict:
             f"`xcit {task} train`), not an XCiT classifier: use it with `xcit {task} eval` / `xcit {task} predict`, "
             f"or give it as --pretrained to `xcit {task} train` to start from its backbone")
     return {**infer_architecture(state), **saved}
+
+
+TRUNK_PREFIXES = ("patch_embed.", "pos_embeder.", "blocks.")  # what a dense backbone keeps of a classifier
+
+
+def read_trunk(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trunk weights, architecture) of any XCiT checkpoint, for a dense backbone.
+
+    Reads what :func:`read_state_dict` reads (official release, timm, bare state dicts, safetensors,
+    DINO checkpoints, whose teacher is used, and segmentation checkpoints written by this project,
+    ``backbone.`` prefix) and keeps the ``patch_embed`` / ``pos_embeder`` / ``blocks`` weights;
+    the architecture is the one :func:`inspect_checkpoint` reports.
+    """
+    state, saved = _read(path)
+    trunk = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
+    if not any(k.startswith("blocks.") for k in trunk):
+        raise CheckpointError(f"{path}: no XCiT blocks found (expected keys like 'blocks.0.attn.qkv.weight')")
+    return trunk, {**infer_architecture(state), **saved}
 
 
 def _describe(arch: dict) -> str:

@@ -5,7 +5,7 @@ See docs/segmentation.md; the command line is ``xcit segment prepare | train | e
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, infer
 from .heads import PPM, FCNHead, FPNNeck, Segmenter, SemanticFPNHead, UperNetHead
 from .metrics import ConfusionMatrix, format_metrics, metrics_from_confusion
-from .model import build_backbone, build_segmenter, load_segmenter, save_segmenter
+from .model import build_segmenter, load_segmenter, save_segmenter
 
 __all__ = [
     "PPM",
@@ -18,7 +18,6 @@ __all__ = [
     "SemanticFPNHead",
     "TrainTransform",
     "UperNetHead",
-    "build_backbone",
     "build_segmenter",
     "format_metrics",
     "infer",

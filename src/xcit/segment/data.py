@@ -19,9 +19,8 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image, UnidentifiedImageError
 
-from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+from ..data.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_images, read_image
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MASK_EXTS = (".png", ".tif", ".tiff", ".bmp")
 MASK_DIRS = ("annotations", "masks", "labels")
 
@@ -77,22 +76,6 @@ def split_dirs(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     raise FileNotFoundError(f"expected a mask folder {' or '.join(str(root / n / split) for n in MASK_DIRS)}")
 
 
-def read_image(path: str | os.PathLike) -> torch.Tensor:
-    """uint8 (3, H, W); grey and 16-bit images are scaled to 8 bits and repeated to 3 channels."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                hi = arr.max()
-                arr = (arr / hi * 255.0 if hi > 255 else arr).clip(0, 255).astype(np.uint8)
-                img = Image.fromarray(arr, "L")
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {err}") from err
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
-
-
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
     """int64 (H, W) class indices from a single-channel (grey, 16-bit or palette) mask image."""
     try:
@@ -109,8 +92,8 @@ def read_mask(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64))
 
 
-def _list_files(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.suffix.lower() in exts}
+def _by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
+    return {p.stem: p for p in list_images(folder, recursive=False, extensions=exts)}
 
 
 class SegmentationFolder(torch.utils.data.Dataset):
@@ -129,10 +112,10 @@ class SegmentationFolder(torch.utils.data.Dataset):
         for kind, folder in (("image", self.images_dir), ("mask", self.masks_dir)):
             if not folder.is_dir():
                 raise FileNotFoundError(f"expected a {kind} folder, got {str(folder)!r} which is not a directory")
-        imgs = _list_files(self.images_dir, IMAGE_EXTS)
+        imgs = _by_stem(self.images_dir, IMAGE_EXTENSIONS)
         if not imgs:
-            raise ValueError(f"no images found in {self.images_dir} (expected files ending in {', '.join(IMAGE_EXTS)})")
-        msks = _list_files(self.masks_dir, MASK_EXTS)
+            raise ValueError(f"no images found in {self.images_dir} (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+        msks = _by_stem(self.masks_dir, MASK_EXTS)
         if not msks:
             raise ValueError(f"no masks found in {self.masks_dir} (expected files ending in {', '.join(MASK_EXTS)})")
         missing = [s for s in imgs if s not in msks]

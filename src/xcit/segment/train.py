@@ -7,7 +7,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from ..models import MODELS, resolve_name
 from ..train import distributed as dist_utils
 from ..train.checkpoint import read_task_checkpoint
-from ..train.config import PyramidOptions, _opt, merge_with_preset, validate_dense_options
+from ..config import option
+from ..train.config import PyramidOptions, merge_with_preset, validate_dense_options
 from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
 from ..train.optim import PolySchedule, dense_param_groups
@@ -70,55 +71,56 @@ class SegmentConfig(PyramidOptions):
     lr 6e-5, wd 0.01, poly with warm-up, 512x512 crops, 2 images per process (16 over the official 8 GPUs)."""
 
     # --- data
-    data: str | None = _opt(None, "dataset root (ROOT/images/SPLIT, ROOT/annotations/SPLIT, optional "
+    data: str | None = option(None, "dataset root (ROOT/images/SPLIT, ROOT/annotations/SPLIT, optional "
                             "ROOT/dataset.yaml)", "data")
-    train_split: str = _opt("training", "training split", "data")
-    val_split: str = _opt("validation", "evaluation split", "data")
-    num_classes: int | None = _opt(None, "classes (default: those in ROOT/dataset.yaml)", "data")
-    ignore_index: int | None = _opt(None, "mask value to ignore (default: dataset.yaml's, else 255)", "data")
-    reduce_zero_label: bool | None = _opt(None, "0 is 'other' (ignored) and k is class k-1, as in ADE20k (default: "
+    train_split: str = option("training", "training split", "data")
+    val_split: str = option("validation", "evaluation split", "data")
+    num_classes: int | None = option(None, "classes (default: those in ROOT/dataset.yaml)", "data")
+    ignore_index: int | None = option(None, "mask value to ignore (default: dataset.yaml's, else 255)", "data")
+    reduce_zero_label: bool | None = option(None, "0 is 'other' (ignored) and k is class k-1, as in ADE20k (default: "
                                           "dataset.yaml's, else off)", "data")
     # --- model
-    head: str = _opt("upernet", "decode head: Semantic FPN or UperNet", "model", HEADS)
-    channels: int | None = _opt(None, "head width (default: UperNet 512, Semantic FPN 128)", "model")
-    fpn_channels: int | None = _opt(None, "Semantic FPN neck width (default: the backbone's, as the official "
+    head: str = option("upernet", "decode head: Semantic FPN or UperNet", "model", HEADS)
+    channels: int | None = option(None, "head width (default: UperNet 512, Semantic FPN 128)", "model")
+    fpn_channels: int | None = option(None, "Semantic FPN neck width (default: the backbone's, as the official "
                                     "configs: 384 for small)", "model")
-    norm: str = _opt("bn", "head norm: BatchNorm (synchronised when distributed) or GroupNorm", "model", ("bn", "gn"))
-    aux: bool | None = _opt(None, "auxiliary FCN head (default: on for UperNet)", "model")
-    aux_weight: float = _opt(0.4, "auxiliary loss weight", "model")
-    grad_checkpointing: bool = _opt(False, "recompute blocks in backward to save memory", "model")
+    norm: str = option("bn", "head norm: BatchNorm (synchronised when distributed) or GroupNorm", "model", ("bn", "gn"))
+    aux: bool | None = option(None, "auxiliary FCN head (default: on for UperNet)", "model")
+    aux_weight: float = option(0.4, "auxiliary loss weight", "model")
+    grad_checkpointing: bool = option(False, "recompute blocks in backward to save memory", "model")
     # --- optimisation
-    iters: int = _opt(80000, "training iterations", "optim")
-    lr: float = _opt(6e-5, "AdamW learning rate (not scaled with the batch, as mmseg)", "optim")
-    weight_decay: float = _opt(0.01, "AdamW weight decay", "optim")
-    warmup_iters: int = _opt(1500, "linear warm-up iterations", "optim")
-    warmup_ratio: float = _opt(1e-6, "warm-up starts at this fraction of the rate", "optim")
-    power: float = _opt(1.0, "poly power", "optim")
-    min_lr: float = _opt(0.0, "final learning rate", "optim")
+    iters: int = option(80000, "training iterations", "optim")
+    lr: float = option(6e-5, "AdamW learning rate (not scaled with the batch, as mmseg)", "optim")
+    weight_decay: float = option(0.01, "AdamW weight decay", "optim")
+    warmup_iters: int = option(1500, "linear warm-up iterations", "optim")
+    warmup_ratio: float = option(1e-6, "warm-up starts at this fraction of the rate", "optim")
+    power: float = option(1.0, "poly power", "optim")
+    min_lr: float = option(0.0, "final learning rate", "optim")
     # --- augmentation
-    crop_size: list[int] = _opt([512, 512], "random crop H [W]", "augment")
-    scale: list[int] | None = _opt([2048, 512], "base rescale LONG SHORT, or 'none' to keep the images' own size",
+    crop_size: list[int] = option([512, 512], "random crop H [W]", "augment")
+    scale: list[int] | None = option([2048, 512], "base rescale LONG SHORT, or 'none' to keep the images' own size",
                                    "augment", type=int_or_none)
-    ratio_range: list[float] = _opt([0.5, 2.0], "random rescale range", "augment", nargs=2)
-    cat_max_ratio: float = _opt(0.75, "re-draw crops where one class exceeds this share", "augment")
-    photometric: bool = _opt(True, "photometric jitter", "augment")
-    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
+    ratio_range: list[float] = option([0.5, 2.0], "random rescale range", "augment", nargs=2)
+    cat_max_ratio: float = option(0.75, "re-draw crops where one class exceeds this share", "augment")
+    photometric: bool = option(True, "photometric jitter", "augment")
+    hflip: float = option(0.5, "horizontal flip probability", "augment")
     # --- evaluation
-    eval_every: int = _opt(8000, "evaluate every N iterations (0: only at the end)", "eval")
-    eval_mode: str = _opt("whole", "test-time inference: whole image or sliding window", "eval", EVAL_MODES)
-    eval_scale: list[int] | None = _opt(None, "keep-ratio rescale before inference: LONG SHORT, or 'none' for the "
-                                        "native size (default: --scale)", "eval", type=int_or_none)
-    eval_crop_size: list[int] | None = _opt(None, "slide window H [W] (default: --crop-size)", "eval")
-    eval_stride: list[int] | None = _opt(None, "slide step H [W] (default: 2/3 of the window)", "eval")
-    eval_flip: bool = _opt(False, "add the mirrored prediction", "eval")
+    eval_every: int = option(8000, "evaluate every N iterations (0: only at the end)", "eval")
+    eval_mode: str = option("whole", "test-time inference: whole image or sliding window", "eval", EVAL_MODES)
+    eval_scale: list[int] | None = option(None, "keep-ratio rescale before inference: LONG SHORT, or 'none' for the "
+                                        "native size (default: as --scale)", "eval", type=int_or_none)
+    eval_crop_size: list[int] | None = option(None, "slide window H [W] (default: --crop-size)", "eval")
+    eval_stride: list[int] | None = option(None, "slide step H [W] (default: 2/3 of the window)", "eval")
+    eval_flip: bool = option(False, "add the mirrored prediction", "eval")
     # --- run (the options shared by every training command are in RunOptions)
-    preset: str | None = _opt(None, "option preset: ade20k (the paper's recipe, the default)", "run")
+    preset: str | None = option(None, "option preset: ade20k (the paper's recipe, the default)", "run")
 
     @property
     def eval(self) -> EvalSettings:
         """The test-time settings these options give (the defaults follow the training crops)."""
         crop = list(self.eval_crop_size or self.crop_size)
-        return EvalSettings(mode=self.eval_mode, scale=self.scale if self.eval_scale == "default" else self.eval_scale,
+        # eval_scale None: as --scale; [] ('none' given): the native size
+        return EvalSettings(mode=self.eval_mode, scale=self.scale if self.eval_scale is None else self.eval_scale or None,
                             crop_size=crop, stride=list(self.eval_stride or [max(1, 2 * s // 3) for s in crop]),
                             flip=self.eval_flip)
 
@@ -133,15 +135,15 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Segme
     given = {k.replace("-", "_"): v for k, v in given.items()}
     if "flip" in given and "hflip" not in given:  # the training flip's name before the one dialect
         given["hflip"] = given.pop("flip")
-    eval_scale_given = "eval_scale" in given
-    merged = merge_with_preset(given, list(SegmentConfig.__dataclass_fields__), PRESETS, "", (
+    merged = merge_with_preset(given, list(fields(SegmentConfig)), PRESETS, "", (
         "output", "resume", "data", "model", "pretrained", "clip_grad", "time_budget_min"), what="segmentation",
         choose=lambda data: "ade20k")
-    for key in ("scale", "eval_scale"):  # 'none' (a list of one None from the command line) keeps the size
-        if isinstance(merged.get(key), str) and merged[key].strip().lower() == "none" or merged.get(key) == [None]:
-            merged[key] = None
-    if not eval_scale_given:
-        merged["eval_scale"] = "default"
+    # 'none' (read as a list of one None) keeps the images' size: None for training, [] at test time (where
+    # None means "as --scale")
+    if merged.get("scale") == [None]:
+        merged["scale"] = None
+    if merged.get("eval_scale") == [None]:
+        merged["eval_scale"] = []
     for key in ("crop_size", "eval_crop_size", "eval_stride"):
         value = merged.get(key)
         if value is not None:
@@ -170,7 +172,7 @@ def validate(cfg: SegmentConfig) -> None:
         raise ValueError(f"expected cat_max_ratio in [0, 1], got {cfg.cat_max_ratio}")
     if cfg.scale is not None and (len(cfg.scale) != 2 or min(cfg.scale) < 1):
         raise ValueError(f"expected --scale LONG SHORT (e.g. 2048 512) or 'none', got {cfg.scale}")
-    if cfg.eval_scale not in (None, "default") and (len(cfg.eval_scale) != 2 or min(cfg.eval_scale) < 1):
+    if cfg.eval_scale and (len(cfg.eval_scale) != 2 or min(cfg.eval_scale) < 1):
         raise ValueError(f"expected --eval-scale LONG SHORT or 'none', got {cfg.eval_scale}")
     if len(cfg.ratio_range) != 2 or not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
         raise ValueError(f"expected --ratio-range LOW HIGH with 0 < LOW <= HIGH, got {cfg.ratio_range}")

@@ -11,11 +11,13 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..config import coerce_fields, option
 
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 CLIP_MODES = ("global", "per-param")
@@ -27,35 +29,28 @@ SCHED_STEPS = ("epoch", "step")
 EVAL_WEIGHTS = ("raw", "ema")
 
 
-def _opt(default: Any, help: str, group: str, choices: tuple | None = None, **kw) -> Any:
-    meta = {"help": help, "group": group, "choices": choices, **kw}
-    if isinstance(default, list):
-        return field(default_factory=lambda d=default: list(d), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
 @dataclass
 class RunOptions:
     """The options every training command shares (``xcit train``, ``dino``, ``detect train``, ``segment train``):
     one name, one default and one meaning each, declared once here."""
 
-    output: str | None = _opt(None, "run folder (default runs/<task>-<data>-<model>-<time>); a folder holding another "
+    output: str | None = option(None, "run folder (default runs/<task>-<data>-<model>-<time>); a folder holding another "
                               "run's files is refused unless --resume or --overwrite", "run")
-    resume: str | None = _opt(None, "continue a run: its folder or last.pt (bare --resume: --output's)", "run")
-    overwrite: bool = _opt(False, "replace another run's files in --output (they are deleted first)", "run")
-    seed: int = _opt(0, "random seed", "run")
-    amp: str = _opt("auto", "mixed precision: auto (bf16 on CPU and bf16-capable GPUs, else fp16), bf16, fp16 "
+    resume: str | None = option(None, "continue a run: its folder or last.pt (bare --resume: --output's)", "run")
+    overwrite: bool = option(False, "replace another run's files in --output (they are deleted first)", "run")
+    seed: int = option(0, "random seed", "run")
+    amp: str = option("auto", "mixed precision: auto (bf16 on CPU and bf16-capable GPUs, else fp16), bf16, fp16 "
                     "(CUDA, with a gradient scaler), none", "run", AMP_MODES)
-    device: str = _opt("auto", "cpu, cuda, cuda:N or auto", "run")
-    threads: int | None = _opt(None, "torch CPU threads per process (default: cores / local processes)", "run")
-    dist_backend: str | None = _opt(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
-    sync_bn: bool = _opt(True, "synchronise BatchNorm statistics across processes", "run")
-    workers: int = _opt(8, "data-loading worker processes per process (0: load in the training process)", "run")
-    log_every: int = _opt(20, "write step metrics (and a log line without a progress bar) every N steps", "run")
-    ckpt_every: int = _opt(500, "also save last.pt every N steps (0: only at epoch ends and at the end)", "run")
-    tensorboard: bool = _opt(False, "also log to TensorBoard (needs the tensorboard package)", "run")
-    progress: bool = _opt(True, "progress bars (only on a terminal, only on rank 0)", "run")
-    plot: bool = _opt(True, "write curves.png at the end", "run")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto", "run")
+    threads: int | None = option(None, "torch CPU threads per process (default: cores / local processes)", "run")
+    dist_backend: str | None = option(None, "torch.distributed backend (default nccl on GPU, gloo on CPU)", "run")
+    sync_bn: bool = option(True, "synchronise BatchNorm statistics across processes", "run")
+    workers: int = option(8, "data-loading worker processes per process (0: load in the training process)", "run")
+    log_every: int = option(20, "write step metrics (and a log line without a progress bar) every N steps", "run")
+    ckpt_every: int = option(500, "also save last.pt every N steps (0: only at epoch ends and at the end)", "run")
+    tensorboard: bool = option(False, "also log to TensorBoard (needs the tensorboard package)", "run")
+    progress: bool = option(True, "progress bars (only on a terminal, only on rank 0)", "run")
+    plot: bool = option(True, "write curves.png at the end", "run")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -66,29 +61,29 @@ class PyramidOptions(RunOptions):
     """The options detection and segmentation share: the backbone (an XCiT feeding a feature pyramid) and how
     the optimiser treats it."""
 
-    model: str | None = _opt(None, "backbone architecture, e.g. xcit_small_12_p16 (or give --pretrained / a custom "
+    model: str | None = option(None, "backbone architecture, e.g. xcit_small_12_p16 (or give --pretrained / a custom "
                              "shape)", "model")
-    pretrained: str | None = _opt(None, "backbone weights: a classification or DINO checkpoint, or a name "
+    pretrained: str | None = option(None, "backbone weights: a classification or DINO checkpoint, or a name "
                                   "(hf-hub:timm/..., dino_xcit_small_12_p16, xcit_small_12_p16_224.fb_in1k)", "model")
-    patch_size: int | None = _opt(None, "custom backbone: patch size", "model")
-    embed_dim: int | None = _opt(None, "custom backbone: embedding dimension", "model")
-    depth: int | None = _opt(None, "custom backbone: XCA blocks", "model")
-    num_heads: int | None = _opt(None, "custom backbone: heads", "model")
-    out_indices: list[int] | None = _opt(None, "XCA blocks feeding the pyramid (default 3 5 7 11 / 7 11 15 23)",
+    patch_size: int | None = option(None, "custom backbone: patch size", "model")
+    embed_dim: int | None = option(None, "custom backbone: embedding dimension", "model")
+    depth: int | None = option(None, "custom backbone: XCA blocks", "model")
+    num_heads: int | None = option(None, "custom backbone: heads", "model")
+    out_indices: list[int] | None = option(None, "XCA blocks feeding the pyramid (default 3 5 7 11 / 7 11 15 23)",
                                          "model", nargs=4)
-    drop_path: float | None = _opt(None, "stochastic depth (default: the named model's dense-task rate, else 0)",
+    drop_path: float | None = option(None, "stochastic depth (default: the named model's dense-task rate, else 0)",
                                    "model")
 
-    batch_size: int = _opt(2, "images per step per process (global batch = this x processes; the official "
+    batch_size: int = option(2, "images per step per process (global batch = this x processes; the official "
                            "recipes: 2 x 8 GPUs)", "optim")
-    wd_rule: str = _opt("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, "
+    wd_rule: str = option("mmcv", "no-decay rule: mmcv (official: only names containing 'norm') or bias-norm (biases, "
                         "norms and 1-d parameters, the classification rule)", "optim", WD_RULES)
-    wd_exempt_per_channel: bool = _opt(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
+    wd_exempt_per_channel: bool = option(False, "with --wd-rule bias-norm: also exempt per-channel parameters (XCA "
                                        "temperatures)", "optim")
-    clip_grad: float | None = _opt(None, "clip gradient norms to this value (default: no clipping)", "optim")
-    clip_grad_mode: str = _opt("global", "global: one norm over all parameters; per-param: each separately", "optim",
+    clip_grad: float | None = option(None, "clip gradient norms to this value (default: no clipping)", "optim")
+    clip_grad_mode: str = option("global", "global: one norm over all parameters; per-param: each separately", "optim",
                                CLIP_MODES)
-    time_budget_min: float | None = _opt(None, "stop after this many minutes; the learning-rate schedule then follows "
+    time_budget_min: float | None = option(None, "stop after this many minutes; the learning-rate schedule then follows "
                                          "the elapsed time", "optim")
 
     def arch(self) -> dict[str, int]:
@@ -130,84 +125,84 @@ class TrainConfig(RunOptions):
     """Every option of ``xcit train``; the defaults are the paper's ImageNet recipe (REFERENCE 3)."""
 
     # --- data
-    data: str = _opt("fashion-mnist", "dataset: fashion-mnist, digits, a folder of IDX files, or a folder with "
+    data: str = option("fashion-mnist", "dataset: fashion-mnist, digits, a folder of IDX files, or a folder with "
                      "train/ and val/ class folders (ImageNet layout)", "data")
-    train_split: str = _opt("train", "training split (sub-folder for class folders)", "data")
-    val_split: str = _opt("val", "evaluation split (Fashion-MNIST: its 10k test images)", "data")
-    img_size: int | None = _opt(None, "training/eval resolution (default: 224 for folders, native otherwise)", "data")
-    in_chans: int | None = _opt(None, "image channels (default: the dataset's; 3 for folders)", "data")
-    mean: list[float] | None = _opt(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
-    std: list[float] | None = _opt(None, "normalisation std (default: the dataset's)", "data", nargs="+")
-    crop_pct: float = _opt(1.0, "evaluation crop ratio: resize to size / crop_pct, centre crop (paper: 1.0)", "data")
-    interpolation: str = _opt("bicubic", "resize interpolation", "data", ("bicubic", "bilinear", "nearest"))
+    train_split: str = option("train", "training split (sub-folder for class folders)", "data")
+    val_split: str = option("val", "evaluation split (Fashion-MNIST: its 10k test images)", "data")
+    img_size: int | None = option(None, "training/eval resolution (default: 224 for folders, native otherwise)", "data")
+    in_chans: int | None = option(None, "image channels (default: the dataset's; 3 for folders)", "data")
+    mean: list[float] | None = option(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
+    std: list[float] | None = option(None, "normalisation std (default: the dataset's)", "data", nargs="+")
+    crop_pct: float = option(1.0, "evaluation crop ratio: resize to size / crop_pct, centre crop (paper: 1.0)", "data")
+    interpolation: str = option("bicubic", "resize interpolation", "data", ("bicubic", "bilinear", "nearest"))
 
     # --- model
-    model: str = _opt("xcit_small_12_p16", "architecture name (see `xcit models`)", "model")
-    patch_size: int | None = _opt(None, "override the architecture's patch size (2, 4, 8, 16)", "model")
-    embed_dim: int | None = _opt(None, "override the embedding dimension", "model")
-    depth: int | None = _opt(None, "override the number of XCA blocks", "model")
-    num_heads: int | None = _opt(None, "override the number of heads", "model")
-    mlp_ratio: float | None = _opt(None, "override the FFN expansion ratio (4)", "model")
-    tokens_norm: bool | None = _opt(None, "override class-attention tokens_norm", "model")
-    drop_path: float | None = _opt(None, "stochastic depth (default: the model's preset, e.g. 0.05 for small_12)", "model")
-    dropout: float = _opt(0.0, "dropout rate", "model")
-    finetune: str | None = _opt(None, "start from these weights (checkpoint file or a model name for the release "
+    model: str = option("xcit_small_12_p16", "architecture name (see `xcit models`)", "model")
+    patch_size: int | None = option(None, "override the architecture's patch size (2, 4, 8, 16)", "model")
+    embed_dim: int | None = option(None, "override the embedding dimension", "model")
+    depth: int | None = option(None, "override the number of XCA blocks", "model")
+    num_heads: int | None = option(None, "override the number of heads", "model")
+    mlp_ratio: float | None = option(None, "override the FFN expansion ratio (4)", "model")
+    tokens_norm: bool | None = option(None, "override class-attention tokens_norm", "model")
+    drop_path: float | None = option(None, "stochastic depth (default: the model's preset, e.g. 0.05 for small_12)", "model")
+    dropout: float = option(0.0, "dropout rate", "model")
+    finetune: str | None = option(None, "start from these weights (checkpoint file or a model name for the release "
                                 "weights); a different class count gets a new head, a different resolution is "
                                 "fine (Fourier positions), 3 <-> 1 channel stems are converted", "model")
-    grad_checkpointing: bool = _opt(False, "recompute blocks in backward to save memory", "model")
+    grad_checkpointing: bool = option(False, "recompute blocks in backward to save memory", "model")
 
     # --- optimisation
-    epochs: int = _opt(400, "training epochs", "optim")
-    batch_size: int = _opt(128, "batch size per process (global batch = this x processes)", "optim")
-    eval_batch_size: int | None = _opt(None, "evaluation batch size per process (default 2 x batch size)", "optim")
-    lr: float = _opt(5e-4, "peak learning rate for a global batch of 512 (scaled linearly, see --lr-scaling)", "optim")
-    lr_scaling: bool = _opt(True, "scale lr by global batch / 512 (off: lr is used as given)", "optim")
-    min_lr: float = _opt(1e-5, "final learning rate of the cosine schedule", "optim")
-    warmup_lr: float = _opt(1e-6, "learning rate at the start of warmup", "optim")
-    warmup_epochs: float = _opt(5.0, "linear warmup length in epochs (may be fractional)", "optim")
-    sched: str = _opt("cosine", "learning-rate schedule after warmup", "optim", SCHEDULES)
-    sched_step: str = _opt("epoch", "when the schedule moves: epoch (the official code: timm's scheduler stepped after "
+    epochs: int = option(400, "training epochs", "optim")
+    batch_size: int = option(128, "batch size per process (global batch = this x processes)", "optim")
+    eval_batch_size: int | None = option(None, "evaluation batch size per process (default 2 x batch size)", "optim")
+    lr: float = option(5e-4, "peak learning rate for a global batch of 512 (scaled linearly, see --lr-scaling)", "optim")
+    lr_scaling: bool = option(True, "scale lr by global batch / 512 (off: lr is used as given)", "optim")
+    min_lr: float = option(1e-5, "final learning rate of the cosine schedule", "optim")
+    warmup_lr: float = option(1e-6, "learning rate at the start of warmup", "optim")
+    warmup_epochs: float = option(5.0, "linear warmup length in epochs (may be fractional)", "optim")
+    sched: str = option("cosine", "learning-rate schedule after warmup", "optim", SCHEDULES)
+    sched_step: str = option("epoch", "when the schedule moves: epoch (the official code: timm's scheduler stepped after "
                            "each epoch, so the first two epochs run at warmup_lr) or step (every iteration)", "optim",
                            SCHED_STEPS)
-    weight_decay: float = _opt(0.05, "AdamW weight decay", "optim")
-    wd_exempt_per_channel: bool = _opt(False, "exempt per-channel parameters (XCA temperatures) from weight decay (the official code decays "
+    weight_decay: float = option(0.05, "AdamW weight decay", "optim")
+    wd_exempt_per_channel: bool = option(False, "exempt per-channel parameters (XCA temperatures) from weight decay (the official code decays "
                                        "them: XCA's own no_weight_decay() is never read; off reproduces it)", "optim")
-    opt_eps: float = _opt(1e-8, "AdamW epsilon", "optim")
-    clip_grad: float | None = _opt(None, "clip the gradient norm to this value (default: no clipping)", "optim")
-    layer_decay: float | None = _opt(None, "layer-wise lr decay factor (e.g. 0.75 for fine-tuning)", "optim")
+    opt_eps: float = option(1e-8, "AdamW epsilon", "optim")
+    clip_grad: float | None = option(None, "clip the gradient norm to this value (default: no clipping)", "optim")
+    layer_decay: float | None = option(None, "layer-wise lr decay factor (e.g. 0.75 for fine-tuning)", "optim")
 
     # --- augmentation and regularisation
-    auto_augment: str | None = _opt("rand-m9-mstd0.5-inc1", "timm RandAugment string ('none' to disable)", "augment")
-    train_crop: str = _opt("random-resized", "training crop: random-resized, pad (pad and random crop), none",
+    auto_augment: str | None = option("rand-m9-mstd0.5-inc1", "timm RandAugment string ('none' to disable)", "augment")
+    train_crop: str = option("random-resized", "training crop: random-resized, pad (pad and random crop), none",
                            "augment", CROPS)
-    crop_scale_min: float = _opt(0.08, "smallest area fraction of random-resized crops", "augment")
-    crop_padding: int = _opt(4, "padding of the 'pad' crop", "augment")
-    hflip: float = _opt(0.5, "horizontal flip probability", "augment")
-    reprob: float = _opt(0.25, "random erasing probability", "augment")
-    mixup: float = _opt(0.8, "mixup alpha (0: off)", "augment")
-    cutmix: float = _opt(1.0, "cutmix alpha (0: off)", "augment")
-    mixup_prob: float = _opt(1.0, "probability of applying mixup or cutmix to a batch", "augment")
-    mixup_switch_prob: float = _opt(0.5, "probability of cutmix instead of mixup when both are on", "augment")
-    smoothing: float = _opt(0.1, "label smoothing", "augment")
-    repeated_aug: int = _opt(3, "repeated augmentation: copies of each image per epoch (1: off)", "augment")
-    ema: bool = _opt(True, "keep an exponential moving average of the weights and evaluate it", "augment")
-    ema_decay: float = _opt(0.99996, "EMA decay per step", "augment")
-    ema_warmup: bool = _opt(False, "ramp the EMA decay up over the first steps (timm ModelEmaV3 warmup)", "augment")
-    eval_weights: str = _opt("raw", "weights evaluated, reported and saved as model.pth, chosen before training: raw "
+    crop_scale_min: float = option(0.08, "smallest area fraction of random-resized crops", "augment")
+    crop_padding: int = option(4, "padding of the 'pad' crop", "augment")
+    hflip: float = option(0.5, "horizontal flip probability", "augment")
+    reprob: float = option(0.25, "random erasing probability", "augment")
+    mixup: float = option(0.8, "mixup alpha (0: off)", "augment")
+    cutmix: float = option(1.0, "cutmix alpha (0: off)", "augment")
+    mixup_prob: float = option(1.0, "probability of applying mixup or cutmix to a batch", "augment")
+    mixup_switch_prob: float = option(0.5, "probability of cutmix instead of mixup when both are on", "augment")
+    smoothing: float = option(0.1, "label smoothing", "augment")
+    repeated_aug: int = option(3, "repeated augmentation: copies of each image per epoch (1: off)", "augment")
+    ema: bool = option(True, "keep an exponential moving average of the weights and evaluate it", "augment")
+    ema_decay: float = option(0.99996, "EMA decay per step", "augment")
+    ema_warmup: bool = option(False, "ramp the EMA decay up over the first steps (timm ModelEmaV3 warmup)", "augment")
+    eval_weights: str = option("raw", "weights evaluated, reported and saved as model.pth, chosen before training: raw "
                              "(the official code) or ema (needs --ema); the other is only logged", "augment",
                              EVAL_WEIGHTS)
 
     # --- distillation (DeiT-style through the single head, no distillation token)
-    teacher: str | None = _opt(None, "teacher checkpoint for distillation", "distill")
-    teacher_model: str | None = _opt(None, "teacher architecture: an XCiT name or a timm model name (default: read "
+    teacher: str | None = option(None, "teacher checkpoint for distillation", "distill")
+    teacher_model: str | None = option(None, "teacher architecture: an XCiT name or a timm model name (default: read "
                                      "the XCiT architecture from the checkpoint)", "distill")
-    distillation: str = _opt("hard", "distillation type when a teacher is given", "distill", DISTILLATION)
-    distill_alpha: float = _opt(0.5, "weight of the distillation loss", "distill")
-    distill_tau: float = _opt(1.0, "soft distillation temperature", "distill")
+    distillation: str = option("hard", "distillation type when a teacher is given", "distill", DISTILLATION)
+    distill_alpha: float = option(0.5, "weight of the distillation loss", "distill")
+    distill_tau: float = option(1.0, "soft distillation temperature", "distill")
 
     # --- run (the options shared by every training command are in RunOptions)
-    eval_every: int = _opt(1, "evaluate every N epochs (and always after the last)", "run")
-    preset: str | None = _opt(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
+    eval_every: int = option(1, "evaluate every N epochs (and always after the last)", "run")
+    preset: str | None = option(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
 
 
 # Presets: option values that replace the defaults (the ImageNet recipe) for a kind of data.
@@ -254,7 +249,7 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Train
 
     Unknown keys raise ``ValueError`` naming the known ones; the result is validated.
     """
-    merged = merge_with_preset({**(values or {}), **kwargs}, [f.name for f in config_fields()], PRESETS,
+    merged = merge_with_preset({**(values or {}), **kwargs}, config_fields(), PRESETS,
                                TrainConfig.data, ("auto_augment", "teacher", "teacher_model", "finetune", "output",
                                                   "resume"), what="training")
     cfg = TrainConfig(**merged)
@@ -262,14 +257,17 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Train
     return cfg
 
 
-def merge_with_preset(given: dict[str, Any], known: list[str], presets: dict[str, dict], default_data: str,
-                      none_keys: tuple[str, ...], what: str,
+def merge_with_preset(given: dict[str, Any], config_fields: list[dataclasses.Field], presets: dict[str, dict],
+                      default_data: str, none_keys: tuple[str, ...], what: str,
                       choose: Callable[[str], str] | None = None) -> dict[str, Any]:
-    """``given`` (dashes or underscores) over its preset (``given['preset']``, else the dataset's).
+    """``given`` (dashes or underscores; old option names renamed, with a warning) over its preset
+    (``given['preset']``, else the one ``choose`` -- by default :func:`default_preset` -- picks for the data),
+    each value coerced to its field's type (:func:`xcit.config.coerce`: ``"2"`` -> 2 for an integer, ``2.5`` refused).
 
-    Unknown keys and presets raise ``ValueError`` naming the known ones; the strings '', 'none' and
-    'null' of ``none_keys`` become None (as YAML files and command lines write them).
+    Unknown keys and presets, and values of the wrong type, raise ``ValueError`` naming the option; the
+    strings '', 'none' and 'null' of ``none_keys`` become None (as YAML files and command lines write them).
     """
+    known = [f.name for f in config_fields]
     given = rename_options(given, known)
     unknown = sorted(set(given) - set(known))
     if unknown:
@@ -281,7 +279,7 @@ def merge_with_preset(given: dict[str, Any], known: list[str], presets: dict[str
     for key in none_keys:
         if isinstance(merged.get(key), str) and merged[key].strip().lower() in ("", "none", "null"):
             merged[key] = None
-    return merged
+    return coerce_fields(merged, config_fields)
 
 
 def validate_run_options(cfg: RunOptions) -> None:

@@ -33,12 +33,21 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    """The torch device a ``--device`` value names: ``auto`` (CUDA when available, else CPU), ``cpu``,
+    ``cuda`` or ``cuda:N``; ``ValueError`` for an unknown name or CUDA asked for where there is none."""
+    if isinstance(device, torch.device):
+        dev = device
+    elif device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    return torch.device(device)
+    else:
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"expected a device such as auto, cpu, cuda or cuda:1, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but CUDA is not available on this machine")
+    return dev
 
 
 def setup(device: str = "auto", backend: str | None = None) -> DistEnv:

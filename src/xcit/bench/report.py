@@ -1,4 +1,4 @@
-"""Markdown report and log-log plot of an ``xcit bench`` run (see :mod:`xcit.cli.bench`)."""
+"""Markdown report and log-log plot of an ``xcit bench`` run (see :mod:`xcit.bench.suite`)."""
 from __future__ import annotations
 
 from pathlib import Path

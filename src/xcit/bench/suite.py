@@ -1,0 +1,278 @@
+"""The ``xcit bench`` suite: every timed comparison, interleaved, in one process, and its report files.
+
+One process runs every timed comparison interleaved (A, B, C, A, B, C, ...) and reports medians
+and paired ratios (the median over rounds of t_other / t_this); the machine's fp32 and bf16 matmul
+peaks are measured in the same run. Peak memory is measured per configuration in a fresh
+subprocess (:mod:`xcit.bench.memory`). Results: a markdown report (targets, tables, machine,
+command), a log-log PNG and a JSON file (:func:`run_suite`; :func:`render_files` redraws them).
+
+Contenders (:mod:`xcit.bench.contenders`):
+* ``this`` - this project, eager, the plain model (``this-fused``: its inference transform ``xcit.optimize``);
+* ``timm`` - ``timm``'s XCiT with the same weights (its default, non-fused XCA path);
+* ``vit``  - a DeiT-style ViT of the same width, depth and patch size (heads = C / 64) with
+  torch's scaled-dot-product attention, timm's ``VisionTransformer`` (``dynamic_img_size``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import report
+from .agreement import bf16_agreement
+from .contenders import (
+    build, deployment_runners, forward_runner, model_flops, profile_breakdown, tokens, train_step_runner,
+)
+from .timing import CLOCKS, interleaved, machine_info, measure_peaks, paired_ratio
+
+PRESETS = {
+    # resolutions timed at batch 1 for the scaling curve; XCiT alone beyond ``vit_max``
+    "full": dict(sizes=[224, 384, 512, 768, 1024, 1536, 2048, 3072, 4096], vit_max=2048, timm_max=4096, repeats=7,
+                 large_repeats=3, compile=True, train=True, bf16=True, memory=True, profile=True),
+    "quick": dict(sizes=[224, 512, 1024], vit_max=1024, timm_max=1024, repeats=3, large_repeats=2, compile=False,
+                  train=True, bf16=True, memory=True, profile=False),
+}
+LARGE_TOKENS = 8192  # configurations with more tokens than this use ``large_repeats``
+
+
+@dataclass
+class BenchSettings:
+    """What one suite run measures (the options of ``xcit bench``)."""
+
+    model: str = "xcit_small_12_p16"  # XCiT architecture
+    preset: str = "full"  # a key of PRESETS
+    sizes: list[int] | None = None  # scaling resolutions (batch 1); default: the preset's
+    batch: int = 32  # batch of the 224 comparisons
+    repeats: int | None = None  # timed rounds per comparison; default: the preset's
+    threads: int | None = None  # torch threads; default: torch's
+    clock: str = "wall"  # wall: perf_counter; cpu: process CPU time (with threads=1 only)
+    compile: bool = True  # the torch.compile comparisons (when the preset has them)
+    train: bool = True  # the training-step comparison
+    memory: bool = True  # the peak-memory subprocesses
+    bf16_checkpoint: str | None = None  # trained model for the bf16 / fp32 top-1 agreement
+
+    def check(self) -> None:
+        """``ValueError`` for settings that cannot run, before anything is timed."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"expected a preset in {sorted(PRESETS)}, got {self.preset!r}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"expected a clock in {sorted(CLOCKS)}, got {self.clock!r}")
+        from ..models import resolve_name
+
+        resolve_name(self.model)
+
+
+class Bench:
+    """One run of the suite: every case of :class:`BenchSettings`, results gathered in ``self.results``."""
+
+    def __init__(self, settings: BenchSettings) -> None:
+        self.settings = settings
+        self.preset = dict(PRESETS[settings.preset])
+        self.model = settings.model
+        self.repeats = settings.repeats or self.preset["repeats"]
+        self.clock = CLOCKS[settings.clock]
+        self.results: dict = {"cases": {}, "memory": {}, "flops": {}}
+        self._models: dict = {}
+
+    def log(self, msg: str) -> None:
+        print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    def model_for(self, impl: str):
+        if impl not in self._models:
+            self._models[impl] = build(impl, self.model).eval()
+        return self._models[impl]
+
+    def flops(self, impl: str, res: int, batch: int, executed: bool = False) -> float:
+        key = f"{'vit' if impl == 'vit' else 'xcit'}{'-exec' if executed else ''}@{res}x{batch}"
+        if key not in self.results["flops"]:
+            self.results["flops"][key] = model_flops(impl, self.model, res, batch, executed)
+        return self.results["flops"][key]
+
+    def case(self, name: str, contenders: dict, res: int, batch: int, repeats: int | None = None, warmup: int = 1,
+             base: str = "timm", flop_impl: dict | None = None, extra: dict | None = None) -> dict:
+        import torch
+
+        repeats = repeats or self.repeats
+        load0 = os.getloadavg()[0]
+        self.log(f"{name}: {', '.join(contenders)} at {res}x{res} batch {batch}, {repeats} rounds")
+        times = interleaved(contenders, repeats, warmup, clock=self.clock)
+        load1 = os.getloadavg()[0]
+        entry = {"res": res, "batch": batch, "tokens": tokens(res, self.patch), "repeats": repeats,
+                 "load": [load0, load1], "threads": torch.get_num_threads(), "base": base, "rows": {}}
+        for k, t in times.items():
+            impl = (flop_impl or {}).get(k, "vit" if k.startswith("vit") else "xcit")
+            fl = self.flops(impl, res, batch)
+            row = {"median_s": t.median, "min_s": min(t.times), "times": t.times, "flops": fl,
+                   "per_image_s": t.median / batch, "gflops_per_s": fl / t.median / 1e9}
+            if base in times and k != base:
+                row["speedup_vs_base"] = paired_ratio(times[base], t)
+            entry["rows"][k] = row
+        entry.update(extra or {})
+        self.results["cases"][name] = entry
+        summary = ", ".join(f"{k} {r['median_s'] * 1e3:.0f} ms" + (f" (x{r['speedup_vs_base']:.2f})" if "speedup_vs_base" in r else "")
+                            for k, r in entry["rows"].items())
+        self.log(f"  {summary}")
+        return entry
+
+    @property
+    def patch(self) -> int:
+        from ..models import MODELS, resolve_name
+
+        return MODELS[resolve_name(self.model).arch].patch_size
+
+    # -- the cases ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        import torch
+
+        a = self.settings
+        self.results["machine"] = machine_info()
+        self.log(f"machine: {self.results['machine']['cpu']}, {torch.get_num_threads()} threads")
+        self.log("matmul peaks")
+        self.results["peak"] = measure_peaks(repeats=max(3, self.repeats // 2 + 1), clock=self.clock)
+        self.log(f"  {json.dumps({k: round(v, 1) for k, v in self.results['peak']['gflops'].items()})}")
+        b = a.batch
+        torch.manual_seed(0)
+        x224 = torch.randn(b, 3, 224, 224)
+        this, fused, ref, vit = (self.model_for(k) for k in ("this", "this-fused", "timm", "vit"))
+        scratch = tempfile.TemporaryDirectory()
+        deploy, notes = deployment_runners(this, Path(scratch.name), torch.get_num_threads())
+        self.results.setdefault("notes", []).extend(notes)
+        # 1. eager inference at the two target configurations (and the deployment runtimes on our ONNX export)
+        self.case(f"infer_224_b{b}", {"timm": forward_runner(ref, x224), "this": forward_runner(this, x224), "this-fused": forward_runner(fused, x224),
+                                      "vit": forward_runner(vit, x224), **{k: make(x224) for k, make in deploy.items()}}, 224, b)
+        x1k = torch.randn(1, 3, 1024, 1024)
+        self.case("infer_1024_b1", {"timm": forward_runner(ref, x1k), "this": forward_runner(this, x1k), "this-fused": forward_runner(fused, x1k),
+                                    "vit": forward_runner(vit, x1k), **{k: make(x1k) for k, make in deploy.items()}}, 1024, 1)
+        scratch.cleanup()
+        self.flops("this", 1024, 1, executed=True)  # the optimised model's own FLOPs, for the stricter peak fraction
+        if self.preset.get("profile"):
+            self.results["profile"] = {f"224_b{b}": profile_breakdown(fused, x224),
+                                       "1024_b1": profile_breakdown(fused, x1k)}
+        # 2. bf16 autocast vs timm fp32
+        if self.preset.get("bf16"):
+            self.case(f"bf16_224_b{b}", {"timm": forward_runner(ref, x224), "this-fused-bf16": forward_runner(fused, x224, torch.bfloat16),
+                                         "this-bf16": forward_runner(this, x224, torch.bfloat16),
+                                         "timm-bf16": forward_runner(ref, x224, torch.bfloat16)}, 224, b)
+        # 3. training step (forward + backward + AdamW)
+        if self.preset.get("train") and a.train:
+            tt, tr = build("this", self.model, train=True), build("timm", self.model, train=True)
+            y = torch.randint(0, 1000, (b,))
+            self.case(f"train_224_b{b}", {"timm": train_step_runner(tr, x224, y), "this": train_step_runner(tt, x224, y)}, 224, b,
+                      repeats=max(3, self.repeats - 2))
+            flops_train = 3 * self.flops("xcit", 224, b)
+            for r in self.results["cases"][f"train_224_b{b}"]["rows"].values():
+                r["flops"] = flops_train
+                r["gflops_per_s"] = flops_train / r["median_s"] / 1e9
+            del tt, tr
+        # 4. torch.compile (inductor) of both
+        if self.preset.get("compile") and a.compile:
+            self.compiled_cases(fused, ref, x224, x1k)
+        # 5. scaling, batch 1
+        self.scaling(this, fused, ref, vit)
+        # 6. memory
+        if self.preset.get("memory") and a.memory:
+            self.memory()
+        if a.bf16_checkpoint:
+            self.log(f"bf16 agreement on Fashion-MNIST with {a.bf16_checkpoint}")
+            self.results["bf16_agreement"] = bf16_agreement(a.bf16_checkpoint)
+        self.results["machine"]["load_end"] = os.getloadavg()
+        return self.results
+
+    def compiled_cases(self, fused, ref, x224, x1k) -> None:
+        import torch
+
+        for name, x, res, batch in ((f"compiled_224_b{x224.shape[0]}", x224, 224, x224.shape[0]),
+                                    ("compiled_1024_b1", x1k, 1024, 1)):
+            torch._dynamo.reset()
+            comp = {}
+            compile_s = {}
+            for label, model, fullgraph in (("timm-compiled", ref, False), ("this-fused-compiled", fused, True)):
+                c = torch.compile(model, fullgraph=fullgraph, dynamic=False)
+                t0 = time.perf_counter()
+                forward_runner(c, x)()
+                compile_s[label] = time.perf_counter() - t0
+                self.log(f"  compiled {label} at {res} in {compile_s[label]:.0f} s")
+                comp[label] = forward_runner(c, x)
+            self.case(name, comp, res, batch, base="timm-compiled", extra={"compile_s": compile_s})
+
+    def scaling(self, this, fused, ref, vit) -> None:
+        import torch
+
+        sizes = self.settings.sizes or self.preset["sizes"]
+        vit_max, timm_max = self.preset["vit_max"], self.preset["timm_max"]
+        for res in sizes:
+            x = torch.randn(1, 3, res, res)
+            contenders = {"this-fused": forward_runner(fused, x)}
+            if res <= timm_max:
+                contenders["timm"] = forward_runner(ref, x)
+            if res <= vit_max:
+                contenders["vit"] = forward_runner(vit, x)
+            large = tokens(res, self.patch) > LARGE_TOKENS
+            self.case(f"scale_{res}", contenders, res, 1, repeats=self.preset["large_repeats"] if large else self.repeats,
+                      base="timm" if "timm" in contenders else "this-fused")
+
+    def memory(self) -> None:
+        from .memory import run_memory_probe  # not at import: ``python -m xcit.bench.memory`` runs that module fresh
+
+        sizes = self.settings.sizes or self.preset["sizes"]
+        threads = self.settings.threads
+        for res in sizes:
+            for impl in ("this-fused", "timm", "vit"):
+                if impl == "vit" and res > self.preset["vit_max"] or impl == "timm" and res > self.preset["timm_max"]:
+                    continue
+                key = f"{impl}@{res}"
+                self.log(f"memory {key}")
+                self.results["memory"][key] = {"impl": impl, "res": res, "tokens": tokens(res, self.patch),
+                                               **run_memory_probe(impl, self.model, res, 1, threads)}
+                m = self.results["memory"][key]
+                self.log(f"  {m.get('delta_mb', float('nan')):.0f} MB" if "delta_mb" in m else f"  {m['error']}")
+
+
+def run_suite(settings: BenchSettings, out: Path, *, plot: Path | None = None, raw: Path | None = None,
+              command: str = "xcit bench") -> dict:
+    """Run the suite and write the markdown report ``out``, the plot (default ``scaling.png`` beside it) and
+    the raw results (default ``results.json`` beside it); returns the results."""
+    import torch
+
+    settings.check()
+    try:
+        import timm  # noqa: F401
+    except ImportError as err:
+        raise ValueError("xcit bench compares against timm: pip install timm") from err
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if settings.clock == "cpu" and torch.get_num_threads() != 1:
+        raise ValueError("--clock cpu measures process CPU time and needs --threads 1 (with more threads it "
+                         "would count OpenMP spin-waiting)")
+    out = Path(out)
+    plot = plot or out.with_name("scaling.png")
+    raw = raw or out.with_name("results.json")
+    t0 = time.time()
+    results = Bench(settings).run()
+    results["command"] = os.environ.get("XCIT_BENCH_COMMAND", command)
+    results["clock"] = settings.clock
+    results["model"] = settings.model
+    results["preset"] = settings.preset
+    results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results["duration_s"] = time.time() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1))
+    report.plot_scaling(results, plot)
+    out.write_text(report.render(results, plot_path=os.path.relpath(plot, out.parent)))
+    return results
+
+
+def render_files(results_json: Path, out: Path, *, plot: Path | None = None, appendix: list[Path] = ()) -> None:
+    """Re-write the report ``out`` and its plot from an earlier run's ``results.json``; ``appendix``: the
+    results files of other runs whose summary and targets are appended (e.g. a ``--clock cpu`` cross-check)."""
+    out = Path(out)
+    plot = plot or out.with_name("scaling.png")
+    results = json.loads(Path(results_json).read_text())
+    others = [json.loads(Path(p).read_text()) for p in appendix]
+    report.plot_scaling(results, plot)
+    out.write_text(report.render(results, plot_path=os.path.relpath(plot, out.parent), appendix=others))
