@@ -167,7 +167,8 @@ def test_dense_task_checkpoints_say_where_they_belong(tmp_path, capsys):
     backbone serves as --pretrained weights."""
     from xcit.cli import main
     from xcit.detect.model import build_detector, detector_state
-    from xcit.segment.model import build_segmenter, read_backbone_state, save_segmenter
+    from xcit.models.weights import read_trunk
+    from xcit.segment.model import build_segmenter, save_segmenter
     from xcit.train.checkpoint import save_state
 
     arch = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
@@ -182,5 +183,9 @@ def test_dense_task_checkpoints_say_where_they_belong(tmp_path, capsys):
             assert main(argv) == 2, argv
             err = capsys.readouterr().err
             assert f"xcit {task} predict" in err and "--pretrained" in err and len(err.strip().splitlines()) == 1, err
-        trunk = read_backbone_state(tmp_path / name)
+        trunk, _ = read_trunk(tmp_path / name)
         assert "blocks.0.attn.qkv.weight" in trunk and not any(k.startswith(("backbone", "fpn", "head")) for k in trunk)
+    from xcit.models import create_pyramid
+
+    pyramid = create_pyramid(checkpoint=tmp_path / "det.pt")  # a detector's backbone starts a new dense model
+    assert torch.equal(pyramid.blocks[0].attn.qkv.weight, detector.backbone.body.blocks[0].attn.qkv.weight)

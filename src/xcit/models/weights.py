@@ -360,7 +360,7 @@ def read_trunk(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     trunk = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
     if not any(k.startswith("blocks.") for k in trunk):
         raise CheckpointError(f"{path}: no XCiT blocks found (expected keys like 'blocks.0.attn.qkv.weight')")
-    return trunk, {**infer_architecture(state), **saved}
+    return trunk, {**infer_architecture(state), **{k: v for k, v in saved.items() if k != "task"}}
 
 
 def _describe(arch: dict) -> str:
