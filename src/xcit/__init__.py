@@ -1,6 +1,6 @@
 """xcit: Cross-Covariance Image Transformers (El-Nouby et al., NeurIPS 2021) in PyTorch."""
 from .inference.streaming import streaming
-from .models import MODELS, XCiT, XCiTPyramid, create_model, create_pyramid, list_models, optimize, param_groups
+from .models import MODELS, XCiT, XCiTPyramid, create_model, create_pyramid, list_models, optimize, param_groups, quantize
 from .models.weights import CheckpointError, inspect_checkpoint, load_checkpoint, read_state_dict, save_checkpoint
 
 __version__ = "0.1.0"

@@ -151,6 +151,47 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: t
     return path
 
 
+def export_quantized_program(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write an int8 model's (:func:`xcit.quantize`) Q/DQ program as ``.pt2``: dynamic batch, the calibration H, W.
+
+    The program holds int8 weights with their scales and quantize / dequantize ops around float
+    ops (``quantized_decomposed``, registered by ``import torchao``: import it before loading);
+    ``torch.export.load(path).module()`` runs it in float emulation, and ``torch.compile`` with
+    ``torch._inductor.config.freezing`` on turns it into oneDNN int8 kernels.
+    """
+    from .models import is_quantized
+
+    if not is_quantized(model):
+        raise ExportError(f"expected an int8 model made by xcit.quantize, got {type(model).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, model.in_chans, *model.img_size, generator=gen)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        try:
+            program = torch.export.export(model.program, (x,), dynamic_shapes=({0: batch},))
+        except Exception as err:
+            raise ExportError(f"torch.export could not trace the int8 program: {type(err).__name__}: {str(err)[:1200]}") from err
+    torch.export.save(program, path)
+    return path
+
+
+def check_quantized_program(model: nn.Module, path: str | os.PathLike, batches: Sequence[int] = (1, 2, 3)) -> list[dict]:
+    """Max |loaded int8 program - the int8 model's Q/DQ graph| of the logits at each batch size (calibration H, W)."""
+    program = torch.export.load(os.fspath(path)).module()
+    rows = []
+    for b in batches:
+        x = torch.randn(b, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            ref, out = model.program(x), program(x)
+        if out.shape != ref.shape:
+            raise AssertionError(f"exported int8 program gave shape {tuple(out.shape)} for batch {b}, expected {tuple(ref.shape)}")
+        rows.append({"batch": b, "height": model.img_size[0], "width": model.img_size[1],
+                     "max_abs_diff": float((out - ref).abs().max())})
+    return rows
+
+
 def export_openvino(onnx_path: str | os.PathLike, path: str | os.PathLike) -> Path:
     """OpenVINO IR (``.xml`` + ``.bin``, fp32 weights) of an exported ONNX file, dynamic sizes kept.
 

@@ -30,6 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--workers", type=int, default=4, help="loader workers (image folders)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
+    p.add_argument("--int8", action="store_true",
+                   help="evaluate the post-training int8 model (xcit.quantize, CPU, needs torchao) calibrated on "
+                        "--calibration-images images of the same data's --calibration-split")
+    p.add_argument("--calibration-images", type=int, default=512, metavar="N", help="with --int8 (default 512)")
+    p.add_argument("--calibration-split", default="train", metavar="SPLIT", help="with --int8 (default train)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_config_option(p)
     p.set_defaults(func=run_eval)
@@ -42,13 +47,15 @@ def run_eval(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, args.split, model_name=args.model, batch_size=args.batch_size,
         img_size=args.img_size, crop_pct=args.crop_pct, in_chans=args.in_chans, mean=args.mean, std=args.std,
         interpolation=args.interpolation, device=args.device, workers=args.workers, amp=args.amp,
+        int8=args.int8, calibration_images=args.calibration_images, calibration_split=args.calibration_split,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun every rank computed the same totals; one prints them
     if args.json:
         print(json.dumps(metrics))
     else:
-        print(f"{args.checkpoint} on {metrics['data']} ({args.split}, {metrics['n']} images, {metrics['img_size']}px, "
+        kind = f"int8 (calibrated on {metrics['int8']['calibration_images']} images) " if args.int8 else ""
+        print(f"{kind}{args.checkpoint} on {metrics['data']} ({args.split}, {metrics['n']} images, {metrics['img_size']}px, "
               f"crop_pct {metrics['crop_pct']}):")
         print(f"  top-1 {metrics['top1']:.2f}%   top-5 {metrics['top5']:.2f}%   loss {metrics['loss']:.4f}")
         if metrics.get("skipped"):

@@ -1,4 +1,5 @@
 """Images in, tensors out: loading, the official evaluation preprocessing, datasets and loaders."""
+from .calibration import calibration_images
 from .datasets import (
     FASHION_MNIST_CLASSES,
     DataError,
@@ -16,6 +17,6 @@ from .transforms import BatchEvalTransform, BatchTrainTransform, folder_eval_tra
 __all__ = [
     "FASHION_MNIST_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "BatchEvalTransform", "BatchTrainTransform", "DataError",
     "ImageFolderDataset", "RepeatAugSampler", "ShardSampler", "TensorBatchLoader", "TensorImageDataset",
-    "build_dataset", "build_loader", "collate_skipping", "eval_transform", "fashion_mnist_dir",
+    "build_dataset", "build_loader", "calibration_images", "collate_skipping", "eval_transform", "fashion_mnist_dir",
     "folder_eval_transform", "folder_train_transform", "imagenet_class_names", "load_image", "read_idx",
 ]

@@ -58,6 +58,22 @@ class InferenceModel:
         steps[resize] = v2.Resize(steps[resize].size, interpolation=_interpolation(self.interpolation), antialias=True)
         return v2.Compose(steps)
 
+    def calibration_images(self, data, n: int, *, split: str = "train", seed: int = 0) -> torch.Tensor:
+        """``n`` images of ``data`` (a dataset name or folder) preprocessed as this model's inputs, for
+        :func:`xcit.quantize` (:func:`xcit.data.calibration_images`)."""
+        from ..data import BatchEvalTransform, calibration_images
+
+        h, w = self.img_size
+
+        def batch_transform(images: torch.Tensor) -> torch.Tensor:
+            if h != w:
+                raise ValueError(f"in-memory datasets are evaluated at square sizes; the model's is {h}x{w}")
+            return BatchEvalTransform(h, crop_pct=self.crop_pct, mean=self.mean, std=self.std,
+                                      interpolation=self.interpolation)(images)
+
+        return calibration_images(data, n, in_chans=self.in_chans, batch_transform=batch_transform,
+                                  image_transform=self.transform(), split=split, seed=seed)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)

@@ -513,8 +513,14 @@ def evaluate(
     workers: int = 4,
     amp: str = "none",
     progress: bool = True,
+    int8: bool = False,
+    calibration_images: int = 512,
+    calibration_split: str = "train",
 ) -> dict[str, Any]:
     """Top-1 / top-5 / loss of a checkpoint on a dataset, with the official evaluation preprocessing.
+
+    With ``int8`` the model is first quantised (:func:`xcit.quantize`, CPU, one process) on
+    ``calibration_images`` images drawn from ``calibration_split`` of the same data.
 
     ``data`` defaults to the dataset the checkpoint records it was trained on (``xcit train``,
     ``xcit dino`` and the linear probe write it); a checkpoint that records none needs it given.
@@ -525,6 +531,9 @@ def evaluate(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if int8 and (amp != "none" or device not in ("auto", "cpu") or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ValueError("int8 evaluation runs in one CPU process in float32 around the int8 kernels: "
+                         "use --device cpu (or auto), --amp none and no torchrun")
     meta = read_model_metadata(checkpoint)
     saved = meta.get("data", {}) if isinstance(meta.get("data"), dict) else {}
     if data is None:
@@ -552,7 +561,7 @@ def evaluate(
     norm_mean = tuple(mean or saved.get("mean") or dataset.mean)
     norm_std = tuple(std or saved.get("std") or dataset.std)
     interp = interpolation or saved.get("interpolation", "bicubic")
-    env = dist_utils.setup(device)
+    env = dist_utils.setup("cpu" if int8 else device)
     try:
         model = create_model(model_name, checkpoint=checkpoint, in_chans=chans).to(env.device)
         n_out = model.num_classes
@@ -567,11 +576,30 @@ def evaluate(
         else:
             dataset.transform = folder_eval_transform(size, crop_pct=pct, mean=norm_mean, std=norm_std)
             tf = None
+        if int8:
+            model = _quantized(model, data, calibration_images, calibration_split, batch_size, chans, size, pct, norm_mean,
+                               norm_std, interp)
         loader = build_loader(dataset, ShardSampler(len(dataset), num_replicas=env.world_size, rank=env.rank),
                               batch_size, batch_transform=tf, workers=workers, pin_memory=env.device.type == "cuda")
         metrics = evaluate_model(model, loader, env, amp_dtype=resolve_amp(amp, env.device), progress=progress,
                                  desc=f"eval {split}")
     finally:
         dist_utils.cleanup(env)
+    extra = {"int8": {"calibration_images": model.calibration_images, "calibration_split": calibration_split}} if int8 else {}
     return {**metrics, "img_size": size, "crop_pct": pct, "data": str(data), "split": split,
-            "checkpoint": str(checkpoint)}
+            "checkpoint": str(checkpoint), **extra}
+
+
+def _quantized(model: nn.Module, data, n: int, split: str, batch_size: int, in_chans: int, size: int, pct: float,
+               mean: tuple, std: tuple, interpolation: str) -> nn.Module:
+    """``model`` quantised to int8 on ``n`` images of ``data``'s ``split`` (evaluation preprocessing)."""
+    from ..data.calibration import calibration_images
+    from ..models import quantize
+
+    images = calibration_images(
+        data, n, in_chans=in_chans, split=split,
+        batch_transform=BatchEvalTransform(size, crop_pct=pct, mean=mean, std=std, interpolation=interpolation),
+        image_transform=folder_eval_transform(size, crop_pct=pct, mean=mean, std=std),
+    )
+    log.info("int8: calibrating on %d images of %s (%s), %dpx", len(images), data, split, size)
+    return quantize(model.eval(), images, batch_size=batch_size)
