@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MODELS", "XCiT", "XCiTPyramid", "CheckpointError", "create_model", "create_pyramid", "inspect_checkpoint",
-    "list_models", "load_checkpoint", "optimize", "param_groups", "read_state_dict", "save_checkpoint", "streaming",
+    "list_models", "load_checkpoint", "optimize", "param_groups", "quantize", "read_state_dict", "save_checkpoint",
+    "streaming",
     "__version__",
 ]
