@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,22 +27,9 @@ from pathlib import Path
 
 import torch
 
+from xcit.bench.timing import cpu_identity
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16") if f in have]
-    return []
 
 
 def log(msg: str) -> None:
@@ -165,9 +151,10 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     from importlib.metadata import version
 
+    cpu = cpu_identity()
     res = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "command": "taskset -c 0 python " + " ".join(["benchmarks/int8.py", *sys.argv[1:]]),
-           "cpu": cpu_name(), "cpu_family_model": _family_model(), "cpu_flags": cpu_flags(), "threads": a.threads,
+           "cpu": cpu["cpu"], "cpu_family_model": cpu["cpu_id"], "cpu_flags": cpu["cpu_flags"], "threads": a.threads,
            "torch": torch.__version__, "torchao": version("torchao")}
     if a.checkpoint:
         log(f"accuracy with {a.checkpoint}")
@@ -186,15 +173,6 @@ def main() -> int:
             f.write("\n" + md)
         print(md)
     return 0
-
-
-def _family_model() -> str:
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key = line.split(":", 1)[0].strip()
-        if key in ("cpu family", "model", "vendor_id") and key not in info:
-            info[key] = line.split(":", 1)[1].strip()
-    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
 
 
 if __name__ == "__main__":

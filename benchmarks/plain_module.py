@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,24 +26,19 @@ from pathlib import Path
 
 import torch
 
+from xcit.bench.contenders import perturb_bn
+from xcit.bench.timing import cpu_identity
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "d2cf1f5"  # main before the plain-module change: layers with the fast path, model.fuse()
 
 
 def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+    return cpu_identity()["cpu"]
 
 
 def cpu_family_model() -> str:
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key = line.split(":", 1)[0].strip()
-        if key in ("cpu family", "model", "vendor_id") and key not in info:
-            info[key] = line.split(":", 1)[1].strip()
-    return f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}"
+    return cpu_identity()["cpu_id"]
 
 
 def load_baseline(rev: str, workdir: Path):
@@ -59,15 +53,6 @@ def load_baseline(rev: str, workdir: Path):
         (pkg / name).write_text(text)
     sys.path.insert(0, str(workdir))
     return importlib.import_module("xcit_baseline_models")
-
-
-def perturb_bn(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def build(model_name: str, baseline_rev: str | None, workdir: Path) -> dict:

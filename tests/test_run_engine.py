@@ -167,34 +167,24 @@ def test_resolve_config_takes_old_names_in_python_with_a_warning(tmp_path):
 
 
 def test_sigterm_stops_a_run_cleanly_and_it_resumes(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
-    import time
+
+    from test_train import _env, start_run_until
 
     from xcit.train import load_state
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     run = tmp_path / "run"
     cli = [sys.executable, "-m", "xcit", "train", *TINY_DIGITS[:2], "--threads", "1", "--no-progress", "--no-plot"]
-    proc = subprocess.Popen([*cli, "--epochs", "3", "--ckpt-every", "2", "--output", str(run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "last.pt").exists() and load_state(run / "last.pt")["step"] >= 10:
-            break
-        time.sleep(0.05)
+    proc = start_run_until([*cli, "--epochs", "3", "--ckpt-every", "2", "--output", str(run)], run, step=10)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err and "--resume" in err
     assert not list(run.glob(".*.tmp")) and not (run / "model.pth").exists()
     stopped_at = load_state(run / "last.pt")["step"]
-    resumed = subprocess.run([*cli, "--resume", str(run)], env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run([*cli, "--resume", str(run)], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "result.json").read_text())["steps"] == 66 > stopped_at
 

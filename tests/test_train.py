@@ -37,6 +37,17 @@ def _cli(*args: str) -> list[str]:
             "--no-tensorboard", *args]
 
 
+def start_run_until(argv: list[str], run: Path, step: int) -> subprocess.Popen:
+    """A training command started in a new process, returned once its ``last.pt`` has reached ``step`` (or it ended)."""
+    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run / "last.pt").exists() and load_state(run / "last.pt")["step"] >= step:
+            break
+        time.sleep(0.05)  # polling for a file, not timing anything
+    return proc
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -96,13 +107,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     train(output=str(tmp_path / "a"), epochs=3, ckpt_every=7, **FAST)  # uninterrupted, in this process
 
     run = tmp_path / "b"
-    proc = subprocess.Popen(_cli(*args, "--output", str(run)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "last.pt").exists() and load_state(run / "last.pt")["step"] >= 25:
-            break
-        time.sleep(0.05)
+    proc = start_run_until(_cli(*args, "--output", str(run)), run, step=25)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

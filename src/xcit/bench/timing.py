@@ -46,6 +46,27 @@ def paired_ratio(num: Timing, den: Timing) -> float:
 
 
 
+def cpu_identity() -> dict:
+    """This machine's CPU as benchmarks record it: the model name, vendor / family / model numbers (which tell
+    the project's machine kinds apart) and the matrix-engine flags that decide bf16 and int8 speed."""
+    info: dict = {}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "vendor_id") and key not in info:
+                info[key] = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": info.get("model name", platform.processor() or "unknown CPU"),
+            "cpu_id": f"{info.get('vendor_id', '?')} family {info.get('cpu family', '?')} model {info.get('model', '?')}",
+            "cpu_flags": [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+                          if f in flags]}
+
+
 def machine_info() -> dict:
     import torch
 

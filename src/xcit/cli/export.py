@@ -103,19 +103,30 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
         if check is not None:
             rows = check(model, path, sizes)
-            for r in rows:
-                good = r["max_abs_diff"] <= args.atol
-                ok &= good
-                print(f"  {fmt} vs PyTorch, batch {r['batch']} {r['height']}x{r['width']}: "
-                      f"max |diff| {r['max_abs_diff']:.2e} {'ok' if good else f'ABOVE {args.atol:g}'}")
+            ok &= _report_parity(rows, f"{fmt} vs PyTorch", args.atol)
             sidecar.setdefault("parity", {})[fmt] = rows
     if scratch is not None:
         scratch.cleanup()
-    meta = out / f"{stem}.json"
+    return _finish(out / f"{stem}.json", sidecar, ok, args.atol)
+
+
+def _report_parity(rows: list[dict], what: str, atol: float) -> bool:
+    """Print one line per checked size; whether every difference is within ``atol``."""
+    ok = True
+    for r in rows:
+        good = r["max_abs_diff"] <= atol
+        ok &= good
+        print(f"  {what}, batch {r['batch']} {r['height']}x{r['width']}: "
+              f"max |diff| {r['max_abs_diff']:.2e} {'ok' if good else f'ABOVE {atol:g}'}")
+    return ok
+
+
+def _finish(meta: Path, sidecar: dict, ok: bool, atol: float) -> int:
+    """Write the sidecar JSON; exit status 1 when a parity check failed."""
     meta.write_text(json.dumps(sidecar, indent=1))
     print(f"wrote {meta} (preprocessing and class names)")
     if not ok:
-        print(f"parity check failed: some differences exceed {args.atol:g}", file=sys.stderr)
+        print(f"parity check failed: some differences exceed {atol:g}", file=sys.stderr)
     return 0 if ok else 1
 
 
@@ -175,18 +186,9 @@ def _run_int8_export(args: argparse.Namespace, inf, out: Path, stem: str, earlie
     ok = True
     if not args.no_check:
         rows = ex.check_quantized_program(qmodel, path)
-        for r in rows:
-            good = r["max_abs_diff"] <= args.atol
-            ok &= good
-            print(f"  pt2 vs PyTorch int8, batch {r['batch']} {r['height']}x{r['width']}: "
-                  f"max |diff| {r['max_abs_diff']:.2e} {'ok' if good else f'ABOVE {args.atol:g}'}")
+        ok = _report_parity(rows, "pt2 vs PyTorch int8", args.atol)
         sidecar["parity"] = {"pt2": rows}
-    meta = out / f"{stem}.json"
-    meta.write_text(json.dumps(sidecar, indent=1))
-    print(f"wrote {meta} (preprocessing and class names)")
-    if not ok:
-        print(f"parity check failed: some differences exceed {args.atol:g}", file=sys.stderr)
-    return 0 if ok else 1
+    return _finish(out / f"{stem}.json", sidecar, ok, args.atol)
 
 
 # Every file an export of NAME writes (ONNX puts weights beside the graph above 2 GB).

@@ -58,7 +58,8 @@ class _InferenceOnly(nn.Module):
         return f"fold={self.fold!r}, dnn={self.dnn}"
 
 
-def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) in float64 with ``bn(x) == x * scale + shift`` per channel, for an eval-mode BatchNorm."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("cannot fold a BatchNorm without running statistics")
     s = torch.rsqrt(bn.running_var.double() + bn.eps)
@@ -109,7 +110,7 @@ class OptimizedPatchEmbed(_InferenceOnly):
                 conv, bn = stage
                 _require_module(conv, nn.Conv2d, f"stem stage {i}")
                 _require_module(bn, nn.BatchNorm2d, f"stem stage {i}")
-                s, t = _bn_scale_shift(bn)
+                s, t = bn_scale_shift(bn)
                 w = conv.weight.double() * s[:, None, None, None]
                 b = t if conv.bias is None else t + s * conv.bias.double()
                 dtype = conv.weight.dtype
@@ -160,7 +161,7 @@ class OptimizedXCABlock(_InferenceOnly):
                 self.register_buffer(f"{name}_weight", w.to(dtype))
                 self.register_buffer(f"{name}_bias", b.to(dtype))
             self.register_buffer("temperature", attn.temperature.detach().clone())
-            s, t = _bn_scale_shift(lpi.bn)
+            s, t = bn_scale_shift(lpi.bn)
             g = block.gamma3.double()
             w = lpi.conv2.weight.double()  # (C, 1, K, K), depthwise
             b = lpi.conv2.bias.double() if lpi.conv2.bias is not None else torch.zeros_like(g)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .layers import LPI
+from .optimize import bn_scale_shift, is_optimized
 
 __all__ = ["QuantizationError", "QuantizedXCiT", "is_quantized", "quantize"]
 
@@ -61,12 +62,7 @@ class _ChannelAffine(nn.Module):
         super().__init__()
         if bn.running_mean is None or bn.running_var is None:
             raise QuantizationError("cannot quantise a BatchNorm without running statistics")
-        s = torch.rsqrt(bn.running_var.double() + bn.eps)
-        if bn.weight is not None:
-            s = s * bn.weight.double()
-        t = -bn.running_mean.double() * s
-        if bn.bias is not None:
-            t = t + bn.bias.double()
+        s, t = bn_scale_shift(bn)
         dtype = bn.running_var.dtype
         self.register_buffer("scale", s.to(dtype)[:, None, None])
         self.register_buffer("shift", t.to(dtype)[:, None, None])
@@ -167,8 +163,6 @@ def _import_pt2e():
 
 
 def _check_arguments(model: nn.Module, images: torch.Tensor, backend: str, batch_size: int) -> None:
-    from .optimize import is_optimized
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module (xcit.create_model), got {type(model).__name__}")
     if is_quantized(model):
