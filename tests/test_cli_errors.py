@@ -98,6 +98,21 @@ def files(tmp_path) -> dict[str, Path]:
     (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--resume", "NOTES"],
      ["notes.txt", "segmentation checkpoint"]),
     (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--amp", "fp17"], ["--amp", "fp17"]),
+    # every other subcommand too
+    (["models", "--config", "EPOCHS_WORD"], ["unknown option", "epochs"]),
+    (["info", "xcit_nope"], ["xcit_nope"]),
+    (["attention", "NOWHERE", "--checkpoint", "NOTES"], ["notes.txt"]),
+    (["embed", "NOWHERE", "--model", "xcit_nano_12_p16"], ["--output"]),
+    (["export", "--checkpoint", "NOTES", "-o", "NOWHERE"], ["notes.txt"]),
+    (["bench", "--preset", "nope"], ["--preset", "nope"]),
+    (["knn", "NOTES"], ["notes.txt"]),
+    (["linear", "PLAIN", "--device", "cpu"], ["expected --data", "does not record"]),
+    (["segment", "prepare", "nuclei"], ["expected --output"]),
+    (["segment", "eval", "--checkpoint", "NOTES", "--data", "NOWHERE"], ["notes.txt"]),
+    (["segment", "predict", "NOWHERE", "--checkpoint", "NOTES"], ["notes.txt"]),
+    (["detect", "prepare", "trees"], ["expected --output"]),
+    (["detect", "eval", "--checkpoint", "PLAIN", "--json", "NOTES"], ["plain.pth", "not a detection checkpoint"]),
+    (["detect", "predict", "NOWHERE", "--checkpoint", "PLAIN"], ["plain.pth", "detection checkpoint"]),
 ])
 def test_bad_input_is_one_line_on_stderr_and_a_nonzero_status(argv, expected, files, capsys):
     code, _, err = run([str(files.get(a, a)) for a in argv], capsys)
