@@ -187,8 +187,11 @@ def xca(
     if b_qkv is not None:
         bias = b_qkv[: 2 * c, None].to(qk.dtype)
         qk = qk + bias if graph_capture() else qk.add_(bias)
+    # token-axis norms along the contiguous rows, (2, C, B) -> (2, B, h, d)
+    norms = torch.linalg.vector_norm(qk.view(2, c, b, n), dim=-1, dtype=torch.promote_types(qk.dtype, torch.float32))
+    norms = norms.view(2, h, d, b).permute(0, 3, 1, 2)
     qk = qk.view(2, h, d, b, n).permute(0, 3, 1, 4, 2)  # (2, B, h, N, d), a view of channel-major rows
-    attn = channel_attention(qk[0], qk[1], temperature)  # (B, h, d, d), at least fp32
+    attn = channel_attention(qk[0], qk[1], temperature, norms=(norms[0], norms[1]))  # (B, h, d, d), >= fp32
     w_v = w_qkv[2 * c:]
     b_v = b_qkv[2 * c:] if b_qkv is not None else None
     if fold_choice(fold, n, c):
