@@ -13,7 +13,6 @@ import os
 from .config import add_config_option
 from .train import TITLES, add_field_options, print_config, training_options
 
-_INTERNAL = {"func", "command", "config", "_parser", "print_config"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -16,7 +16,6 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import rng_state, set_rng_state
 from ..config import option
 from ..train.config import PyramidOptions, merge_with_preset, validate_dense_options
-from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
 from ..train.optim import StepSchedule, dense_param_groups
 from ..train.run import (
@@ -26,6 +25,7 @@ from ..train.run import (
     default_run_name,
     endless,
     resolve_amp,
+    resume_file,
     data_parallel,
     launch,
     set_lr,
@@ -201,7 +201,7 @@ def _train(cfg: DetectConfig, env: dist_utils.DistEnv) -> dict:
                                          collate_fn=collate, drop_last=True, persistent_workers=cfg.workers > 0)
     steps_per_epoch = max(len(loader), 1)
     total = cfg.iters or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    raw = read_detector_checkpoint(_state_file(resume_target(cfg.resume, cfg.output))) if cfg.resume else None
+    raw = read_detector_checkpoint(resume_file(cfg.resume, cfg.output)) if cfg.resume else None
     model = detector_from_config(raw["config"]) if raw else build_from_config(cfg, len(train_set.categories))
     if raw:
         model.load_state_dict(raw["model"])
@@ -298,10 +298,6 @@ def _train(cfg: DetectConfig, env: dist_utils.DistEnv) -> dict:
     log.info("finished at step %d after %s; %s (last.pt%s)", step.steps, format_duration(train_time), run.path,
              ", best.pt" if val_set is not None else "")
     return run.finish("completed", **result)
-
-
-def _state_file(target: Path) -> Path:
-    return target / "last.pt" if target.is_dir() else target
 
 
 def _plot(run_dir: Path, masks: bool) -> Path | None:

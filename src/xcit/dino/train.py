@@ -25,11 +25,10 @@ from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
 from ..train.checkpoint import load_state, rng_state, set_rng_state
 from ..train.config import RUNTIME_OPTIONS, rename_options
-from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
 from ..train.optim import build_param_groups
 from ..train.run import NonFiniteLossError, OptimStep, Run, autocast_context, default_run_name, launch
-from ..train.run import resolve_amp, seed_everything, set_threads
+from ..train.run import resolve_amp, resume_target, seed_everything, set_threads
 from .augment import BatchMultiCrop, MultiCropSpec, PILMultiCrop
 from .config import DinoConfig, resolve_config, validate
 from .head import DINOHead, MultiCropNet, last_layer_params

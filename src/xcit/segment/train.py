@@ -19,7 +19,6 @@ from ..train import distributed as dist_utils
 from ..train.checkpoint import read_task_checkpoint
 from ..config import option
 from ..train.config import PyramidOptions, merge_with_preset, validate_dense_options
-from ..train.engine import resume_target
 from ..train.metrics import format_duration, progress_bar
 from ..train.optim import PolySchedule, dense_param_groups
 from ..train.plots import plot_history
@@ -31,6 +30,7 @@ from ..train.run import (
     endless,
     launch,
     resolve_amp,
+    resume_file,
     run_process,
     set_lr,
     set_threads,
@@ -235,8 +235,7 @@ def _train(cfg: SegmentConfig, env: dist_utils.DistEnv) -> dict:
     random.seed(cfg.seed + env.rank)
     raw = None
     if cfg.resume:  # rebuild exactly the saved model; the backbone init is not needed
-        target = resume_target(cfg.resume, cfg.output)
-        raw = read_task_checkpoint(target / "last.pt" if target.is_dir() else target, FORMAT, "segment")
+        raw = read_task_checkpoint(resume_file(cfg.resume, cfg.output), FORMAT, "segment")
     if not Path(cfg.data).is_dir():
         raise FileNotFoundError(f"expected --data to be a dataset folder, got {cfg.data}, which does not exist")
     info, num_classes, ignore, rzl = _resolve_dataset(cfg)

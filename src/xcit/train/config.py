@@ -92,7 +92,6 @@ class PyramidOptions(RunOptions):
                 if getattr(self, k) is not None}
 
 
-RUN_OPTIONS = tuple(f.name for f in fields(RunOptions))
 # Spellings of the detection / segmentation commands (and of `xcit train` before the one dialect), accepted
 # for one release on the command line, in config files and in Python as the names they became.
 RENAMED_OPTIONS = {"out": "output", "backbone": "model", "log_interval": "log_every", "eval_interval": "eval_every",

@@ -36,6 +36,7 @@ from .run import (
     autocast_context,
     default_run_name,
     launch,
+    resume_target,
     resolve_amp,
     seed_everything,
     set_threads,
@@ -475,15 +476,6 @@ class Classification:
         rate = self.steps_per_epoch * self.cfg.batch_size * self.env.world_size / max(record["epoch_time"], 1e-9)
         return (msg + f"  ({format_duration(record['epoch_time'])}, {rate:.0f} img/s, elapsed {format_duration(elapsed)},"
                 f" ETA {format_duration(elapsed / max(done, 1) * (cfg.epochs - epoch - 1))})")
-
-
-def resume_target(resume: str, output: str | None) -> Path:
-    """The run folder or state file ``--resume`` names (bare ``--resume``: ``--output``)."""
-    if resume == "auto":
-        if not output:
-            raise ValueError("expected --output RUN_DIR with a bare --resume (or give --resume RUN_DIR)")
-        return Path(output)
-    return Path(resume)
 
 
 # ------------------------------------------------------------------------------ public evaluate

@@ -225,6 +225,21 @@ def prepare_run_dir(output: str | os.PathLike | None, default: str | os.PathLike
     return path
 
 
+def resume_target(resume: str, output: str | None) -> Path:
+    """The run folder or state file ``--resume`` names (bare ``--resume``: ``--output``)."""
+    if resume == "auto":
+        if not output:
+            raise ValueError("expected --output RUN_DIR with a bare --resume (or give --resume RUN_DIR)")
+        return Path(output)
+    return Path(resume)
+
+
+def resume_file(resume: str, output: str | None) -> Path:
+    """The state file ``--resume`` names: ``last.pt`` of a run folder, or the file given."""
+    target = resume_target(resume, output)
+    return target / "last.pt" if target.is_dir() else target
+
+
 def default_run_name(*parts: str) -> Path:
     """``runs/<part>-<part>-<time>``: a new folder name for a run given no ``--output``."""
     names = [Path(p).name or str(p) for p in parts if p]
