@@ -52,8 +52,9 @@ def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: d
         meta = f.metadata
         group = groups.setdefault(meta["group"], p.add_argument_group(titles.get(meta["group"], meta["group"])))
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        shown = "auto" if default is None else " ".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{meta['help']} [default: {shown}]".replace("%", "%%")
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        # an unset option's default is in its help text ("default: the dataset's", ...)
+        help_text = (meta["help"] if default is None else f"{meta['help']} [default: {shown}]").replace("%", "%%")
         aliases = [old for old, new in RENAMED_OPTIONS.items() if new == f.name and old not in names]
         for flags, text in ((["--" + f.name.replace("_", "-")], help_text),
                             *((["--" + old.replace("_", "-")], argparse.SUPPRESS) for old in aliases)):
