@@ -199,30 +199,36 @@ def prepare_run_dir(output: str | os.PathLike | None, default: str | os.PathLike
     a folder that cannot be written, is a :class:`RunFolderError`.
     """
     path = Path(dist_utils.broadcast_object(str(output or default), env))
-    if env.is_main:
-        if path.exists() and not path.is_dir():
-            raise RunFolderError(f"expected --output to be a folder, got {path}, which is a file")
-        held = sorted(p.name for p in path.iterdir() if p.name in RUN_FILES + LEGACY_RUN_FILES) if path.is_dir() else []
-        if held and not resuming:
-            if not overwrite:
-                raise RunFolderError(
-                    f"{path} holds another run's files ({', '.join(held)}); continue that run with --resume, "
-                    "replace it with --overwrite, or choose another --output")
-            for name in held:
-                target = path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as err:
-            raise RunFolderError(f"cannot write the run folder {path}: {err.strerror or err}") from None
-        for stale in path.iterdir():
-            if _TMP_FILE.match(stale.name):
-                stale.unlink()
-    dist_utils.barrier(env)
+    error = _claim_run_dir(path, resuming, overwrite) if env.is_main else None
+    error = dist_utils.broadcast_object(error, env)  # every process stops with rank 0's reason
+    if error is not None:
+        raise RunFolderError(error)
     return path
+
+
+def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
+    """Check and make the run folder on rank 0; the reason it cannot be used, or None."""
+    if path.exists() and not path.is_dir():
+        return f"expected --output to be a folder, got {path}, which is a file"
+    held = sorted(p.name for p in path.iterdir() if p.name in RUN_FILES + LEGACY_RUN_FILES) if path.is_dir() else []
+    if held and not resuming:
+        if not overwrite:
+            return (f"{path} holds another run's files ({', '.join(held)}); continue that run with --resume, "
+                    "replace it with --overwrite, or choose another --output")
+        for name in held:
+            target = path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        return f"cannot write the run folder {path}: {err.strerror or err}"
+    for stale in path.iterdir():
+        if _TMP_FILE.match(stale.name):
+            stale.unlink()
+    return None
 
 
 def resume_target(resume: str, output: str | None) -> Path:
