@@ -197,8 +197,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from xcit import create_model
 
 rank = int(sys.argv[1])
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
-dist.init_process_group("gloo", rank=rank, world_size=2)
+# a file store: no TCP store living in rank 0's process, which could exit while rank 1 still shuts down
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 torch.manual_seed(0)
 model = create_model(sys.argv[3], num_classes=10)
 ddp = DDP(model)
@@ -212,21 +212,18 @@ dist.all_gather(gathered, flat)
 assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
 if rank == 0:
     torch.save(flat, sys.argv[4])
+dist.barrier()
 dist.destroy_process_group()
 """
 
 
 def test_ddp_two_processes_stay_in_sync(tmp_path, model):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
+    store = str(tmp_path / "store")
     name = f"xcit_nano_12_p{model.patch_size}"
     script = tmp_path / "worker.py"
     script.write_text(_DDP_WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port, name, str(tmp_path / "w.pt")], env=env,
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), store, name, str(tmp_path / "w.pt")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
