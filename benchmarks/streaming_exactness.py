@@ -18,24 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import xcit
-
-
-def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "gamma" in name or "temperature" in name:
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.02)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model
+from xcit.bench.contenders import perturb
 
 
 def check(name: str, size: int, chunks: list[int]) -> list[dict]:

@@ -7,15 +7,32 @@ import math
 from pathlib import Path
 
 
-def perturb_bn(model) -> None:
+def perturb_bn(model, generator=None) -> None:
+    """BatchNorm running statistics away from their init (mean ~ N(0, 0.1), var in [0.5, 1.5))."""
     import torch
 
-    g = torch.Generator().manual_seed(0)
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def perturb(model, seed: int = 0, noise: float = 0.02):
+    """Every parameter and BatchNorm statistic away from its (often trivial) init, so no layer hides an error:
+    LayerScale gammas and XCA temperatures drawn in [0.5, 1), other parameters plus ``noise`` x N(0, 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma" in name or "temperature" in name:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    perturb_bn(model, g)
+    return model
 
 
 def build(impl: str, model_name: str, train: bool = False):
