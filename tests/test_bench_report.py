@@ -109,3 +109,31 @@ def test_memory_probe_runs_in_a_fresh_process_without_the_command_line():
     result = run_memory_probe("this", "xcit_nano_12_p16", res=64, batch=1, threads=1)
     assert "error" not in result, result
     assert result["peak_mb"] >= result["before_mb"] > 0
+
+
+def test_plain_module_benchmark_splits_rounds_and_parts(tmp_path):
+    """benchmarks/plain_module.py on nano: every contender agrees with the plain model, each round is
+    split into user / system time and page faults, and the per-submodule hooks are removed again."""
+    import importlib.util
+
+    import torch
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plain_module.py"
+    spec = importlib.util.spec_from_file_location("plain_module_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    models = bench.build("xcit_nano_12_p16", None, tmp_path)
+    assert set(models) == {"timm", "plain", "optimized"}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    result = bench.run_case(models, x, rounds=2)
+    for name, row in result.items():
+        assert row["max_abs_logit_diff_vs_plain"] < 1e-4, name
+        assert len(row["times_s"]) == 2 and row["median_s"] > 0
+        assert row["median_user_s"] > 0 and row["median_system_s"] >= 0 and row["median_minor_faults"] >= 0
+        assert row["vs_timm_paired_user"] > 0
+    assert result["timm"]["vs_timm_paired"] == result["timm"]["vs_timm_paired_user"] == 1.0
+    parts = bench.part_times(models, x, rounds=1)
+    for label in ("timm", "plain"):
+        assert parts[label]["blocks.*.mlp.fc1"] > 0
+        assert parts[label]["(whole model)"] >= parts[label]["blocks.*"]
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in models[label].modules())
