@@ -228,7 +228,7 @@ def _xca_folded(
     for i in range(b):  # per image: oneDNN's fused linear beats a batched product here
         bi = None if bias is None else bias[i]
         outs.append(linear(x[i], m[i], bi, dnn=dnn) if residual is None else linear_add(x[i], m[i], bi, residual[i], dnn=dnn))
-    return torch.stack(outs)
+    return outs[0].unsqueeze(0) if b == 1 else torch.stack(outs)  # batch 1: a view, not a copy
 
 
 def class_attention(
