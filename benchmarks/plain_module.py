@@ -8,7 +8,8 @@ default the last commit before the plain-module change; its ``xcit/models`` pack
 turn (process CPU time, interleaved), so machine noise falls on all of them alike; the table gives
 medians and ratios, and splits the same rounds into user time, system time and minor page faults
 (glibc hands big tensors back to the OS and the next forward faults them in again: system time
-that moves between runs). ``--parts`` adds the CPU time per submodule kind of timm and the plain
+that moves between runs; the kernel splits user from system time by sampling at its clock tick, so
+the split means something for forwards of many ticks, as here, not for tiny ones). ``--parts`` adds the CPU time per submodule kind of timm and the plain
 model (forward hooks). Pin it to one core:
 
     taskset -c 0 .venv/bin/python benchmarks/plain_module.py --threads 1 --rounds 15 --parts
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import resource
 import statistics
 import subprocess
@@ -110,8 +112,9 @@ def run_case(models: dict, x: torch.Tensor, rounds: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
 
     def paired(series: dict[str, list[float]], name: str) -> float:
-        """Median over rounds of timm's time / this contender's time in the same round."""
-        return statistics.median(t / o for t, o in zip(series["timm"], series[name]))
+        """Median over rounds of timm's time / this contender's time in the same round (nan: no usable round)."""
+        ratios = [t / o for t, o in zip(series["timm"], series[name]) if o > 0]
+        return statistics.median(ratios) if ratios else float("nan")
 
     return {
         name: {"median_s": med[name], "times_s": times[name], "vs_timm": med["timm"] / med[name],
@@ -131,8 +134,6 @@ def part_times(models: dict, x: torch.Tensor, rounds: int = 3) -> dict[str, dict
     Keys name the official module paths with block indices replaced by ``*`` (timm's own names for
     its split class-attention projections); nested entries include their children.
     """
-    import re
-
     out: dict[str, dict[str, float]] = {}
     for label in ("timm", "plain"):
         model, acc, start, handles = models[label], {}, {}, []

@@ -129,9 +129,10 @@ def test_plain_module_benchmark_splits_rounds_and_parts(tmp_path):
     for name, row in result.items():
         assert row["max_abs_logit_diff_vs_plain"] < 1e-4, name
         assert len(row["times_s"]) == 2 and row["median_s"] > 0
-        assert row["median_user_s"] > 0 and row["median_system_s"] >= 0 and row["median_minor_faults"] >= 0
-        assert row["vs_timm_paired_user"] > 0
-    assert result["timm"]["vs_timm_paired"] == result["timm"]["vs_timm_paired_user"] == 1.0
+        # user / system are the kernel's tick-sampled split: only their presence is checked on so short a forward
+        assert row["median_user_s"] >= 0 and row["median_system_s"] >= 0 and row["median_minor_faults"] >= 0
+        assert "vs_timm_paired_user" in row
+    assert result["timm"]["vs_timm_paired"] == 1.0
     parts = bench.part_times(models, x, rounds=1)
     for label in ("timm", "plain"):
         assert parts[label]["blocks.*.mlp.fc1"] > 0
