@@ -36,6 +36,7 @@ from xcit.bench.contenders import perturb_bn
 from xcit.bench.timing import cpu_identity
 
 ROOT = Path(__file__).resolve().parents[1]
+PART_ROUNDS = 3  # forwards averaged by --parts
 DEFAULT_BASELINE = "d2cf1f5"  # main before the plain-module change: layers with the fast path, model.fuse()
 
 
@@ -128,7 +129,7 @@ def run_case(models: dict, x: torch.Tensor, rounds: int) -> dict:
     }
 
 
-def part_times(models: dict, x: torch.Tensor, rounds: int = 3) -> dict[str, dict[str, float]]:
+def part_times(models: dict, x: torch.Tensor, rounds: int = PART_ROUNDS) -> dict[str, dict[str, float]]:
     """CPU ms per forward spent in each kind of submodule (summed over blocks), through forward hooks.
 
     Keys name the official module paths with block indices replaced by ``*`` (timm's own names for
@@ -210,7 +211,7 @@ def main() -> None:
                  f"{r['median_minor_faults'] / 1000:.0f}k" for r in (results[h][name] for h in heads)]
         print(f"| {labels[name]} | " + " | ".join(cells) + " |")
     if parts:
-        print(f"\nWhere the time goes, {heads[0]} (ms of thread CPU time per forward, forward hooks, 3 forwards):\n")
+        print(f"\nWhere the time goes, {heads[0]} (ms of thread CPU time per forward, forward hooks, {PART_ROUNDS} forwards):\n")
         print("| submodule | timm | plain | timm / plain |")
         print("|---|---:|---:|---:|")
         for key in sorted(set(parts["timm"]) | set(parts["plain"])):
