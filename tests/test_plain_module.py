@@ -192,24 +192,33 @@ def test_gradient_checkpointing_gives_the_same_gradients(model):
 
 
 _DDP_WORKER = """
-import os, sys, torch, torch.distributed as dist
+import gc, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from xcit import create_model
+
+
+def step_and_compare(rank):
+    torch.manual_seed(0)
+    model = create_model(sys.argv[3], num_classes=10)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(rank + 1))
+    ddp(x).logsumexp(-1).mean().backward()
+    opt.step()
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(2)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+    return flat
+
 
 rank = int(sys.argv[1])
 # a file store: no TCP store living in rank 0's process, which could exit while rank 1 still shuts down
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
-torch.manual_seed(0)
-model = create_model(sys.argv[3], num_classes=10)
-ddp = DDP(model)
-opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(rank + 1))
-ddp(x).logsumexp(-1).mean().backward()
-opt.step()
-flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-gathered = [torch.empty_like(flat) for _ in range(2)]
-dist.all_gather(gathered, flat)
-assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+# DDP's reducer holds the process group: it is dropped with the function's frame, so the group really shuts
+# down in destroy_process_group rather than during interpreter teardown (where gloo's threads can abort)
+flat = step_and_compare(rank)
+gc.collect()  # any reference cycle through the DDP wrapper
 if rank == 0:
     torch.save(flat, sys.argv[4])
 dist.barrier()
@@ -225,9 +234,9 @@ def test_ddp_two_processes_stay_in_sync(tmp_path, model):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     procs = [subprocess.Popen([sys.executable, str(script), str(r), store, name, str(tmp_path / "w.pt")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    for p in procs:
+    for rank, p in enumerate(procs):
         _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+        assert p.returncode == 0, f"rank {rank} exited with {p.returncode}:\n{err[-3000:]}"
     assert Path(tmp_path / "w.pt").is_file()
 
 
