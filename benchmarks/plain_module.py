@@ -9,8 +9,8 @@ turn (process CPU time, interleaved), so machine noise falls on all of them alik
 medians and ratios, and splits the same rounds into user time, system time and minor page faults
 (glibc hands big tensors back to the OS and the next forward faults them in again: system time
 that moves between runs; the kernel splits user from system time by sampling at its clock tick, so
-the split means something for forwards of many ticks, as here, not for tiny ones). ``--parts`` adds the CPU time per submodule kind of timm and the plain
-model (forward hooks). Pin it to one core:
+the split means something for forwards of many ticks, as here, not for tiny ones). ``--parts`` adds
+the CPU time per submodule kind of timm and the plain model (forward hooks). Pin it to one core:
 
     taskset -c 0 .venv/bin/python benchmarks/plain_module.py --threads 1 --rounds 15 --parts
 
@@ -211,7 +211,8 @@ def main() -> None:
                  f"{r['median_minor_faults'] / 1000:.0f}k" for r in (results[h][name] for h in heads)]
         print(f"| {labels[name]} | " + " | ".join(cells) + " |")
     if parts:
-        print(f"\nWhere the time goes, {heads[0]} (ms of thread CPU time per forward, forward hooks, {PART_ROUNDS} forwards):\n")
+        print(f"\nWhere the time goes, {heads[0]} (ms of thread CPU time per forward, forward hooks, "
+              f"{PART_ROUNDS} forwards):\n")
         print("| submodule | timm | plain | timm / plain |")
         print("|---|---:|---:|---:|")
         for key in sorted(set(parts["timm"]) | set(parts["plain"])):
