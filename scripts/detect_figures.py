@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from xcit.detect.coco import CocoDetection
 from xcit.detect.model import load_detector
 from xcit.detect.predict import draw_overlay
-from xcit.detect.train import image_root
+from xcit.detect.config import image_root
 
 
 def main() -> None:

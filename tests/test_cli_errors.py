@@ -47,7 +47,7 @@ def files(tmp_path) -> dict[str, Path]:
     (tmp_path / "exported").mkdir()
     (tmp_path / "exported" / "plain.json").write_text("{}")
     return {
-        "EPOCHS_FRACTION": yaml_file("fraction.yaml", "data: digits\nepochs: 2.5\n"),
+        "BATCH_FRACTION": yaml_file("fraction.yaml", "data: digits\nbatch_size: 2.5\n"),
         "EPOCHS_WORD": yaml_file("word.yaml", "epochs: two\n"),
         "ITERS_FRACTION": yaml_file("iters.yaml", "iters: 2.5\n"),
         "TOPK_WORD": yaml_file("topk.yaml", "top_k: five\n"),
@@ -64,10 +64,10 @@ def files(tmp_path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["train", "--config", "EPOCHS_FRACTION", "--print-config"], ["epochs", "2.5", "integer"]),
-    (["train", "--config", "EPOCHS_WORD", "--print-config"], ["epochs", "'two'", "integer"]),
-    (["train", "--data", "digits", "--epochs", "2.5", "--print-config"], ["--epochs", "'2.5'"]),
-    (["dino", "--config", "EPOCHS_FRACTION", "--print-config"], ["epochs", "2.5"]),
+    (["train", "--config", "BATCH_FRACTION", "--print-config"], ["batch_size", "2.5", "integer"]),
+    (["train", "--config", "EPOCHS_WORD", "--print-config"], ["epochs", "'two'", "number"]),
+    (["train", "--data", "digits", "--batch-size", "2.5", "--print-config"], ["--batch-size", "'2.5'"]),
+    (["dino", "--config", "BATCH_FRACTION", "--print-config"], ["batch_size", "2.5"]),
     (["detect", "train", "--config", "EPOCHS_WORD"], ["epochs", "'two'"]),
     (["segment", "train", "--config", "ITERS_FRACTION"], ["iters", "2.5"]),
     (["predict", "x.png", "--model", "xcit_nano_12_p16", "--config", "TOPK_WORD"], ["top_k", "'five'"]),
@@ -96,7 +96,7 @@ def files(tmp_path) -> dict[str, Path]:
     (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16"], ["nowhere"]),
     (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--scale", "512"], ["--scale"]),
     (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--resume", "NOTES"],
-     ["notes.txt", "segmentation checkpoint"]),
+     ["notes.txt", "training checkpoint"]),
     (["segment", "train", "--data", "NOWHERE", "--model", "xcit_nano_12_p16", "--amp", "fp17"], ["--amp", "fp17"]),
     # every other subcommand too
     (["models", "--config", "EPOCHS_WORD"], ["unknown option", "epochs"]),
@@ -124,28 +124,28 @@ def test_bad_input_is_one_line_on_stderr_and_a_nonzero_status(argv, expected, fi
 
 
 def test_bad_config_value_in_a_fresh_process_is_one_line_and_status_2(tmp_path):
-    (tmp_path / "c.yaml").write_text("epochs: 2.5\n")
+    (tmp_path / "c.yaml").write_text("batch_size: 2.5\n")
     result = subprocess.run([sys.executable, "-m", "xcit", "train", "--config", str(tmp_path / "c.yaml")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    expected = f"xcit train: error: epochs: expected an integer, got 2.5 (in {tmp_path / 'c.yaml'})"
+    expected = f"xcit train: error: batch_size: expected an integer, got 2.5 (in {tmp_path / 'c.yaml'})"
     assert result.stderr.strip() == expected
 
 
 def test_integral_floats_are_integers_and_later_config_files_win(tmp_path, capsys):
-    (tmp_path / "a.yaml").write_text("data: digits\nepochs: 4.0\nlr: 0.01\nmean: 0.5\n")
-    (tmp_path / "b.yaml").write_text("epochs: 6\n")
+    (tmp_path / "a.yaml").write_text("data: digits\nbatch_size: 4.0\nlr: 0.01\nmean: 0.5\n")
+    (tmp_path / "b.yaml").write_text("batch_size: 6\n")
     code, out, _ = run(["train", "--config", str(tmp_path / "a.yaml"), "--print-config"], capsys)
     printed = yaml.safe_load(out)
-    assert code == 0 and printed["epochs"] == 4 and isinstance(printed["epochs"], int)
+    assert code == 0 and printed["batch_size"] == 4 and isinstance(printed["batch_size"], int)
     assert printed["mean"] == [0.5]  # a scalar for a multi-value option reads as `--mean 0.5`
     code, out, _ = run(["train", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml"),
                         "--print-config"], capsys)
     printed = yaml.safe_load(out)
-    assert code == 0 and printed["epochs"] == 6 and printed["lr"] == 0.01  # b overrides a key by key
+    assert code == 0 and printed["batch_size"] == 6 and printed["lr"] == 0.01  # b overrides a key by key
     code, out, _ = run(["train", "--config", str(tmp_path / "b.yaml"), "--config", str(tmp_path / "a.yaml"),
-                        "--epochs", "9", "--print-config"], capsys)
-    assert code == 0 and yaml.safe_load(out)["epochs"] == 9  # the command line wins over every file
+                        "--batch-size", "9", "--print-config"], capsys)
+    assert code == 0 and yaml.safe_load(out)["batch_size"] == 9  # the command line wins over every file
 
 
 def test_eval_without_data_uses_the_dataset_the_checkpoint_records(tmp_path, capsys):

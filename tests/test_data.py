@@ -15,7 +15,7 @@ from xcit.data import (
     BatchEvalTransform,
     BatchTrainTransform,
     DataError,
-    RepeatAugSampler,
+    EpochSampler,
     build_dataset,
     build_loader,
     eval_transform,
@@ -99,7 +99,7 @@ def test_folder_dataset_skips_corrupt_images_with_a_warning(tmp_path, caplog):
     root = make_image_folder(tmp_path / "data", corrupt=[("train", "dog", "broken.png")])
     ds = build_dataset(root, "train", transform=eval_transform(16, 1.0))
     assert len(ds) == 13 and ds.classes == ["cat", "dog", "fox"]
-    loader = build_loader(ds, RepeatAugSampler(len(ds), shuffle=False), batch_size=13)
+    loader = build_loader(ds, EpochSampler(len(ds), shuffle=False), batch_size=13)
     with caplog.at_level(logging.WARNING, logger="xcit.data"):
         images, targets, skipped = next(iter(loader))
     assert images.shape == (12, 3, 16, 16) and len(targets) == 12
@@ -145,9 +145,9 @@ def test_bad_dataset_layouts_are_clear_errors(tmp_path, layout, message):
 
 
 def test_repeat_aug_sampler_ranks_partition_the_single_process_order():
-    one = RepeatAugSampler(103, num_replicas=1, rank=0, seed=3)
+    one = EpochSampler(103, num_replicas=1, rank=0, seed=3)
     one.set_epoch(2)
-    ranks = [RepeatAugSampler(103, num_replicas=2, rank=r, seed=3) for r in range(2)]
+    ranks = [EpochSampler(103, num_replicas=2, rank=r, seed=3) for r in range(2)]
     for s in ranks:
         s.set_epoch(2)
     single = one.indices()
@@ -161,15 +161,15 @@ def test_repeat_aug_sampler_ranks_partition_the_single_process_order():
 
 
 def test_repeat_aug_sampler_repeats_each_image_across_ranks():
-    samplers = [RepeatAugSampler(60, num_replicas=3, rank=r, repeats=3, seed=0) for r in range(3)]
+    samplers = [EpochSampler(60, num_replicas=3, rank=r, repeats=3, seed=0) for r in range(3)]
     parts = [s.indices() for s in samplers]
     assert all(len(p) == 20 for p in parts)
     # Copies of an image go to different ranks: position i of every rank holds the same image.
     assert torch.equal(parts[0], parts[1]) and torch.equal(parts[1], parts[2])
     assert len(parts[0].unique()) == 20
-    s = RepeatAugSampler(60, repeats=3)
+    s = EpochSampler(60, repeats=3)
     s.set_epoch(0, start=7)
-    assert len(s) == 53 and torch.equal(s.indices(), RepeatAugSampler(60, repeats=3).indices()[7:])
+    assert len(s) == 53 and torch.equal(s.indices(), EpochSampler(60, repeats=3).indices()[7:])
 
 
 def test_batch_transforms():

@@ -14,7 +14,7 @@ from PIL import Image
 from xcit.detect.coco import CocoDetection, CocoFormatError, clean_coco, collate, read_json
 from xcit.detect.evaluation import coco_eval, evaluate_results, to_coco_results
 from xcit.detect.model import XCiTFPN, build_detector, detector_state, load_detector, set_test_size
-from xcit.detect.train import DetectConfig, train
+from xcit.detect import DetectConfig, train
 from xcit.models import create_pyramid
 from xcit.models.weights import CheckpointError
 from xcit.train.optim import StepSchedule
@@ -134,24 +134,22 @@ def test_training_run_writes_checkpoints_metrics_and_resumes(tmp_path):
                        log_every=1, ckpt_every=1, kind="faster_rcnn", amp="none")
     result = train(cfg)
     run = tmp_path / "run"
-    assert {"last.pt", "best.pt", "metrics.jsonl", "result.json", "train.log", "config.yaml"} <= {p.name for p in run.iterdir()}
-    metrics = result["metrics"]
-    assert result["steps"] == 2 and 0.0 <= metrics["box_ap50"] <= 1.0 and "mask_ap" not in metrics
-    assert json.loads((run / "result.json").read_text())["status"] == "completed"
+    assert {"last.pt", "best.pt", "model.pth", "metrics.jsonl", "result.json", "train.log", "config.yaml"} <= {
+        p.name for p in run.iterdir()}
+    metrics = result.metrics
+    assert result.steps == 2 and 0.0 <= metrics["box_ap50"] <= 1.0 and "mask_ap" not in metrics
+    assert result.primary == "box_ap" and json.loads((run / "result.json").read_text())["status"] == "completed"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert {r["kind"] for r in records} == {"train", "eval"}
-    cfg.iters, cfg.resume = 3, "auto"
-    assert train(cfg)["steps"] == 3  # continued from last.pt at step 2
-    _, meta = load_detector(run / "last.pt")
-    assert meta["classes"] == ["lime", "blue"] and meta["category_ids"] == [7, 9]
+    assert {r["kind"] for r in records} >= {"step", "eval"}
+    for name in ("last.pt", "best.pt", "model.pth"):  # every file of the run loads as a detector
+        _, meta = load_detector(run / name)
+        assert meta["classes"] == ["lime", "blue"] and meta["category_ids"] == [7, 9]
 
 
-def test_step_schedule_warms_up_and_decays_by_steps_or_time():
+def test_step_schedule_warms_up_and_decays():
     s = StepSchedule(1e-4, 100, [0.75, 0.9], 0.1, warmup=10, warmup_ratio=0.001)
     assert s.lr(0) == pytest.approx(1e-7) and s.lr(10) == pytest.approx(1e-4)
     assert s.lr(74) == pytest.approx(1e-4) and s.lr(75) == pytest.approx(1e-5) and s.lr(95) == pytest.approx(1e-6)
-    timed = StepSchedule(1e-4, 10**6, [0.75, 0.9], 0.1, warmup=0, warmup_ratio=1.0, time_limit_s=100)
-    assert timed.lr(50, elapsed_s=80) == pytest.approx(1e-5)
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -14,7 +14,7 @@ import yaml
 
 from xcit.dino import config as dino_config
 from xcit.dino.schedules import build_schedules
-from xcit.train import config as train_config
+from xcit.classify import config as train_config
 from xcit.train.optim import EpochCosine, build_param_groups, clip_grad_per_param_
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +33,8 @@ def _table() -> list[tuple[str, str, object]]:
 
 
 def _resolved() -> dict[str, object]:
-    from xcit.detect.train import DetectConfig
-    from xcit.segment.train import TrainConfig as SegmentConfig
+    from xcit.detect.config import DetectConfig
+    from xcit.segment.config import SegmentConfig
 
     return {"train": train_config.resolve_config(preset="imagenet"),
             "dino": dino_config.resolve_config(preset="imagenet"), "detect": DetectConfig(), "segment": SegmentConfig()}
@@ -191,10 +191,10 @@ def test_semantic_fpn_neck_is_as_wide_as_the_backbone(backbone, width):
 
 def test_mmcv_weight_decay_rule_exempts_only_norm_names():
     from xcit.models import XCiTPyramid
-    from xcit.train.optim import dense_param_groups
+    from xcit.train.optim import param_groups_by_rule
 
     model = XCiTPyramid(patch_size=16, embed_dim=32, depth=4, num_heads=2, out_indices=[0, 1, 2, 3])
-    decay, keep = dense_param_groups(model, 0.05)
+    decay, keep = param_groups_by_rule(model, "mmcv", 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all("norm" in names[id(p)] for p in keep["params"]) and keep["weight_decay"] == 0.0
     decayed = {names[id(p)] for p in decay["params"]}
@@ -302,12 +302,12 @@ def test_dino_linear_lr_follows_cosine_annealing_per_epoch(monkeypatch):
 
 
 def test_training_reports_the_weights_chosen_before_training(tmp_path):
-    from xcit.train import train
+    from xcit.classify import train
 
     common = dict(data="digits", threads=1, progress=False, tensorboard=False, plot=False, epochs=1, ema=True,
                   ema_decay=0.5)
     raw = train(output=str(tmp_path / "raw"), **common)
     ema = train(output=str(tmp_path / "ema"), eval_weights="ema", **common)
-    assert raw.metrics["weights"] == "model" and ema.metrics["weights"] == "ema"
+    assert raw.metrics["weights"] == "raw" and ema.metrics["weights"] == "ema"
     with pytest.raises(ValueError, match="needs --ema"):
         train_config.resolve_config(data="digits", eval_weights="ema", ema=False)

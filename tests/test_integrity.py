@@ -81,8 +81,8 @@ def test_every_damaged_checkpoint_is_refused_or_identical(model, tmp_path, kind)
         opt = torch.optim.AdamW(model.parameters())
         model(torch.randn(1, 3, 16, 16)).sum().backward()
         opt.step()
-        path = save_state(tmp_path / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                  "scheduler": {}, "epoch": 1, "step": 2, "config": {}, "rng": {}})
+        path = save_state(tmp_path / "last.pt", {"task": "classify", "model": model.state_dict(), "options": {},
+                                                  "optimizer": opt.state_dict(), "step": 2, "rng": []})
         read = load_state
         model.zero_grad(set_to_none=True)
     else:

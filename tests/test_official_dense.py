@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from xcit.detect.mmdet_compat import (
-    COCO_CLASSES, MMDetAnchorGenerator, MMDetBoxCoder, background_first, load_mmdet_detector, mmdet_to_torchvision,
+    COCO_CLASSES, MMDetAnchorGenerator, MMDetBoxCoder, background_first, mmdet_to_torchvision,
     paste_masks_mmdet,
 )
 from xcit.detect.recipe import MMDetRoIAlign, map_roi_levels
-from xcit.detect.model import build_detector, load_detector, set_test_size
+from xcit.detect.model import build_detector, load_detector, load_mmdet_detector, set_test_size
 from xcit.models.weights import CheckpointError
 from xcit.segment.heads import Segmenter
 from xcit.segment.mmseg_compat import load_mmseg_segmenter, mmseg_to_segmenter

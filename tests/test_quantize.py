@@ -27,7 +27,7 @@ pytest.importorskip("torchao.quantization.pt2e")
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """A 2-block digits XCiT trained for 3 epochs (seconds), its calibration and held-out images."""
-    from xcit.train import train
+    from xcit.classify import train
 
     run = train(data="digits", output=str(tmp_path_factory.mktemp("q") / "digits"), epochs=3, threads=1,
                 progress=False, tensorboard=False, plot=False)

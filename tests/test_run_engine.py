@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 import yaml
 
 from xcit.cli import build_parser, main
-from xcit.train import NonFiniteLossError, OptimStep, RunFolderError, RunOptions
+from xcit.train import NonFiniteLossError, OptimOptions, OptimStep, RunFolderError, RunOptions
 from xcit.train.distributed import DistEnv
 from xcit.train.run import RUN_FILES, prepare_run_dir
 
@@ -32,14 +33,17 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def test_every_training_command_speaks_the_same_dialect():
-    shared = [f.name for f in RunOptions.__dataclass_fields__.values()]
     parsers = {" ".join(p): _options(_parser(p)) for p in TRAINING_COMMANDS}
-    for name in shared:
+    for name in RunOptions.__dataclass_fields__:  # one name, one meaning, one default
         flag = "--" + name.replace("_", "-")
         actions = {cmd: opts.get(flag) for cmd, opts in parsers.items()}
         assert all(actions.values()), (flag, [c for c, a in actions.items() if a is None])
         helps = {a.help for a in actions.values()}
         assert len(helps) == 1, (flag, helps)  # the same help, so the same meaning and default
+    for name in OptimOptions.__dataclass_fields__:  # one name, one meaning; the default is each recipe's
+        flag = "--" + name.replace("_", "-")
+        helps = {re.sub(r" \[default: [^]]*\]$", "", opts[flag].help) for opts in parsers.values()}
+        assert len(helps) == 1, (flag, helps)
     for cmd, opts in parsers.items():
         for flag in ("--config", "--print-config", "--preset", "--batch-size", "--model", "--lr", "--weight-decay"):
             assert flag in opts, (cmd, flag)
@@ -145,15 +149,16 @@ def test_unreadable_validation_images_are_counted_and_reported(tmp_path, capsys)
     assert code == 0
     printed = capsys.readouterr().out
     assert "1 unreadable, skipped" in printed and "skipped unreadable images: 0 in training (all epochs), 1 of" in printed
-    epoch = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "epoch"][-1]
-    assert epoch["val_skipped_images"] == 1 and epoch["skipped_images"] == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    evaluation = [r for r in records if r["kind"] == "eval"][-1]
+    assert evaluation["skipped"] == 1 and epoch["skipped_images"] == 0
     assert json.loads((tmp_path / "run" / "result.json").read_text())["skipped_images"] == {"train": 0, "val": 1}
 
 
 def test_resolve_config_takes_old_names_in_python_with_a_warning(tmp_path):
-    from xcit.detect.train import resolve_config as detect_config
-    from xcit.segment.train import resolve_config as segment_config
+    from xcit.detect import resolve_config as detect_config
+    from xcit.segment import resolve_config as segment_config
 
     with pytest.warns(FutureWarning, match="'out' is now 'output'"):
         cfg = detect_config(train_json=str(tmp_path / "t.json"), backbone="xcit_nano_12_p16", out=str(tmp_path / "r"))

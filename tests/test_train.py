@@ -1,10 +1,12 @@
-"""xcit.train: a real (seconds-long) training on scikit-learn's digits, resume, DDP, failures."""
+"""xcit train (:mod:`xcit.classify`): a real (seconds-long) training on scikit-learn's digits, DDP, data, options.
+
+The guarantees every task shares (exact resume, non-finite loss, time budget) are tested once for all four
+tasks in tests/test_fit.py."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +19,8 @@ import yaml
 from xcit import create_model
 from xcit.cli import main as cli_main
 from xcit.models.weights import CheckpointError, save_checkpoint
-from xcit.train import NonFiniteLossError, evaluate, load_state, resolve_config, train
+from xcit.classify import evaluate, resolve_config, train
+from xcit.train import load_state
 from xcit.train.optim import WarmupCosine, build_param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,12 +84,12 @@ def test_model_file_holds_what_predict_needs(digits_run):
     assert raw["data"]["img_size"] == 8 and raw["data"]["in_chans"] == 1 and raw["data"]["crop_pct"] == 1.0
     assert len(raw["data"]["mean"]) == 1 and raw["data"]["dataset"] == "digits"
     assert raw["metrics"]["top1"] == pytest.approx(result.metrics["top1"])
-    assert raw["weights"] in ("model", "ema")
+    assert raw["weights"] in ("raw", "ema")
     model = create_model(checkpoint=out / "model.pth")  # architecture read back from the file
     assert model.patch_size == 2 and model.embed_dim == 32 and model.num_classes == 10
     state = load_state(out / "last.pt")
     assert state["epoch"] == 3 and state["step"] == result.steps
-    assert set(state["rng"]) >= {"torch", "numpy", "python"}
+    assert len(state["rng"]) == 1 and set(state["rng"][0]) >= {"torch", "numpy", "python"}  # one per process
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"] == "digits" and saved["_derived"]["steps_per_epoch"] * 3 == result.steps
 
@@ -100,29 +103,6 @@ def test_eval_reproduces_the_run_metrics(digits_run, capsys):
     assert cli_main(["eval", str(out / "model.pth"), "--data", "digits", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["top1"] == pytest.approx(result.metrics["top1"])
-
-
-def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
-    args = ["--epochs", "3", "--ckpt-every", "7"]
-    train(output=str(tmp_path / "a"), epochs=3, ckpt_every=7, **FAST)  # uninterrupted, in this process
-
-    run = tmp_path / "b"
-    proc = start_run_until(_cli(*args, "--output", str(run)), run, step=25)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (run / "model.pth").exists()
-    killed_at = load_state(run / "last.pt")["step"]
-    assert 0 < killed_at < 66  # 3 epochs x 22 steps
-
-    resumed = subprocess.run(_cli("--resume", str(run)), env=_env(), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"step {killed_at}" in (run / "train.log").read_text()
-    assert not list(run.glob(".*.tmp"))  # a write cut short by the kill leaves nothing behind after the resume
-    a, b = _weights(tmp_path / "a" / "model.pth"), _weights(run / "model.pth")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k  # bit-identical: same data order, RNG and optimizer state
 
 
 def test_two_process_ddp_matches_one_process_at_the_same_global_batch(tmp_path):
@@ -175,42 +155,23 @@ def test_folder_data_with_the_imagenet_recipe_skips_corrupt_images(tmp_path):
     assert cfg["preset"] == "imagenet" and cfg["mixup"] == 0.8 and cfg["auto_augment"] == "rand-m9-mstd0.5-inc1"
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
+    evals = [r for r in records if r["kind"] == "eval"]
     assert [r["skipped_images"] for r in epochs] == [1, 1]
     log = (tmp_path / "run" / "train.log").read_text()
     assert "bad.png" in log and "skipped 1 unreadable image" in log
     assert result.metrics["n"] == 27 and result.metrics["skipped"] == 1  # the corrupt val image
-    assert "ema_top1" in epochs[-1] and math.isfinite(epochs[-1]["train_loss"])
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from xcit.train import losses
-
-    calls = {"n": 0}
-    real = losses.LabelCrossEntropy.forward
-
-    def poisoned(self, logits, target):
-        calls["n"] += 1
-        loss = real(self, logits, target)
-        return loss * float("nan") if calls["n"] > 30 else loss  # epoch 1 has 22 steps
-
-    monkeypatch.setattr(losses.LabelCrossEntropy, "forward", poisoned)
-    with pytest.raises(NonFiniteLossError, match="loss is nan.*last.pt"):
-        train(output=str(tmp_path / "run"), epochs=3, **FAST)
-    state = load_state(tmp_path / "run" / "last.pt")
-    assert state["epoch"] == 1 and state["step"] == 22
-    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    assert not (tmp_path / "run" / "model.pth").exists()
+    assert "ema_top1" in evals[-1] and math.isfinite(epochs[-1]["train_loss"])
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "xcit_huge_99_p16"], "unknown model"),
-    (["--lr", "-0.001"], "lr must be a positive number"),
+    (["--lr", "-0.001"], "expected lr > 0"),
     (["--data", "/nonexistent/imagenet"], "nor an existing folder"),
-    (["--batch-size", "5000"], "larger than the 1433 training images"),
+    (["--batch-size", "0"], "expected batch_size to be an integer >= 1"),
     (["--finetune", "BAD_FILE"], "not a readable PyTorch checkpoint"),
     (["--resume", "BAD_FILE"], "not a readable training checkpoint"),
     (["--amp", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
-    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--epochs", "0"], "expected epochs > 0"),
 ])
 def test_bad_values_fail_before_any_work(tmp_path, capsys, args, message):
     bad = tmp_path / "garbage.pth"
@@ -245,7 +206,7 @@ def test_distillation_from_a_teacher_checkpoint(tmp_path, digits_run):
     for kind in ("hard", "soft"):
         result = train(output=str(tmp_path / kind), epochs=1, teacher=str(out / "model.pth"), distillation=kind, **FAST)
         assert math.isfinite(result.metrics["loss"])
-    from xcit.train.losses import DistillationLoss, LabelCrossEntropy
+    from xcit.classify.losses import DistillationLoss, LabelCrossEntropy
 
     teacher = torch.nn.Identity()
     logits = torch.randn(4, 10)
@@ -287,7 +248,7 @@ def test_config_precedence_yaml_and_cli(tmp_path, capsys):
     assert resolve_config().preset == "fashion-mnist" and resolve_config().patch_size == 8
     assert resolve_config(data="digits").epochs == 3
     imagenet = resolve_config(data=str(tmp_path))  # a folder: the paper's recipe
-    assert (imagenet.lr, imagenet.weight_decay, imagenet.mixup, imagenet.cutmix, imagenet.reprob) == (5e-4, 0.05, 0.8, 1.0, 0.25)
+    assert (imagenet.lr_base, imagenet.weight_decay, imagenet.mixup, imagenet.cutmix, imagenet.reprob) == (5e-4, 0.05, 0.8, 1.0, 0.25)
     assert imagenet.auto_augment == "rand-m9-mstd0.5-inc1" and imagenet.repeated_aug == 3 and imagenet.ema_decay == 0.99996
     with pytest.raises(ValueError, match="unknown training option"):
         resolve_config(learning_rate=1.0)
@@ -299,8 +260,9 @@ def test_config_precedence_yaml_and_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("values, expected", [
-    ({"epochs": "2"}, ("epochs", 2)),  # a string from an environment or a form: coerced as the command line does
-    ({"epochs": 2.0}, ("epochs", 2)),
+    ({"batch_size": "2"}, ("batch_size", 2)),  # a string from an environment or a form: coerced as the command line does
+    ({"batch_size": 2.0}, ("batch_size", 2)),
+    ({"epochs": 2}, ("epochs", 2.0)),
     ({"lr": "1e-3"}, ("lr", 1e-3)),
     ({"lr": 1}, ("lr", 1.0)),
     ({"mean": 0.5, "std": [0.25]}, ("mean", [0.5])),  # one value for a list option, as `--mean 0.5`
@@ -313,8 +275,8 @@ def test_python_config_values_are_coerced_like_the_command_line(values, expected
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"epochs": 2.5}, r"epochs: expected an integer, got 2\.5"),  # never silently 2
-    ({"epochs": True}, "epochs: expected an integer, got True"),
+    ({"batch_size": 2.5}, r"batch_size: expected an integer, got 2\.5"),  # never silently 2
+    ({"epochs": True}, "epochs: expected a number, got True"),
     ({"lr": "abc"}, "lr: expected a number, got 'abc'"),
     ({"ema": "yes"}, "ema: expected true or false, got 'yes'"),
     ({"mean": ["a"]}, "mean: expected a number"),
@@ -328,9 +290,9 @@ def test_python_config_values_of_the_wrong_type_name_the_option(values, message)
 def test_dino_config_values_are_coerced_too():
     from xcit.dino import resolve_config as dino_config
 
-    assert dino_config({"data": "digits", "epochs": "3", "out_dim": 64.0}).epochs == 3
-    with pytest.raises(ValueError, match="epochs: expected an integer, got 2.5"):
-        dino_config(data="digits", epochs=2.5)
+    assert dino_config({"data": "digits", "epochs": "3", "out_dim": 64.0}).out_dim == 64
+    with pytest.raises(ValueError, match="batch_size: expected an integer, got 2.5"):
+        dino_config(data="digits", batch_size=2.5)
     with pytest.raises(ValueError, match="lr: expected a number, got 'abc'"):
         dino_config(data="digits", lr="abc")
 
@@ -366,7 +328,7 @@ def test_metrics_file_is_strict_json_and_reads_back_non_finite_values(tmp_path):
     assert math.isnan(second["loss"]) and second["entropy"] == -math.inf and second["lr"] == 0.25
 
 
-def test_poly_schedule_warms_up_decays_and_follows_a_time_limit():
+def test_poly_schedule_warms_up_and_decays():
     from xcit.train.optim import PolySchedule
 
     s = PolySchedule(base_lr=1.0, total_steps=100, warmup_steps=10, warmup_ratio=0.1, power=1.0, min_lr=0.0)
@@ -374,5 +336,3 @@ def test_poly_schedule_warms_up_decays_and_follows_a_time_limit():
     assert s.lr(10) == pytest.approx(0.9) and s.lr(50) == pytest.approx(0.5) and s.lr(100) == pytest.approx(0.0)
     squared = PolySchedule(1.0, 100, power=2.0, min_lr=0.1)
     assert squared.lr(50) == pytest.approx(0.9 * 0.25 + 0.1)
-    timed = PolySchedule(1.0, 1000, time_limit_s=60.0)  # wall clock ahead of the step count wins
-    assert timed.lr(10, elapsed_s=30.0) == pytest.approx(0.5) and timed.lr(10, elapsed_s=90.0) == 0.0

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 from pathlib import Path
 
 from .config import add_config_option, require_options
-from .train import TITLES, add_field_options, print_config, training_options
+from .options import add_training_command
 from .unreadable import Unreadable, add_policy
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,18 +24,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(p)
     p.set_defaults(func=run_prepare)
 
-    from ..detect.train import DetectConfig
-
-    p = tasks.add_parser("train", help="train a detector (defaults: the paper's COCO Mask R-CNN recipe)",
-                         description="Train Mask R-CNN or Faster R-CNN with an XCiT + FPN backbone on a COCO-format "
-                                     "dataset. Distributed with torchrun. Defaults: AdamW lr 1e-4, wd 0.05, 36 epochs "
-                                     "(steps at 27 and 33), warm-up, 2 images per process, multi-scale 480..800. "
-                                     "A --config YAML overrides the defaults and the command line overrides both; "
-                                     "the options shared by every training command are under 'run'.")
-    add_field_options(p, fields(DetectConfig), TITLES)
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
-    add_config_option(p)
-    p.set_defaults(func=run_train)
+    add_training_command(
+        tasks, "train", "xcit.detect", help="train a detector (defaults: the paper's COCO Mask R-CNN recipe)",
+        description="Train Mask R-CNN or Faster R-CNN with an XCiT + FPN backbone on a COCO-format dataset. "
+                    "Distributed with torchrun. Defaults: AdamW lr 1e-4 for a global batch of 16, wd 0.05, 36 epochs "
+                    "(steps at 27 and 33), warm-up, 2 images per process, multi-scale 480..800. --config YAML files "
+                    "override the defaults and the command line overrides them all; the options shared by every "
+                    "training command are under 'run'.")
 
     p = tasks.add_parser("eval", help="COCO box (and mask) AP of a checkpoint on a COCO file")
     p.add_argument("--checkpoint", default=None, help="detection checkpoint (best.pt / last.pt), an official COCO file or its name (maskrcnn_xcit_tiny_12_p16)")
@@ -84,17 +78,6 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from ..detect.train import resolve_config, train
-
-    cfg = resolve_config(training_options(args))
-    if args.print_config:
-        print_config(cfg)
-        return 0
-    train(cfg)
-    return 0
-
-
 def _load(args: argparse.Namespace):
     import torch
 
@@ -116,7 +99,8 @@ def _load(args: argparse.Namespace):
 def run_eval(args: argparse.Namespace) -> int:
     from ..detect.coco import CocoDetection
     from ..detect.evaluation import evaluate_results, format_metrics, predict_dataset
-    from ..detect.train import flat_metrics, image_root
+    from ..detect.config import image_root
+    from ..detect.train import flat_metrics
 
     if args.coco_json is None and args.data:
         args.coco_json = str(Path(args.data) / "annotations" / "val.json")

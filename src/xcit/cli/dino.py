@@ -11,7 +11,7 @@ import json
 import os
 
 from .config import add_config_option
-from .train import TITLES, add_field_options, print_config, training_options
+from .options import add_training_command
 
 
 
@@ -22,33 +22,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_dino(sub: argparse._SubParsersAction) -> None:
-    from ..dino.config import PRESETS, config_fields
+    from ..dino.config import PRESETS
 
-    p = sub.add_parser(
-        "dino", help="self-supervised DINO pretraining of an XCiT (Fashion-MNIST preset by default; torchrun)",
+    add_training_command(
+        sub, "dino", "xcit.dino",
+        help="self-supervised DINO pretraining of an XCiT (Fashion-MNIST preset by default; torchrun)",
         description="DINO pretraining (student/teacher, multi-crop, centring, EMA teacher). Defaults are DINO's "
                     f"ImageNet recipe; a preset ({', '.join(PRESETS)}, chosen by the dataset unless --preset) replaces "
-                    "some, a --config YAML overrides the preset and the command line overrides both. The run "
-                    "directory gets teacher.pth, a plain XCiT checkpoint (xcit.create_model(checkpoint=...)).",
-    )
-    add_field_options(p, config_fields(), {**TITLES, "augment": "multi-crop augmentation"})
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
-    add_config_option(p)
-    p.set_defaults(func=run_dino)
-
-
-def run_dino(args: argparse.Namespace) -> int:
-    from ..dino import pretrain, resolve_config
-
-    cfg = resolve_config(training_options(args))
-    if args.print_config:
-        print_config(cfg)
-        return 0
-    result = pretrain(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"teacher backbone: {result.teacher_path}  ({result.epochs:.2f} epochs, {result.steps} steps, "
-              f"{result.wall_time / 60:.1f} min)")
-    return 0
+                    "some, --config YAML files override the preset and the command line overrides them all. The run "
+                    "folder gets teacher.pth, a plain XCiT checkpoint (xcit.create_model(checkpoint=...)).",
+        titles={"augment": "multi-crop augmentation"})
 
 
 def _register_eval(sub: argparse._SubParsersAction, name: str) -> None:

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..train import evaluate
+    from ..classify import evaluate
 
     metrics = evaluate(
         args.checkpoint, args.data, args.split, model_name=args.model, batch_size=args.batch_size,

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
 from pathlib import Path
 
 from .config import add_config_option, require_options
-from .train import TITLES, add_field_options, print_config, training_options
+from .options import add_training_command
 from .unreadable import Unreadable, add_policy
 
 
@@ -81,19 +80,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(p)
     p.set_defaults(func=run_prepare)
 
-    from ..segment.train import SegmentConfig
-
-    p = tasks.add_parser("train", help="train a segmenter (defaults: the paper's ADE20k recipe)",
-                         description="Train Semantic FPN or UperNet on an XCiT backbone. Distributed with torchrun. "
-                                     "Defaults follow the paper: AdamW lr 6e-5, wd 0.01, poly with warm-up, 512x512 "
-                                     "crops, 2 images per process. A --config YAML overrides the defaults and the "
-                                     "command line overrides both; the options shared by every training command are "
-                                     "under 'run'.")
-    add_field_options(p, fields(SegmentConfig), TITLES)
-    p.add_argument("--flip", dest="hflip", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
-    add_config_option(p)
-    p.set_defaults(func=run_train)
+    add_training_command(
+        tasks, "train", "xcit.segment", help="train a segmenter (defaults: the paper's ADE20k recipe)",
+        description="Train Semantic FPN or UperNet on an XCiT backbone. Distributed with torchrun. Defaults follow the "
+                    "paper: AdamW lr 6e-5 for a global batch of 16, wd 0.01, poly with warm-up, 512x512 crops, 2 "
+                    "images per process. --config YAML files override the defaults and the command line overrides "
+                    "them all; the options shared by every training command are under 'run'.",
+    ).add_argument("--flip", dest="hflip", type=float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = tasks.add_parser("eval", help="mIoU, per-class IoU and pixel accuracy of a checkpoint on a split")
     p.add_argument("--checkpoint", required=False, default=None, help="segmentation checkpoint (best.pt / last.pt), an official ADE20k file or its name (upernet_xcit_small_12_p16, sem_fpn_...)")
@@ -132,21 +125,11 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from ..segment.train import resolve_config, train
-
-    cfg = resolve_config(training_options(args))
-    if args.print_config:
-        print_config(cfg)
-        return 0
-    train(cfg)
-    return 0
-
-
 def run_eval(args: argparse.Namespace) -> int:
     from ..segment.metrics import format_metrics
     from ..segment.model import load_segmenter
-    from ..segment.train import EvalSettings, evaluate_checkpoint
+    from ..segment.config import EvalSettings
+    from ..segment.evaluate import evaluate_checkpoint
 
     require_options(args, "checkpoint", "data")
     _, meta = load_segmenter(args.checkpoint)
@@ -168,7 +151,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..data.images import read_image
     from ..segment.data import colorize, infer, overlay
     from ..segment.model import load_segmenter
-    from ..segment.train import EvalSettings
+    from ..segment.config import EvalSettings
     from ..train.distributed import pick_device
     from .predict import input_images
 

@@ -11,12 +11,12 @@ from .datasets import (
     read_idx,
 )
 from .images import IMAGENET_MEAN, IMAGENET_STD, eval_transform, imagenet_class_names, load_image
-from .loader import RepeatAugSampler, ShardSampler, TensorBatchLoader, build_loader
+from .loader import EpochSampler, SeededItems, ShardSampler, TensorBatchLoader, build_loader, seeded_rng
 from .transforms import BatchEvalTransform, BatchTrainTransform, folder_eval_transform, folder_train_transform
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "IMAGENET_MEAN", "IMAGENET_STD", "BatchEvalTransform", "BatchTrainTransform", "DataError",
-    "ImageFolderDataset", "RepeatAugSampler", "ShardSampler", "TensorBatchLoader", "TensorImageDataset",
+    "EpochSampler", "ImageFolderDataset", "SeededItems", "ShardSampler", "TensorBatchLoader", "TensorImageDataset",
     "build_dataset", "build_loader", "calibration_images", "collate_skipping", "eval_transform", "fashion_mnist_dir",
-    "folder_eval_transform", "folder_train_transform", "imagenet_class_names", "load_image", "read_idx",
+    "folder_eval_transform", "folder_train_transform", "imagenet_class_names", "load_image", "read_idx", "seeded_rng",
 ]

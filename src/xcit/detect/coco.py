@@ -284,6 +284,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.report.skipped or self.report.repaired:
             log.warning("%s: %s", self.path, self.report.summary())
 
+    def reseed(self, seed: int) -> None:
+        """Set the augmentation's generator (the training loop seeds every image of an epoch on its own)."""
+        self.rng.seed(seed)
+
     @property
     def class_names(self) -> list[str]:
         return [str(c.get("name", c["id"])) for c in self.categories]

@@ -37,7 +37,6 @@ mask pasting                  grid_sample of the 28 x 28 mask over the     :func
 from __future__ import annotations
 
 import math
-import os
 import re
 from typing import Any
 
@@ -48,8 +47,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ..models.weights import CheckpointError, check_layout, infer_architecture, load_file
-from .model import COMPACT_MASK_BYTES, NativeSizeTransform
+from .transform import COMPACT_MASK_BYTES, NativeSizeTransform
 from .recipe import MMDetRoIAlign
 
 BBOX_XFORM_CLIP = abs(math.log(16 / 1000))  # mmdet's wh_ratio_clip
@@ -245,41 +243,3 @@ def is_mmdet_checkpoint(raw: Any) -> bool:
     """Whether a loaded file is an mmdet detector (``state_dict`` with ``roi_head.`` / ``rpn_head.`` keys)."""
     state = raw.get("state_dict") if isinstance(raw, dict) else None
     return isinstance(state, dict) and any(str(k).startswith(("roi_head.", "rpn_head.")) for k in state)
-
-
-def load_mmdet_detector(path: str | os.PathLike, raw: dict | None = None) -> tuple[nn.Module, dict]:
-    """(Mask R-CNN in eval mode with mmdet 2.11 conventions, meta) from an official COCO release file.
-
-    The architecture is read from the file's shapes; every key must be accounted for and fit.
-
-    Raises:
-        CheckpointError: not an mmdet Mask R-CNN file, or one of another configuration (keys or shapes differ).
-    """
-    from .model import build_detector
-
-    raw = load_file(path) if raw is None else raw
-    if not is_mmdet_checkpoint(raw):
-        raise CheckpointError(f"{path}: not an mmdetection detector checkpoint (expected 'state_dict' with 'rpn_head.*' / 'roi_head.*' keys)")
-    state = raw["state_dict"]
-    meta = dict(raw.get("meta") or {})
-    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-    arch = infer_architecture(backbone)
-    cls = state.get("roi_head.bbox_head.fc_cls.weight")
-    if "depth" not in arch or "patch_size" not in arch or cls is None:
-        raise CheckpointError(f"{path}: expected an XCiT backbone ('backbone.blocks.*', 'backbone.patch_embed.*') and "
-                              "a box classifier ('roi_head.bbox_head.fc_cls.weight'): the Mask R-CNN layout of the official COCO configs")
-    num_classes = cls.shape[0] - 1
-    shape = {k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if k in arch}
-    kind = "mask_rcnn" if any(k.startswith("roi_head.mask_head.") for k in state) else "faster_rcnn"
-    model = build_detector(num_classes, arch=shape, kind=kind, min_size=[800], test_size=800, max_size=1333,
-                           conventions="mmdet")
-    converted, unknown = mmdet_to_torchvision(state)
-    header = (f"{path} is not a checkpoint of the official XCiT Mask R-CNN configs (mmdet 2.11 layout; backbone "
-              f"{arch.get('name', shape)}, {num_classes} classes):")
-    check_layout(model.state_dict(), converted, unknown, header)
-    model.load_state_dict(converted, strict=True)
-    classes = list(meta.get("CLASSES") or (COCO_CLASSES if num_classes == 80 else [f"class{i}" for i in range(1, num_classes + 1)]))
-    ids = COCO_CATEGORY_IDS if list(classes) == list(COCO_CLASSES) else list(range(1, num_classes + 1))
-    info = {"classes": classes, "category_ids": ids, "source": os.fspath(path), "format": "mmdet-2.11",
-            "mmdet_version": meta.get("mmdet_version")}
-    return model.eval(), info

@@ -13,20 +13,26 @@ from collections import OrderedDict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..models import MODELS, XCiTPyramid, create_pyramid, resolve_name
-from ..models.weights import CheckpointError
+from ..models.weights import CheckpointError, check_layout, infer_architecture, load_file
+from .mmdet_compat import (
+    COCO_CATEGORY_IDS,
+    COCO_CLASSES,
+    apply_mmdet_conventions,
+    is_mmdet_checkpoint,
+    mmdet_to_torchvision,
+)
 from .recipe import BOX_LOSSES, ROI_ALIGNS, roi_poolers, use_box_loss
+from .transform import NativeSizeTransform, paste_masks  # noqa: F401  (paste_masks: part of this module's API)
 
 FORMAT = "xcit-detector-1"
 KINDS = ("mask_rcnn", "faster_rcnn")
@@ -50,63 +56,6 @@ class XCiTFPN(nn.Module):
         if self.body.in_chans == 1 and x.shape[1] == 3:
             x = x.mean(dim=1, keepdim=True)
         return self.fpn(self.body(x))
-
-
-COMPACT_MASK_BYTES = 1 << 30
-
-
-def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], compact: bool = False) -> torch.Tensor:
-    """(N, 1, H, W) image-size masks from (N, 1, M, M) box-relative ones, writing only inside each box
-    (torchvision's ``paste_masks_in_image`` allocates one full image per mask, then stacks them)."""
-    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-
-    h, w = size
-    out = torch.zeros((masks.shape[0], 1, h, w), dtype=torch.bool if compact else masks.dtype, device=masks.device)
-    if masks.shape[0] == 0:
-        return out
-    masks, scale = expand_masks(masks, padding=1)
-    boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
-    for i, (x0, y0, x1, y1) in enumerate(boxes):
-        bw, bh = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
-        m = F.interpolate(masks[i:i + 1], size=(bh, bw), mode="bilinear", align_corners=False)[0, 0]
-        xa, xb, ya, yb = max(x0, 0), min(x1 + 1, w), max(y0, 0), min(y1 + 1, h)
-        if xb > xa and yb > ya:
-            m = m[ya - y0:yb - y0, xa - x0:xb - x0]
-            out[i, 0, ya:yb, xa:xb] = m > 0.5 if compact else m
-    return out
-
-
-class NativeSizeTransform(GeneralizedRCNNTransform):
-    """torchvision's resize + normalise + batch with separate training and test sizes.
-
-    Training draws the shorter side from ``train_sizes`` (multi-scale training); evaluation uses
-    ``test_size``. A size of 0 keeps each image at its own resolution, so any image runs in one
-    pass (padded to a multiple of 32 for the stride-32 level).
-    """
-
-    def __init__(self, train_sizes, test_size: int, max_size: int, image_mean, image_std) -> None:
-        super().__init__(tuple(train_sizes), max_size, image_mean, image_std)
-        self.train_sizes, self.test_size = tuple(train_sizes), int(test_size)
-
-    def resize(self, image, target=None):
-        sizes = self.train_sizes if self.training else (self.test_size,)
-        if sizes == (0,):
-            return image, target
-        self.min_size = sizes
-        return super().resize(image, target)
-
-    def postprocess(self, result, image_shapes, original_image_sizes):
-        """Boxes back to the input size, masks pasted into it: float probabilities (as torchvision),
-        or masks thresholded at 0.5 as ``bool`` when float masks would exceed ``COMPACT_MASK_BYTES``
-        (100 float masks of a 6000x4000 image take 9.6 GB; torchvision's paste needs twice that)."""
-        if self.training:
-            return result
-        masks = [r.pop("masks", None) for r in result]
-        result = super().postprocess(result, image_shapes, original_image_sizes)
-        for r, m, size in zip(result, masks, original_image_sizes):
-            if m is not None:
-                r["masks"] = paste_masks(m, r["boxes"], size, compact=m.shape[0] * size[0] * size[1] * 4 > COMPACT_MASK_BYTES)
-        return result
 
 
 def default_drop_path(backbone: str | None) -> float:
@@ -202,8 +151,6 @@ def assemble(body: XCiTPyramid, cfg: dict[str, Any]) -> nn.Module:
     model.transform = NativeSizeTransform(cfg["min_size"], cfg["test_size"], cfg["max_size"], cfg["image_mean"], cfg["image_std"])
     model.detector_config = dict(cfg)
     if cfg.get("conventions") == "mmdet":
-        from .mmdet_compat import apply_mmdet_conventions
-
         apply_mmdet_conventions(model)
     return model
 
@@ -289,9 +236,6 @@ def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     try:
         raw = read_detector_checkpoint(path)
     except CheckpointError:
-        from ..models.weights import load_file
-        from .mmdet_compat import is_mmdet_checkpoint, load_mmdet_detector
-
         other = load_file(path)
         if not is_mmdet_checkpoint(other):
             raise
@@ -299,3 +243,39 @@ def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     model = detector_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})
+
+
+def load_mmdet_detector(path: str | os.PathLike, raw: dict | None = None) -> tuple[nn.Module, dict]:
+    """(Mask R-CNN in eval mode with mmdet 2.11 conventions, meta) from an official COCO release file.
+
+    The architecture is read from the file's shapes; every key must be accounted for and fit.
+
+    Raises:
+        CheckpointError: not an mmdet Mask R-CNN file, or one of another configuration (keys or shapes differ).
+    """
+    raw = load_file(path) if raw is None else raw
+    if not is_mmdet_checkpoint(raw):
+        raise CheckpointError(f"{path}: not an mmdetection detector checkpoint (expected 'state_dict' with 'rpn_head.*' / 'roi_head.*' keys)")
+    state = raw["state_dict"]
+    meta = dict(raw.get("meta") or {})
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    arch = infer_architecture(backbone)
+    cls = state.get("roi_head.bbox_head.fc_cls.weight")
+    if "depth" not in arch or "patch_size" not in arch or cls is None:
+        raise CheckpointError(f"{path}: expected an XCiT backbone ('backbone.blocks.*', 'backbone.patch_embed.*') and "
+                              "a box classifier ('roi_head.bbox_head.fc_cls.weight'): the Mask R-CNN layout of the official COCO configs")
+    num_classes = cls.shape[0] - 1
+    shape = {k: arch[k] for k in ("patch_size", "embed_dim", "depth", "num_heads") if k in arch}
+    kind = "mask_rcnn" if any(k.startswith("roi_head.mask_head.") for k in state) else "faster_rcnn"
+    model = build_detector(num_classes, arch=shape, kind=kind, min_size=[800], test_size=800, max_size=1333,
+                           conventions="mmdet")
+    converted, unknown = mmdet_to_torchvision(state)
+    header = (f"{path} is not a checkpoint of the official XCiT Mask R-CNN configs (mmdet 2.11 layout; backbone "
+              f"{arch.get('name', shape)}, {num_classes} classes):")
+    check_layout(model.state_dict(), converted, unknown, header)
+    model.load_state_dict(converted, strict=True)
+    classes = list(meta.get("CLASSES") or (COCO_CLASSES if num_classes == 80 else [f"class{i}" for i in range(1, num_classes + 1)]))
+    ids = COCO_CATEGORY_IDS if list(classes) == list(COCO_CLASSES) else list(range(1, num_classes + 1))
+    info = {"classes": classes, "category_ids": ids, "source": os.fspath(path), "format": "mmdet-2.11",
+            "mmdet_version": meta.get("mmdet_version")}
+    return model.eval(), info

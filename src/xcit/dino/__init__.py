@@ -7,10 +7,10 @@ from .knn import extract_features, knn_classify, knn_evaluate, load_feature_mode
 from .linear import linear_probe
 from .loss import DINOLoss, koleo_loss
 from .schedules import DinoSchedules, build_schedules
-from .train import DinoResult, build_networks, pretrain, update_teacher
+from .train import Dino, build_networks, pretrain, train, update_teacher
 
 __all__ = [
-    "PRESETS", "BatchMultiCrop", "DINOHead", "DINOLoss", "DinoConfig", "DinoResult", "DinoSchedules", "MultiCropNet",
+    "PRESETS", "BatchMultiCrop", "DINOHead", "DINOLoss", "Dino", "DinoConfig", "DinoSchedules", "MultiCropNet",
     "MultiCropSpec", "PILMultiCrop", "build_networks", "build_schedules", "extract_features", "knn_classify",
-    "knn_evaluate", "koleo_loss", "linear_probe", "load_feature_model", "pretrain", "resolve_config", "update_teacher",
+    "knn_evaluate", "koleo_loss", "linear_probe", "load_feature_model", "pretrain", "resolve_config", "train", "update_teacher",
 ]

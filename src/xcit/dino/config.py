@@ -5,25 +5,26 @@ a YAML file < the command line, as for ``xcit train``.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from ..config import option
-from ..train.config import AMP_MODES, RunOptions, merge_with_preset, save_config, validate_run_options  # noqa: F401
-
-CLIP_MODES = ("per-param", "global")
+from ..train.config import OptimOptions, merge_with_preset, recipe_default, validate_run_options
 
 
 @dataclass
-class DinoConfig(RunOptions):
-    """Every option of ``xcit dino``; defaults are the official DINO code's ImageNet recipe (docs/fidelity.md)."""
+class DinoConfig(OptimOptions):
+    """Every option of ``xcit dino``; defaults are the official DINO code's ImageNet recipe (docs/fidelity.md):
+    lr 5e-4 per 256 images (``--lr-base``, ``--lr-base-size``), weight decay 0.04 -> 0.4, clipping 3.0 per
+    parameter, DINO's weight-decay rule (biases and 1-d parameters exempt)."""
 
     # --- data
     data: str = option("fashion-mnist", "images to pretrain on (labels are never read): fashion-mnist, digits, an IDX "
                      "folder or a folder with <split>/<class>/ images", "data")
     train_split: str = option("train", "split to pretrain on", "data")
+    val_split: str = option("val", "split the k-NN evaluation classifies (with the training split's features and "
+                          "labels; skipped when the data have no such split)", "data")
     in_chans: int | None = option(None, "image channels (default: the dataset's; 3 for folders)", "data")
     mean: list[float] | None = option(None, "normalisation mean (default: the dataset's)", "data", nargs="+")
     std: list[float] | None = option(None, "normalisation std (default: the dataset's)", "data", nargs="+")
@@ -57,21 +58,15 @@ class DinoConfig(RunOptions):
     solarize_prob: float = option(0.2, "solarisation probability of global crop 2", "augment")
 
     # --- optimisation
-    epochs: int = option(100, "pretraining epochs (with --time-budget-min: an upper bound)", "optim")
-    time_budget_min: float | None = option(None, "fit the run into this many minutes: the speed is measured on the "
-                                         "first steps and every schedule is set to the steps that fit (0: none)", "optim")
-    batch_size: int = option(64, "images per process per step (global batch = this x processes)", "optim")
-    lr: float = option(5e-4, "peak learning rate per 256 images (scaled by global batch / 256)", "optim")
+    epochs: float | None = recipe_default("epochs", 100)
+    batch_size: int = recipe_default("batch_size", 64)
+    lr_base_size: int = recipe_default("lr_base_size", 256)
     min_lr: float = option(1e-6, "final learning rate of the cosine schedule", "optim")
     warmup_epochs: float = option(10.0, "linear lr warm-up from 0, in epochs", "optim")
-    weight_decay: float = option(0.04, "weight decay at the start (cosine schedule)", "optim")
-    weight_decay_end: float = option(0.4, "weight decay at the end", "optim")
-    clip_grad: float | None = option(3.0, "clip gradient norms to this value (none: no clipping)", "optim")
-    clip_grad_mode: str = option("per-param", "per-param: each parameter's gradient separately (DINO's "
-                               "utils.clip_gradients); global: one norm over all of them", "optim", CLIP_MODES)
-    wd_exempt_per_channel: bool = option(False, "also exempt per-channel parameters (XCA temperature, cls token) "
-                                       "from weight decay (DINO decays them; only biases and norms are exempt)",
-                                       "optim")
+    weight_decay: float = recipe_default("weight_decay", 0.04)
+    weight_decay_end: float = option(0.4, "weight decay at the end (cosine from --weight-decay)", "optim")
+    clip_grad: float | None = recipe_default("clip_grad", 3.0)
+    clip_grad_mode: str = recipe_default("clip_grad_mode", "per-param")
     freeze_last_layer: float = option(1.0, "epochs during which the head's last layer gets no update", "optim")
     momentum_teacher: float = option(0.996, "teacher EMA momentum at the start (cosine to 1)", "optim")
     warmup_teacher_temp: float = option(0.04, "teacher temperature at the start", "optim")
@@ -85,6 +80,7 @@ class DinoConfig(RunOptions):
                                "(0: off, as in DINO)", "optim")
 
     # --- run (the options shared by every training command are in RunOptions)
+    eval_every: str = recipe_default("eval_every", "0")
     preset: str | None = option(None, "option preset: imagenet, fashion-mnist, digits (default: by dataset)", "run")
 
 
@@ -107,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the XCA temperatures and the cls token.
     "fashion-mnist": dict(
         SMALL_CROPS, model="xcit_nano_12_p16", patch_size=8, embed_dim=128, depth=4, num_heads=4, tokens_norm=True,
-        drop_path=0.0, out_dim=4096, local_crops=2, epochs=100, time_budget_min=30.0, batch_size=64, lr=2e-3,
+        drop_path=0.0, out_dim=4096, local_crops=2, epochs=100, time_budget_min=30.0, batch_size=64, lr_base=2e-3,
         min_lr=1e-5, warmup_epochs=1.0, warmup_teacher_temp=0.04, teacher_temp=0.04, freeze_last_layer=0.0,
         momentum_teacher=0.99, koleo_weight=0.1, amp="bf16", workers=0, log_every=50,
         clip_grad_mode="global", wd_exempt_per_channel=True,
@@ -116,22 +112,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "digits": dict(
         model="xcit_nano_12_p16", patch_size=2, embed_dim=32, depth=2, num_heads=2, tokens_norm=True, drop_path=0.0,
         out_dim=256, hidden_dim=64, bottleneck_dim=32, global_size=8, global_scale=[0.5, 1.0], local_crops=2,
-        local_size=4, local_scale=[0.2, 0.5], blur_sigma=[0.1, 0.3], epochs=2, batch_size=32, lr=1e-3,
+        local_size=4, local_scale=[0.2, 0.5], blur_sigma=[0.1, 0.3], epochs=2, batch_size=32, lr_base=1e-3,
         warmup_epochs=0.5, warmup_teacher_temp_epochs=1.0, amp="none", workers=0, log_every=5,
     ),
 }
 
 
-def config_fields() -> list[dataclasses.Field]:
-    return list(fields(DinoConfig))
+OPTIONS = DinoConfig  # the options dataclass of this task (read by the command line)
+
+
+def default_preset(data: str | None) -> str:
+    """The preset a dataset gets when none is named."""
+    from ..data.datasets import dataset_kind
+
+    try:
+        kind = dataset_kind(data or DinoConfig.data)
+    except ValueError:
+        return "imagenet"  # the data error is reported, clearly, when the dataset is built
+    return {"fashion-mnist": "fashion-mnist", "idx": "fashion-mnist", "digits": "digits"}.get(kind, "imagenet")
 
 
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DinoConfig:
     """A :class:`DinoConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
-    merged = merge_with_preset({**(values or {}), **kwargs}, config_fields(), PRESETS,
-                               DinoConfig.data, ("output", "resume", "clip_grad", "time_budget_min"), what="DINO")
-    if merged.get("time_budget_min") == 0:  # `--time-budget-min 0` lifts a preset's budget
-        merged["time_budget_min"] = None
+    merged = merge_with_preset({**(values or {}), **kwargs}, list(fields(DinoConfig)), PRESETS, default_preset,
+                               what="DINO")
     cfg = DinoConfig(**merged)
     validate(cfg)
     return cfg
@@ -151,7 +155,7 @@ def validate(cfg: DinoConfig) -> None:
         need(isinstance(v, (list, tuple)) and len(v) == 2 and all(num(x) for x in v) and lo < v[0] <= v[1] <= hi,
              f"expected {name} as two numbers lo <= hi in ({lo}, {hi}], got {v}")
 
-    for name in ("epochs", "batch_size", "out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size"):
+    for name in ("out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size"):
         v = getattr(cfg, name)
         need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"expected {name} to be an integer >= 1, got {v!r}")
     need(isinstance(cfg.local_crops, int) and cfg.local_crops >= 0, f"expected local_crops >= 0, got {cfg.local_crops!r}")
@@ -164,10 +168,10 @@ def validate(cfg: DinoConfig) -> None:
     for name in ("hflip", "jitter_prob", "grayscale_prob", "solarize_prob"):
         v = getattr(cfg, name)
         need(num(v) and 0 <= v <= 1, f"expected {name} in [0, 1], got {v}")
-    for name in ("lr", "student_temp", "teacher_temp", "warmup_teacher_temp"):
+    for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         v = getattr(cfg, name)
         need(num(v) and v > 0, f"expected {name} > 0, got {v}")
-    for name in ("min_lr", "warmup_epochs", "weight_decay", "weight_decay_end", "freeze_last_layer",
+    for name in ("min_lr", "warmup_epochs", "weight_decay_end", "freeze_last_layer",
                  "warmup_teacher_temp_epochs"):
         v = getattr(cfg, name)
         need(num(v) and v >= 0, f"expected {name} >= 0, got {v}")
@@ -177,10 +181,6 @@ def validate(cfg: DinoConfig) -> None:
     need(num(cfg.center_momentum) and 0 <= cfg.center_momentum < 1,
          f"expected center_momentum in [0, 1), got {cfg.center_momentum}")
     need(num(cfg.drop_path) and 0 <= cfg.drop_path < 1, f"expected drop_path in [0, 1), got {cfg.drop_path}")
-    need(cfg.clip_grad is None or (num(cfg.clip_grad) and cfg.clip_grad > 0), f"expected clip_grad > 0 or none, got {cfg.clip_grad}")
-    need(cfg.time_budget_min is None or (num(cfg.time_budget_min) and cfg.time_budget_min > 0),
-         f"expected time_budget_min > 0 (minutes; 0 or none for no budget), got {cfg.time_budget_min}")
-    need(cfg.clip_grad_mode in CLIP_MODES, f"expected clip_grad_mode in {CLIP_MODES}, got {cfg.clip_grad_mode!r}")
     for name in ("mean", "std"):
         v = getattr(cfg, name)
         need(v is None or (len(v) >= 1 and all(num(x) for x in v)), f"expected {name} to be numbers, got {v}")

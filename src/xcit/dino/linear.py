@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.datasets import DataError, TensorImageDataset
-from ..data.loader import RepeatAugSampler, build_loader
+from ..data.loader import EpochSampler, build_loader
 from ..data.transforms import BatchTrainTransform, folder_train_transform
 from ..models import XCiT
 from ..models.weights import save_checkpoint
@@ -215,7 +215,7 @@ def _dino_protocol(source, data: str, train_split: str, test_split: str, env: di
         dataset.transform = folder_train_transform(size, auto_augment=None, reprob=0.0, **aug)
         tf = None
     torch.manual_seed(seed)
-    sampler = RepeatAugSampler(len(dataset), num_replicas=env.world_size, rank=env.rank, seed=seed)
+    sampler = EpochSampler(len(dataset), num_replicas=env.world_size, rank=env.rank, seed=seed)
     loader = build_loader(dataset, sampler, probe_batch_size, batch_transform=tf, workers=workers,
                           pin_memory=env.device.type == "cuda")
     test_loader, test_set = eval_loader(source, data, test_split, env, batch_size, workers, classes=list(dataset.classes),

@@ -2,26 +2,36 @@
 
 See docs/segmentation.md; the command line is ``xcit segment prepare | train | eval | predict``.
 """
+from .config import EvalSettings, SegmentConfig, resolve_config
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, infer
 from .heads import PPM, FCNHead, FPNNeck, Segmenter, SemanticFPNHead, UperNetHead
 from .metrics import ConfusionMatrix, format_metrics, metrics_from_confusion
+from .evaluate import evaluate, evaluate_checkpoint
 from .model import build_segmenter, load_segmenter, save_segmenter
+from .train import Segmentation, train
 
 __all__ = [
     "PPM",
     "ConfusionMatrix",
     "DatasetInfo",
+    "EvalSettings",
     "FCNHead",
     "FPNNeck",
+    "SegmentConfig",
+    "Segmentation",
     "SegmentationFolder",
     "Segmenter",
     "SemanticFPNHead",
     "TrainTransform",
     "UperNetHead",
     "build_segmenter",
+    "evaluate",
+    "evaluate_checkpoint",
     "format_metrics",
     "infer",
     "load_segmenter",
     "metrics_from_confusion",
+    "resolve_config",
     "save_segmenter",
+    "train",
 ]

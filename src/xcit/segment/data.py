@@ -278,14 +278,6 @@ class TrainTransform:
         self.rng.seed(seed)
 
 
-def worker_init(worker_id: int) -> None:
-    """Give each data-loader worker its own augmentation stream."""
-    info = torch.utils.data.get_worker_info()
-    transform = getattr(info.dataset, "transform", None)
-    if hasattr(transform, "reseed"):
-        transform.reseed(info.seed % (2**32))
-
-
 # ----------------------------------------------------------------------------------------- inference
 
 

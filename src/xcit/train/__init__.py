@@ -1,15 +1,17 @@
-"""Training and evaluation of XCiT: the paper's recipe on one process or many (``torchrun``).
+"""The run engine every training task plugs into: :func:`fit` (the one training loop), the task protocol
+(:class:`Task`), the run folder (:class:`Run`), the optimiser step and the shared options.
 
-``train(config)`` runs a whole training (data, model, optimizer, checkpoints, logs, plot) and
-returns a :class:`RunResult`; ``evaluate(checkpoint, data)`` measures a saved model.
+The tasks live in their own packages: :mod:`xcit.classify` (``xcit train``), :mod:`xcit.dino`,
+:mod:`xcit.detect` and :mod:`xcit.segment`.
 """
 from .checkpoint import load_state, save_state
-from .config import PRESETS, RunOptions, TrainConfig, load_config_file, resolve_config, validate
-from .engine import RunResult, evaluate, evaluate_model, read_model_metadata, train
+from .config import OptimOptions, PyramidOptions, RunOptions, load_config_file
+from .loop import fit
 from .plots import plot_run
 from .run import NonFiniteLossError, OptimStep, Run, RunFolderError
+from .task import Batch, FitResult, Task, TrainData
 
 __all__ = [
-    "PRESETS", "NonFiniteLossError", "OptimStep", "Run", "RunFolderError", "RunOptions", "RunResult", "TrainConfig", "evaluate", "evaluate_model", "load_config_file",
-    "load_state", "plot_run", "read_model_metadata", "resolve_config", "save_state", "train", "validate",
+    "Batch", "FitResult", "NonFiniteLossError", "OptimOptions", "OptimStep", "PyramidOptions", "Run", "RunFolderError",
+    "RunOptions", "Task", "TrainData", "fit", "load_config_file", "load_state", "plot_run", "save_state",
 ]

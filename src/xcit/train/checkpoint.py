@@ -1,9 +1,11 @@
 """Full training state (``last.pt`` / ``best.pt``): written atomically, read with ``weights_only=True``.
 
-A state file holds the model, optimizer, scheduler, gradient scaler and EMA state dicts, the
-epoch and step counters, the best accuracy so far, the resolved configuration, and the random
-number generator states of torch, numpy and Python (as tensors, so no object is unpickled).
-Like every file this project writes, it records the SHA-256 of its tensors, checked when read.
+A state file (written by :func:`xcit.train.fit`, the same layout for every task) holds the task name,
+the resolved options, the step, the trained model's weights, the optimiser and gradient-scaler state,
+the task's own state (EMA, teacher, ...), the best evaluation so far, the elapsed training time, and
+the random number generator states of torch, numpy and Python of every process (as tensors, so no
+object is unpickled). Like every file this project writes, it records the SHA-256 of its tensors,
+checked when read.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from ..models.weights import CheckpointError, load_file, with_digest
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the one training loop (task, options, the task's own entries); 1: the loops before it
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,6 +54,7 @@ def save_state(path: Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a state file follows the umask like the others
     try:
         torch.save(with_digest({"version": STATE_VERSION, **state}), tmp)
         os.replace(tmp, path)
@@ -61,37 +64,36 @@ def save_state(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training state; :class:`CheckpointError` if it is missing, corrupt or not a state file."""
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_state(path: str | os.PathLike, task: str | None = None, command: str = "xcit train") -> dict[str, Any]:
+    """Read a training state (a run folder or its ``last.pt``); :class:`CheckpointError` if it is missing,
+    corrupt, not a state file, written before the one training loop, or (given ``task``) another task's."""
     path = Path(path)
     if path.is_dir():
         path = path / "last.pt"
     if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} does not exist (expected a run directory or its last.pt)")
+        raise CheckpointError(f"cannot resume: {path} does not exist (expected a run folder or its last.pt)")
     state = load_file(path, what="training checkpoint")
-    needed = ("model", "optimizer", "scheduler", "epoch", "step", "config", "rng")
+    needed = ("task", "options", "model", "optimizer", "step", "rng")
     if not isinstance(state, dict) or any(k not in state for k in needed):
         have = list(state)[:10] if isinstance(state, dict) else type(state).__name__
+        old = isinstance(state, dict) and "train_state" in state or isinstance(state, dict) and "scheduler" in state
         raise CheckpointError(
-            f"{path} is not a training state written by `xcit train` (needs {', '.join(needed)}; has {have}). "
-            "To start from model weights instead, use --finetune."
-        )
+            f"{path} is not a training state of this version of xcit (needs {', '.join(needed)}; has {have})"
+            + ("; it was written by a version before the one training loop: start a new run from its weights "
+               "(--finetune / --pretrained)" if old else f"; to start from model weights instead, give them to "
+               f"{command} (--finetune / --pretrained)"))
+    if task is not None and state["task"] != task:
+        raise CheckpointError(f"{path} is the state of a `{state.get('command', state['task'])}` run, not of "
+                              f"{command}")
     state["path"] = str(path)
     return state
-
-
-def resume_path(resume: str | None, out: str | os.PathLike) -> Path | None:
-    """The state file a dense-task run continues from: None (fresh run), ``"auto"`` (``out/last.pt`` when
-    it exists) or a path, which must exist."""
-    if resume is None:
-        return None
-    if resume == "auto":
-        path = Path(out) / "last.pt"
-        return path if path.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"expected a checkpoint to resume from, got {resume!r} which is not a file")
-    return path
 
 
 def read_task_checkpoint(path: str | os.PathLike, fmt: str, task: str,

@@ -95,6 +95,15 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def gather_object(obj, env: DistEnv) -> list:
+    """Every process's ``obj``, in rank order, on every process."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

@@ -1,13 +1,17 @@
-"""Optimizer, learning-rate schedule and parameter groups (weight-decay rules, layer-wise lr decay)."""
+"""Parameter groups (weight-decay rules, layer-wise lr decay), clipping and the learning-rate schedules.
+
+A schedule is a plain object of floats evaluated at a step (``.lr(step)``); the training loop sets the
+rate of every parameter group from it each step, so a resumed run needs only its step.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..models import param_groups
+from .config import WD_RULES
 
 
 def layer_id(name: str, depth: int) -> int:
@@ -18,8 +22,6 @@ def layer_id(name: str, depth: int) -> int:
         return int(name.split(".")[1]) + 1
     return depth + 1
 
-
-from .config import WD_RULES
 
 
 def build_param_groups(
@@ -52,23 +54,35 @@ def build_param_groups(
     return [split[k] for k in sorted(split)]
 
 
-def dense_param_groups(model: nn.Module, weight_decay: float, rule: str = "mmcv", *,
-                       exempt_per_channel: bool = False) -> list[dict]:
-    """Groups of the detection / segmentation recipes.
+def param_groups_by_rule(model: nn.Module, rule: str, weight_decay: float, *, exempt_per_channel: bool = False,
+                         layer_decay: float | None = None) -> list[dict]:
+    """AdamW groups under a weight-decay rule (``--wd-rule``, resolved: not ``recipe``).
 
-    ``"mmcv"`` is the official configs' ``paramwise_cfg=dict(custom_keys={'norm': decay_mult=0})``
-    under mmcv's default constructor: no decay for parameters whose name contains ``norm``, decay
-    for all others, biases, BatchNorm and XCA temperatures included. ``"bias-norm"`` is the
-    classification rule (:func:`build_param_groups`: biases and 1-d parameters exempt, and with
-    ``exempt_per_channel`` the per-channel ones too).
+    * ``"bias-norm"``: the classification recipe (DeiT / XCiT, :func:`build_param_groups`): biases, 1-d
+      parameters and the model's ``no_weight_decay()`` names exempt, the XCA temperatures decayed;
+    * ``"dino"``: DINO's ``get_params_groups``: biases and 1-d parameters exempt (``no_weight_decay()`` is
+      read only with ``exempt_per_channel``);
+    * ``"mmcv"``: the official dense configs' ``paramwise_cfg=dict(custom_keys={'norm': decay_mult=0})``
+      under mmcv's default constructor: no decay for parameters whose name contains ``norm``, decay for all
+      others, biases, BatchNorm and XCA temperatures included.
+
+    ``exempt_per_channel`` also exempts parameters holding one value per channel or head (temperatures,
+    cls token); ``layer_decay`` splits the groups by depth (not with ``mmcv``).
     """
-    if rule == "bias-norm":
-        return build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel)
+    if rule in ("bias-norm", "dino"):
+        return build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel, layer_decay=layer_decay,
+                                  read_no_weight_decay=rule == "bias-norm" or exempt_per_channel)
     if rule != "mmcv":
-        raise ValueError(f"expected a weight-decay rule in {WD_RULES}, got {rule!r}")
+        raise ValueError(f"expected a weight-decay rule in {WD_RULES[1:]}, got {rule!r}")
+    if layer_decay not in (None, 1.0):
+        raise ValueError("expected --wd-rule bias-norm or dino with --layer-decay (the mmcv rule has no depths)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if "norm" not in n], "weight_decay": weight_decay, "decayed": True},
-              {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0, "decayed": False}]
+    if exempt_per_channel:
+        exempt = {n for n, p in named if "norm" in n or sum(1 for s in p.shape if s > 1) <= 1 and p.ndim > 1}
+    else:
+        exempt = {n for n, _ in named if "norm" in n}
+    groups = [{"params": [p for n, p in named if n not in exempt], "weight_decay": weight_decay, "decayed": True},
+              {"params": [p for n, p in named if n in exempt], "weight_decay": 0.0, "decayed": False}]
     return [{**g, "lr_scale": 1.0} for g in groups if g["params"]]
 
 
@@ -81,20 +95,10 @@ def clip_grad_per_param_(params, max_norm: float) -> None:
             p.grad.detach().mul_(coef.clamp(max=1.0))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, *, eps: float = 1e-8,
-                    exempt_per_channel: bool = False, layer_decay: float | None = None) -> torch.optim.AdamW:
-    """AdamW over :func:`build_param_groups`, each group's lr = ``lr * lr_scale``."""
-    groups = build_param_groups(model, weight_decay, exempt_per_channel=exempt_per_channel, layer_decay=layer_decay)
-    for g in groups:
-        g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, eps=eps, betas=(0.9, 0.999))
-
-
 class WarmupCosine:
-    """lr factor at an iteration: linear warmup from ``warmup_lr``, then cosine to ``min_lr`` (or constant).
+    """Learning rate at a step: linear warm-up from ``warmup_lr``, then cosine to ``min_lr`` (or constant).
 
-    A plain object (floats only) so that ``LambdaLR.state_dict()`` stores it and ``weights_only``
-    loading restores it. Stepped every iteration, unlike the official code's once per epoch.
+    Moves every step, unlike the official code's once per epoch (:class:`EpochCosine`).
     """
 
     def __init__(self, base_lr: float, total_steps: int, warmup_steps: int, warmup_lr: float, min_lr: float,
@@ -110,9 +114,6 @@ class WarmupCosine:
         t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
 
-    def __call__(self, step: int) -> float:
-        return self.lr(step) / self.base_lr
-
 
 class EpochCosine:
     """The official schedule: timm 0.4.9's ``CosineLRScheduler`` stepped once, after each epoch.
@@ -123,9 +124,9 @@ class EpochCosine:
     (timm's cosine counts the warm-up epochs: ``warmup_prefix=False``).
     """
 
-    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
+    def __init__(self, base_lr: float, epochs: float, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
                  min_lr: float, kind: str = "cosine") -> None:
-        self.base_lr, self.epochs, self.steps_per_epoch = float(base_lr), int(epochs), max(int(steps_per_epoch), 1)
+        self.base_lr, self.epochs, self.steps_per_epoch = float(base_lr), float(epochs), max(int(steps_per_epoch), 1)
         self.warmup_epochs, self.warmup_lr, self.min_lr = float(warmup_epochs), float(warmup_lr), float(min_lr)
         self.kind = kind
 
@@ -137,32 +138,11 @@ class EpochCosine:
             return self.base_lr
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.epochs))
 
-    def __call__(self, step: int) -> float:
-        return self.lr(step) / self.base_lr
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int, warmup_steps: int,
-                    warmup_lr: float, min_lr: float, kind: str = "cosine", *,
-                    steps_per_epoch: int | None = None) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` stepped every iteration (group lr scales are kept): :class:`WarmupCosine`, or with
-    ``steps_per_epoch`` the official once-per-epoch :class:`EpochCosine` (warm-up then in epochs:
-    ``warmup_steps / steps_per_epoch``)."""
-    if steps_per_epoch:
-        schedule = EpochCosine(base_lr, total_steps // steps_per_epoch, steps_per_epoch, warmup_steps / steps_per_epoch,
-                               warmup_lr, min_lr, kind)
-    else:
-        schedule = WarmupCosine(base_lr, total_steps, warmup_steps, warmup_lr, min_lr, kind)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
 
 @dataclass
 class PolySchedule:
-    """Poly decay (segmentation's schedule) ``(base - min) * (1 - progress) ** power + min`` after a linear warm-up.
-
-    ``progress`` is the larger of step / total_steps and elapsed / time_limit_s, so a run capped by
-    wall-clock time still anneals its learning rate to the end. Warm-up (mmseg's 'linear') starts
-    at ``warmup_ratio`` of the scheduled rate and reaches it after ``warmup_steps``.
-    """
+    """Poly decay (segmentation's schedule) ``(base - min) * (1 - step / total) ** power + min`` after a linear
+    warm-up (mmseg's 'linear': from ``warmup_ratio`` of the scheduled rate to all of it over ``warmup_steps``)."""
 
     base_lr: float
     total_steps: int
@@ -170,40 +150,27 @@ class PolySchedule:
     warmup_ratio: float = 1e-6
     power: float = 1.0
     min_lr: float = 0.0
-    time_limit_s: float | None = None
 
-    def progress(self, step: int, elapsed_s: float = 0.0) -> float:
-        p = step / max(self.total_steps, 1)
-        if self.time_limit_s:
-            p = max(p, elapsed_s / self.time_limit_s)
-        return min(max(p, 0.0), 1.0)
-
-    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
-        lr = (self.base_lr - self.min_lr) * (1.0 - self.progress(step, elapsed_s)) ** self.power + self.min_lr
+    def lr(self, step: int) -> float:
+        progress = min(max(step / max(self.total_steps, 1), 0.0), 1.0)
+        lr = (self.base_lr - self.min_lr) * (1.0 - progress) ** self.power + self.min_lr
         if step < self.warmup_steps:
             lr *= 1.0 - (1.0 - step / self.warmup_steps) * (1.0 - self.warmup_ratio)
         return lr
 
 
 class StepSchedule:
-    """Linear warm-up, then the rate times ``gamma`` at each milestone (fractions of the run): detection's.
+    """Linear warm-up, then the rate times ``gamma`` at each milestone (fractions of the run): detection's."""
 
-    Progress is the larger of step / total and elapsed / time limit, so a run capped by wall-clock
-    time still reaches its decays.
-    """
-
-    def __init__(self, base_lr: float, total: int, steps: list[float], gamma: float, warmup: int, warmup_ratio: float,
-                 time_limit_s: float | None = None) -> None:
+    def __init__(self, base_lr: float, total: int, steps: list[float], gamma: float, warmup: int,
+                 warmup_ratio: float) -> None:
         if any(not 0 < s <= 1 for s in steps):
             raise ValueError(f"expected --lr-steps as fractions of the run in (0, 1], got {steps}")
         self.base_lr, self.total, self.steps, self.gamma = base_lr, max(total, 1), sorted(steps), gamma
-        self.warmup, self.warmup_ratio, self.time_limit_s = warmup, warmup_ratio, time_limit_s
+        self.warmup, self.warmup_ratio = warmup, warmup_ratio
 
-    def lr(self, step: int, elapsed_s: float = 0.0) -> float:
-        progress = step / self.total
-        if self.time_limit_s:
-            progress = max(progress, elapsed_s / self.time_limit_s)
-        lr = self.base_lr * self.gamma ** sum(progress >= s for s in self.steps)
+    def lr(self, step: int) -> float:
+        lr = self.base_lr * self.gamma ** sum(step / self.total >= s for s in self.steps)
         if step < self.warmup:
             lr *= self.warmup_ratio + (1 - self.warmup_ratio) * step / self.warmup
         return lr

@@ -1,21 +1,17 @@
-"""The run engine: what every training command shares, whatever it trains.
-
-Classification (:mod:`xcit.train.engine`), DINO (:mod:`xcit.dino.train`), detection
-(:mod:`xcit.detect.train`) and segmentation (:mod:`xcit.segment.train`) each keep only their
-data, model, loss and metrics; this module gives them
+"""The run engine's parts: what every training run has around its loop (:mod:`xcit.train.loop`).
 
 * :func:`run_process` - process set-up and teardown (``torchrun`` groups, threads, a SIGTERM that
   unwinds like Ctrl-C so no half-written file is left behind);
-* :class:`Run` - the run folder (refusing another run's files unless resuming or told to
-  overwrite), logging through :mod:`logging`, ``metrics.jsonl`` (and TensorBoard), atomic
-  checkpoints, ``config.yaml``, ``result.json`` and ``curves.png``;
+* :class:`Run` - the run folder (refusing another run's files unless resuming or told to overwrite,
+  locked while a process trains in it), logging through :mod:`logging`, ``metrics.jsonl`` (and
+  TensorBoard), atomic checkpoints, ``config.yaml``, ``result.json`` and ``curves.png``;
 * :class:`OptimStep` - the optimiser step (autocast loss in; gradient scaler, clipping and the
-  non-finite check the same way everywhere);
-* :func:`endless` - batches over epochs for step-counted tasks.
+  non-finite check the same way everywhere).
 
 Run folder files, the same for every task: ``config.yaml`` (resolved options and derived values),
 ``train.log``, ``metrics.jsonl``, ``last.pt`` (resumable state), ``best.pt`` (where evaluated),
-``result.json`` (status, final metrics, files), ``curves.png``, and the task's model file.
+``result.json`` (status, final metrics, files), ``curves.png``, the task's model file, and ``run.lock``
+while a process trains.
 """
 from __future__ import annotations
 
@@ -26,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -150,42 +147,6 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
-def launch(body: Callable[[Any, dist_utils.DistEnv], Any], config: Any, options: dict[str, Any], kind: type,
-           resolve: Callable[..., Any], validate: Callable[[Any], None]) -> Any:
-    """Resolve a task's options (a ``kind`` instance, a mapping or keywords) and run ``body(cfg, env)`` in
-    :func:`run_process`: the ``train`` function of every task."""
-    if isinstance(config, kind):
-        validate(config)
-        cfg = resolve({**config.to_dict(), **options}) if options else config
-    else:
-        cfg = resolve(config or {}, **options)
-    with run_process(cfg.device, cfg.dist_backend) as env:
-        return body(cfg, env)
-
-
-def train_sampler(dataset: Any, batch_size: int, env: dist_utils.DistEnv, seed: int) -> torch.utils.data.Sampler:
-    """This process's share of the training images, shuffled every epoch (``set_epoch``); one process with fewer
-    images than a batch draws with replacement."""
-    if env.distributed:
-        if math.ceil(len(dataset) / env.world_size) < batch_size:
-            raise ValueError(f"expected at least {batch_size} training images per process ({env.world_size} processes, "
-                             f"--batch-size {batch_size}), got {len(dataset)} images in all")
-        return torch.utils.data.DistributedSampler(dataset, env.world_size, env.rank, shuffle=True, seed=seed)
-    return torch.utils.data.RandomSampler(dataset, replacement=len(dataset) < batch_size,
-                                          num_samples=max(len(dataset), batch_size))
-
-
-def data_parallel(model: nn.Module, env: dist_utils.DistEnv, sync_bn: bool = True) -> tuple[nn.Module, nn.Module]:
-    """(model, net): the model (BatchNorm synchronised across processes when ``sync_bn``) and what training
-    steps call: a DistributedDataParallel wrapper of it when there are several processes, else itself."""
-    if not env.distributed:
-        return model, model
-    if sync_bn:
-        model = dist_utils.convert_batchnorm(model, env.device)
-    return model, nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device] if env.device.type == "cuda" else None)
-
-
 # ---------------------------------------------------------------------------------- run folder
 
 
@@ -206,10 +167,17 @@ def prepare_run_dir(output: str | os.PathLike | None, default: str | os.PathLike
     return path
 
 
+LOCK_FILE = "run.lock"
+
+
 def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
-    """Check and make the run folder on rank 0; the reason it cannot be used, or None."""
+    """Check, make and lock the run folder on rank 0; the reason it cannot be used, or None."""
     if path.exists() and not path.is_dir():
         return f"expected --output to be a folder, got {path}, which is a file"
+    holder = lock_holder(path)
+    if holder is not None:
+        return (f"{path} is in use by a run still training ({holder}); wait for it to end or stop it, or choose "
+                f"another --output (a lock left by a run that is known to be dead can be removed: {path / LOCK_FILE})")
     held = sorted(p.name for p in path.iterdir() if p.name in RUN_FILES + LEGACY_RUN_FILES) if path.is_dir() else []
     if held and not resuming:
         if not overwrite:
@@ -228,7 +196,45 @@ def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
     for stale in path.iterdir():
         if _TMP_FILE.match(stale.name):
             stale.unlink()
+    try:
+        fd = os.open(path / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:  # a stale lock (its process is gone, lock_holder said so): take it over
+        (path / LOCK_FILE).unlink()
+        fd = os.open(path / LOCK_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
     return None
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds ``path``'s run lock: "process PID on HOST" for a live process, None for no lock or a stale one
+    (its process gone on this host). A lock of another host cannot be checked and counts as held."""
+    try:
+        pid_text, _, host = (path / LOCK_FILE).read_text().strip().partition(" ")
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return None
+    if host == socket.gethostname():
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+    return f"process {pid} on {host or 'an unknown host'}"
+
+
+def release_lock(path: Path) -> None:
+    """Remove ``path``'s run lock if this process holds it."""
+    lock = path / LOCK_FILE
+    try:
+        pid_text, _, host = lock.read_text().strip().partition(" ")
+        if int(pid_text) == os.getpid() and host == socket.gethostname():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def resume_target(resume: str, output: str | None) -> Path:
@@ -304,8 +310,11 @@ class Run:
         if self.env.is_main:
             try:
                 save_state(path, state() if callable(state) else state)
-            except OSError as err:
-                raise RunFolderError(f"could not write the checkpoint {path}: {err.strerror or err}") from None
+            except (OSError, RuntimeError) as err:  # torch's zip writer reports a full disk as a RuntimeError
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+                free = shutil.disk_usage(self.path).free
+                raise RunFolderError(f"could not write the checkpoint {path}: {reason} ({free / 2**20:.0f} MiB free "
+                                     f"on its disk); the previous {path.name}, if any, is unchanged") from None
             self.files[path.stem] = path
         return path
 
@@ -340,7 +349,10 @@ class Run:
         return record
 
     def close(self) -> None:
+        """Close the metrics and release the run folder's lock (idempotent)."""
         self.metrics.close()
+        if self.env.is_main:
+            release_lock(self.path)
 
 
 def _plain(value: Any) -> Any:
@@ -392,7 +404,7 @@ class OptimStep:
             self.env)
         value = float(totals[0] / totals[1].clamp_min(1))
         if not math.isfinite(value):
-            detail = f" ({', '.join(f'{k} {float(v):.4g}' for k, v in parts.items())})" if parts else ""
+            detail = f" ({', '.join(f'{k} {float(v.detach()):.4g}' for k, v in parts.items())})" if parts else ""
             raise NonFiniteLossError(f"the training loss is {value}{detail} at step {self.steps + 1}; stopping (the "
                                      f"weights were not updated with it). {self.hint}")
         self.optimizer.zero_grad(set_to_none=True)
@@ -426,26 +438,3 @@ class OptimStep:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.steps = int(state.get("steps", 0))
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's rate to ``lr`` times its ``lr_scale`` (layer decay), if any."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-# ------------------------------------------------------------------------------------- batches
-
-
-def endless(loader: Iterable, sampler: Any = None, epoch: int = 0) -> Iterator:
-    """Batches of ``loader`` epoch after epoch (``sampler.set_epoch`` at each), from ``epoch`` on."""
-    while True:
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def time_up(run: Run, budget_min: float | None) -> bool:
-    """Whether ``budget_min`` minutes of training have passed (agreed by every process)."""
-    return bool(dist_utils.broadcast_object(budget_min is not None and run.elapsed() >= budget_min * 60, run.env))

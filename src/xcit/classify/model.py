@@ -1,4 +1,4 @@
-"""Building the student, loading fine-tuning weights, and building a distillation teacher."""
+"""Classification's model: the XCiT to train, its fine-tuning weights, and a distillation teacher."""
 from __future__ import annotations
 
 import os
@@ -24,14 +24,15 @@ def drop_path_rate(cfg: TrainConfig) -> float:
     return cfg.drop_path if cfg.drop_path is not None else MODELS[resolve_name(cfg.model).arch].drop_path_rate
 
 
-def build_model(cfg: TrainConfig, num_classes: int, in_chans: int) -> tuple[XCiT, str | None]:
-    """The XCiT to train (weights from ``cfg.finetune`` when given) and a note on what was loaded."""
+def build_model(cfg: TrainConfig, num_classes: int, in_chans: int, finetune: bool = True) -> tuple[XCiT, str | None]:
+    """The XCiT to train (weights from ``cfg.finetune`` when given and ``finetune``) and a note on what was
+    loaded."""
     model = create_model(
         cfg.model, num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate(cfg),
         drop_rate=cfg.dropout, **arch_overrides(cfg),
     )
     note = None
-    if cfg.finetune:
+    if cfg.finetune and finetune:
         info = load_finetune_weights(model, cfg.finetune)
         note = f"fine-tuning from {info['path']}" + (f" ({'; '.join(info['notes'])})" if info["notes"] else "")
     if cfg.grad_checkpointing:
