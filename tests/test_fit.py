@@ -198,7 +198,7 @@ def test_lr_is_the_rate_applied_and_the_recipes_keep_their_official_rates(task, 
     6e-5 at the official 8 GPUs x 2 images."""
     import importlib
 
-    from xcit.train.config import resolve_lr
+    from xcit.train.options import resolve_lr
 
     package = importlib.import_module(f"xcit.{ {'train': 'classify'}.get(task, task) }")
     needs = {"train": {"data": "/imagenet"}, "dino": {"data": "/imagenet"},
@@ -217,7 +217,7 @@ def test_lr_is_the_rate_applied_and_the_recipes_keep_their_official_rates(task, 
 def test_presets_and_bundled_configs_keep_their_effective_rates():
     from xcit.classify import resolve_config as classify
     from xcit.dino import resolve_config as dino
-    from xcit.train.config import load_config_file, resolve_lr
+    from xcit.train.options import load_config_file, resolve_lr
 
     assert resolve_lr(classify(data="fashion-mnist"), 64)[0] == pytest.approx(3e-3)  # 2.4e-2 per 512
     assert resolve_lr(classify(data="digits"), 64)[0] == pytest.approx(4e-3)
@@ -227,3 +227,39 @@ def test_presets_and_bundled_configs_keep_their_effective_rates():
         assert resolve_lr(cfg, 8 * cfg.batch_size)[0] == pytest.approx(1e-3), name  # 8 GPUs: global 1024
     cfg = classify(load_config_file(REPO / "configs" / "imagenet_finetune_384.yaml"))
     assert 8 * cfg.batch_size == 512 and resolve_lr(cfg, 512)[0] == pytest.approx(5e-6) and cfg.min_lr == 5e-6
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_run_folder_in_use_is_refused(task, datasets, tmp_path, capsys):
+    """A second process never trains into the folder of a run still training: not by --resume, not by --overwrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (run / "run.lock").write_text(f"{holder.pid} {os.uname().nodename}\n")
+        for extra in (["--resume", str(run)], ["--output", str(run), "--overwrite"]):
+            assert main([*command(task, datasets), *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"in use by a run still training (process {holder.pid}" in err, err
+        assert sorted(p.name for p in run.iterdir()) == ["run.lock"]  # nothing written, the lock left to its owner
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_full_disk_at_the_first_checkpoint_is_one_line(task, datasets, tmp_path, monkeypatch, capsys):
+    """torch's zip writer reports a full disk as a RuntimeError in the middle of the file."""
+    import xcit.train.checkpoint as checkpoint
+
+    def disk_full(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2048 vs 1024")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    run = tmp_path / "run"
+    assert main([*command(task, datasets), "--workers", "0", "--ckpt-every", "2", "--output", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"could not write the checkpoint {run / 'last.pt'}" in err and "MiB free" in err
+    assert not list(run.glob(".*.tmp")) and not (run / "last.pt").exists() and not (run / "run.lock").exists()

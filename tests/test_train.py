@@ -336,3 +336,31 @@ def test_poly_schedule_warms_up_and_decays():
     assert s.lr(10) == pytest.approx(0.9) and s.lr(50) == pytest.approx(0.5) and s.lr(100) == pytest.approx(0.0)
     squared = PolySchedule(1.0, 100, power=2.0, min_lr=0.1)
     assert squared.lr(50) == pytest.approx(0.9 * 0.25 + 0.1)
+
+
+TOY = dict(model="xcit_nano_12_p16", patch_size=4, embed_dim=32, depth=1, num_heads=2, img_size=16, epochs=1,
+           workers=0, auto_augment="none", reprob=0.0, repeated_aug=1, ema=False, amp="none", threads=1,
+           progress=False, plot=False)
+
+
+def test_training_data_with_a_single_class_is_refused(tmp_path):
+    from test_data import make_image_folder
+
+    from xcit.data import DataError
+
+    root = make_image_folder(tmp_path / "data", classes=("cat",), per_class=4, size=16)
+    with pytest.raises(DataError, match=r"expected at least 2 classes to learn.*got 1: cat"):
+        train(data=str(root), output=str(tmp_path / "run"), batch_size=2, **TOY)
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_an_empty_image_with_mixup_at_batch_two_skips_the_step_not_the_run(tmp_path):
+    """Mixup pairs images: a batch of 2 with one unreadable image leaves none to mix, so that step is skipped."""
+    from test_data import make_image_folder
+
+    root = make_image_folder(tmp_path / "data", per_class=2, size=16)
+    (root / "train" / "cat" / "empty.png").write_bytes(b"")
+    result = train(data=str(root), output=str(tmp_path / "run"), batch_size=2, mixup=0.8, cutmix=1.0, **TOY)
+    assert result.status == "completed" and result.steps == 3  # 7 images: 3 batches of 2
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["skipped_images"]["train"] == 1
+    assert "empty.png" in (tmp_path / "run" / "train.log").read_text()

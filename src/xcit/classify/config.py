@@ -1,16 +1,16 @@
 """``xcit train`` options: one dataclass (the paper's ImageNet recipe as defaults), its presets and validation.
 
 Precedence, lowest first: the defaults < the preset (chosen by ``preset``, else by the dataset) < YAML
-files < the command line (:func:`xcit.train.config.merge_with_preset`).
+files < the command line (:func:`xcit.train.options.merge_with_preset`).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import option
-from ..train.config import OptimOptions, merge_with_preset, recipe_default, validate_run_options
+from ..train.options import (ArchOptions, OptimOptions, dataset_preset, is_number, recipe_default, require,
+                             require_between, require_integers, resolve_options, validate_run_options)
 
 DISTILLATION = ("none", "soft", "hard")
 SCHEDULES = ("cosine", "constant")
@@ -20,7 +20,7 @@ EVAL_WEIGHTS = ("raw", "ema")
 
 
 @dataclass
-class TrainConfig(OptimOptions):
+class TrainConfig(OptimOptions, ArchOptions):
     """Every option of ``xcit train``; the defaults are the paper's ImageNet recipe (REFERENCE 3): lr 5e-4 per 512
     images (``--lr-base``, ``--lr-base-size``), so 1e-3 at the official global batch of 1024."""
 
@@ -37,13 +37,7 @@ class TrainConfig(OptimOptions):
     interpolation: str = option("bicubic", "resize interpolation", "data", ("bicubic", "bilinear", "nearest"))
 
     # --- model
-    model: str = option("xcit_small_12_p16", "architecture name (see `xcit models`)", "model")
-    patch_size: int | None = option(None, "override the architecture's patch size (2, 4, 8, 16)", "model")
-    embed_dim: int | None = option(None, "override the embedding dimension", "model")
-    depth: int | None = option(None, "override the number of XCA blocks", "model")
-    num_heads: int | None = option(None, "override the number of heads", "model")
     mlp_ratio: float | None = option(None, "override the FFN expansion ratio (4)", "model")
-    tokens_norm: bool | None = option(None, "override class-attention tokens_norm", "model")
     drop_path: float | None = option(None, "stochastic depth (default: the model's preset, e.g. 0.05 for small_12)", "model")
     dropout: float = option(0.0, "dropout rate", "model")
     finetune: str | None = option(None, "start from these weights (checkpoint file or a model name for the release "
@@ -124,70 +118,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def default_preset(data: str | None) -> str:
-    """The preset a dataset gets when none is named."""
-    from ..data.datasets import dataset_kind
-
-    try:
-        kind = dataset_kind(data or TrainConfig.data)
-    except ValueError:
-        return "imagenet"  # the data error is reported, clearly, when the dataset is built
-    return {"fashion-mnist": "fashion-mnist", "idx": "fashion-mnist", "digits": "digits"}.get(kind, "imagenet")
-
-
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> TrainConfig:
     """A :class:`TrainConfig` from user values: defaults < preset < ``values`` < ``kwargs``, validated.
 
     Unknown keys raise ``ValueError`` naming the known ones.
     """
-    merged = merge_with_preset({**(values or {}), **kwargs}, list(fields(TrainConfig)), PRESETS, default_preset,
-                               what="training")
-    cfg = TrainConfig(**merged)
-    validate(cfg)
-    return cfg
+    return resolve_options(TrainConfig, {**(values or {}), **kwargs}, PRESETS, dataset_preset, "training", validate)
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Raise ``ValueError`` for any option value that cannot work, before anything runs."""
-    def need(cond: bool, message: str) -> None:
-        if not cond:
-            raise ValueError(message)
-
-    def finite(x: float) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
+    """Raise ``ValueError`` saying what was expected for any option value that cannot work, before anything runs."""
     validate_run_options(cfg)
-    need(finite(cfg.min_lr) and cfg.min_lr >= 0, f"expected min_lr >= 0, got {cfg.min_lr}")
-    need(finite(cfg.warmup_lr) and cfg.warmup_lr >= 0, f"expected warmup_lr >= 0, got {cfg.warmup_lr}")
-    need(finite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0, f"expected warmup_epochs >= 0, got {cfg.warmup_epochs}")
-    need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1,
-         f"expected eval_batch_size >= 1, got {cfg.eval_batch_size}")
-    need(cfg.layer_decay is None or 0 < cfg.layer_decay <= 1, f"expected layer_decay in (0, 1], got {cfg.layer_decay}")
-    for name in ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "smoothing", "dropout", "distill_alpha"):
-        value = getattr(cfg, name)
-        need(finite(value) and 0 <= value <= 1, f"expected {name} in [0, 1], got {value}")
-    need(cfg.drop_path is None or 0 <= cfg.drop_path < 1, f"expected drop_path in [0, 1), got {cfg.drop_path}")
-    need(cfg.smoothing < 1, f"expected smoothing < 1, got {cfg.smoothing}")
-    need(cfg.mixup >= 0 and cfg.cutmix >= 0, f"expected mixup and cutmix alphas >= 0, got {cfg.mixup}, {cfg.cutmix}")
-    need(0 < cfg.ema_decay < 1, f"expected ema_decay in (0, 1), got {cfg.ema_decay}")
-    need(cfg.repeated_aug >= 1, f"expected repeated_aug >= 1 (1 = off), got {cfg.repeated_aug}")
-    need(cfg.img_size is None or cfg.img_size >= 1, f"expected img_size >= 1, got {cfg.img_size}")
-    need(cfg.in_chans is None or cfg.in_chans >= 1, f"expected in_chans >= 1, got {cfg.in_chans}")
-    need(0 < cfg.crop_pct <= 1, f"expected crop_pct in (0, 1], got {cfg.crop_pct}")
-    need(0 < cfg.crop_scale_min <= 1, f"expected crop_scale_min in (0, 1], got {cfg.crop_scale_min}")
-    need(cfg.crop_padding >= 0, f"expected crop_padding >= 0, got {cfg.crop_padding}")
-    need(cfg.distill_tau > 0, f"expected distill_tau > 0, got {cfg.distill_tau}")
-    need(cfg.distillation in DISTILLATION, f"expected distillation in {DISTILLATION}, got {cfg.distillation!r}")
-    need(cfg.sched in SCHEDULES, f"expected sched in {SCHEDULES}, got {cfg.sched!r}")
-    need(cfg.sched_step in SCHED_STEPS, f"expected sched_step in {SCHED_STEPS}, got {cfg.sched_step!r}")
-    need(cfg.eval_weights in EVAL_WEIGHTS, f"expected eval_weights in {EVAL_WEIGHTS}, got {cfg.eval_weights!r}")
-    need(cfg.eval_weights != "ema" or cfg.ema, "eval_weights ema needs --ema (an EMA of the weights to report)")
-    need(cfg.train_crop in CROPS, f"expected train_crop in {CROPS}, got {cfg.train_crop!r}")
+    require_between(cfg, ("min_lr", "warmup_lr", "warmup_epochs", "mixup", "cutmix", "crop_padding"))
+    require_between(cfg, ("hflip", "reprob", "mixup_prob", "mixup_switch_prob", "dropout", "distill_alpha"), 0.0, 1.0)
+    require_integers(cfg, [n for n in ("eval_batch_size", "img_size", "in_chans") if getattr(cfg, n) is not None])
+    require_integers(cfg, ["repeated_aug"])
+    for name, value in (("layer_decay", cfg.layer_decay), ("crop_pct", cfg.crop_pct),
+                        ("crop_scale_min", cfg.crop_scale_min)):
+        require(value is None or (is_number(value) and 0 < value <= 1), f"expected {name} in (0, 1], got {value}")
+    for name, value in (("drop_path", cfg.drop_path), ("smoothing", cfg.smoothing), ("ema_decay", cfg.ema_decay)):
+        require(value is None or (is_number(value) and 0 <= value < 1), f"expected {name} in [0, 1), got {value}")
+    require(cfg.ema_decay > 0, f"expected ema_decay in (0, 1), got {cfg.ema_decay}")
+    require(is_number(cfg.distill_tau) and cfg.distill_tau > 0, f"expected distill_tau > 0, got {cfg.distill_tau}")
+    for name, value, choices in (("distillation", cfg.distillation, DISTILLATION), ("sched", cfg.sched, SCHEDULES),
+                                 ("sched_step", cfg.sched_step, SCHED_STEPS), ("train_crop", cfg.train_crop, CROPS),
+                                 ("eval_weights", cfg.eval_weights, EVAL_WEIGHTS)):
+        require(value in choices, f"expected {name} in {choices}, got {value!r}")
+    require(cfg.eval_weights != "ema" or cfg.ema, "eval_weights ema needs --ema (an EMA of the weights to report)")
     for name in ("mean", "std"):
         value = getattr(cfg, name)
-        need(value is None or (len(value) >= 1 and all(finite(v) for v in value)),
-             f"expected {name} to be numbers, got {value}")
-    need(cfg.std is None or all(v > 0 for v in cfg.std), f"expected std > 0, got {cfg.std}")
+        require(value is None or (len(value) >= 1 and all(is_number(v) for v in value)),
+                f"expected {name} to be numbers, got {value}")
+    require(cfg.std is None or all(v > 0 for v in cfg.std), f"expected std > 0, got {cfg.std}")
     from ..models import resolve_name
 
     resolve_name(cfg.model)  # unknown model: ValueError listing the known ones

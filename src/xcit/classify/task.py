@@ -73,19 +73,15 @@ def build_data(cfg: TrainConfig) -> DataSetup:
     if len(mean) != in_chans or len(std) != in_chans:
         raise ValueError(f"expected {in_chans} mean/std values (one per channel), got {list(mean)} / {list(std)}")
     if len(val_set.classes) != len(train_set.classes):
-        raise DataError(f"{cfg.val_split} has {len(val_set.classes)} classes, {cfg.train_split} {len(train_set.classes)}")
+        raise DataError(f"expected the {len(train_set.classes)} classes of {cfg.train_split} in {cfg.val_split}, got "
+                        f"{len(val_set.classes)}")
     return DataSetup(train_set, val_set, list(train_set.classes), img_size, in_chans, mean, std)
 
 
 class Classification(Task):
     """Supervised classification: the paper's ImageNet recipe by default (REFERENCE 3)."""
 
-    options_type = TrainConfig
-    name = "classify"
-    command = "xcit train"
-    wd_recipe = "bias-norm"
-    primary = "top1"
-    model_file = "model.pth"
+    options_type, name, command, primary = TrainConfig, "classify", "xcit train", "top1"
     hint = "Try a lower --lr, --clip-grad 1.0, a longer --warmup-epochs or --amp none."
 
     def build(self, resuming: bool) -> None:

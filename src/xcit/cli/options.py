@@ -21,7 +21,8 @@ TITLES = {"data": "data", "model": "model", "optim": "optimisation", "augment": 
 def add_training_command(sub: argparse._SubParsersAction, name: str, package: str, *, help: str, description: str,
                          titles: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The subcommand ``name`` training the task of ``package`` (e.g. ``xcit.classify``): a flag for every option of
-    its options dataclass (``<package>.config.OPTIONS``), ``--print-config`` and ``--config``; run by :func:`run_training`."""
+    its options dataclass (``<package>.config.OPTIONS``), ``--print-config`` and ``--config``; run by
+    :func:`run_training`."""
     import importlib
 
     module = importlib.import_module(f"{package}.config")
@@ -54,7 +55,7 @@ def add_field_options(p: argparse.ArgumentParser, config_fields: list, titles: d
     """
     import dataclasses
 
-    from ..train.config import RENAMED_OPTIONS
+    from ..train.options import RENAMED_OPTIONS
 
     order = list(titles)
     ordered = sorted(config_fields, key=lambda f: order.index(f.metadata["group"]) if f.metadata["group"] in order
@@ -97,7 +98,7 @@ def training_options(args: argparse.Namespace) -> dict:
     """The options given; a resumed run (``--resume``) starts from the options saved in its folder."""
     values = given_options(args)
     if values.get("resume"):  # what is given again is compared with the saved values (and reported)
-        from ..train.config import saved_run_options
+        from ..train.options import saved_run_options
 
         values = {**saved_run_options(values["resume"], values.get("output")), **values}
     return values

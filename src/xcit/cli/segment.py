@@ -65,7 +65,7 @@ def _eval_settings(args: argparse.Namespace, base, prefix: str = ""):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..train.config import AMP_MODES
+    from ..train.options import AMP_MODES
 
     seg = sub.add_parser("segment", help="semantic segmentation (Semantic FPN / UperNet on the XCiT pyramid)",
                          description="Semantic segmentation with XCiT backbones. See docs/segmentation.md.")

@@ -1,12 +1,20 @@
 """``xcit detect train`` options: one dataclass (the paper's COCO Mask R-CNN recipe as defaults), validation."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..config import option
-from ..train.config import PyramidOptions, merge_with_preset, recipe_default, validate_dense_options
+from ..train.options import (
+    PyramidOptions,
+    recipe_default,
+    require,
+    require_between,
+    require_integers,
+    resolve_options,
+    validate_dense_options,
+)
 
 KINDS = ("mask_rcnn", "faster_rcnn")
 
@@ -53,9 +61,9 @@ class DetectConfig(PyramidOptions):
     test_size: int | None = option(None, "test shorter side (default: the largest training size; 0: native)", "model")
     # --- optimisation
     epochs: float | None = recipe_default("epochs", 36)
-    lr_base: float = recipe_default("lr_base", 1e-4)
     lr_steps: list[float] = option([27 / 36, 33 / 36], "fractions of the run where the rate drops", "optim")
     lr_gamma: float = option(0.1, "drop factor at each of --lr-steps", "optim")
+    lr_base: float = recipe_default("lr_base", 1e-4)
     warmup_iters: int = option(500, "linear warm-up steps", "optim")
     warmup_ratio: float = option(0.001, "warm-up starts at this fraction of the rate", "optim")
     # --- augmentation
@@ -77,32 +85,27 @@ PRESETS: dict[str, dict[str, Any]] = {"coco": {}}
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DetectConfig:
     """A :class:`DetectConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated);
     ``data`` fills the COCO file paths of a prepared dataset."""
-    merged = merge_with_preset({**(values or {}), **kwargs}, list(fields(DetectConfig)), PRESETS, lambda data: "coco",
-                               what="detection")
-    cfg = DetectConfig(**merged)
+    return resolve_options(DetectConfig, {**(values or {}), **kwargs}, PRESETS, lambda data: "coco", "detection",
+                           validate, complete=_dataset_files)
+
+
+def _dataset_files(cfg: DetectConfig) -> None:
     if cfg.data:
         root = Path(cfg.data)
         cfg.train_json = cfg.train_json or str(root / "annotations" / "train.json")
         if cfg.val_json is None and (root / "annotations" / "val.json").is_file():
             cfg.val_json = str(root / "annotations" / "val.json")
-    validate(cfg)
-    return cfg
 
 
 def validate(cfg: DetectConfig) -> None:
     """Raise ``ValueError`` saying what was expected for an option that cannot work, before anything runs."""
-    if not cfg.train_json:
-        raise ValueError("expected --data ROOT (holding annotations/train.json) or --train-json FILE")
+    require(bool(cfg.train_json), "expected --data ROOT (holding annotations/train.json) or --train-json FILE")
     validate_dense_options(cfg)
-    for name in ("fpn_channels", "box_head_dim", "mask_head_channels", "rpn_batch_size", "roi_batch_size",
-                 "detections_per_img", "max_size"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"expected {name} to be an integer >= 1, got {value!r}")
-    if not 0 <= cfg.vflip <= 1:
-        raise ValueError(f"expected vflip in [0, 1], got {cfg.vflip}")
-    if any(not 0 < s <= 1 for s in cfg.lr_steps):
-        raise ValueError(f"expected --lr-steps as fractions of the run in (0, 1], got {cfg.lr_steps}")
+    require_integers(cfg, ("fpn_channels", "box_head_dim", "mask_head_channels", "rpn_batch_size", "roi_batch_size",
+                           "detections_per_img", "max_size"))
+    require_between(cfg, ["vflip"], 0.0, 1.0)
+    require(all(0 < s <= 1 for s in cfg.lr_steps), f"expected --lr-steps as fractions of the run in (0, 1], got "
+                                                  f"{cfg.lr_steps}")
 
 
 def image_root(json_path: Path, images: str | None) -> Path:

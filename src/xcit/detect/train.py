@@ -58,13 +58,8 @@ def flat_metrics(metrics: dict) -> dict[str, float]:
 class Detection(Task):
     """Object detection and instance segmentation: the paper's COCO Mask R-CNN 3x recipe by default (REFERENCE 4)."""
 
-    options_type = DetectConfig
-    name = "detect"
-    command = "xcit detect train"
-    wd_recipe = "mmcv"
-    primary = "mask_ap"
-    model_file = "model.pth"
-    hint = "Try a lower --lr, a longer --warmup-iters, --clip-grad or --amp none."
+    options_type, name, command, wd_recipe = DetectConfig, "detect", "xcit detect train", "mmcv"
+    primary = "mask_ap"  # box_ap for Faster R-CNN; no evaluation without validation data
 
     def build(self, resuming: bool) -> None:
         cfg = self.cfg
@@ -90,16 +85,15 @@ class Detection(Task):
         return [self.cfg.data or Path(self.cfg.train_json).stem, self.cfg.model or "custom"]
 
     def schedule(self, lr: float, total_steps: int, steps_per_epoch: int) -> Callable[[int], dict[str, float]]:
-        cfg = self.cfg
-        steps = StepSchedule(lr, total_steps, cfg.lr_steps, cfg.lr_gamma, cfg.warmup_iters, cfg.warmup_ratio)
+        """The official step schedule: linear warm-up, the rate x ``lr_gamma`` at each of ``lr_steps``."""
+        steps = StepSchedule(lr, total_steps, self.cfg.lr_steps, self.cfg.lr_gamma, self.cfg.warmup_iters,
+                             self.cfg.warmup_ratio)
         return lambda step: {"lr": steps.lr(step)}
 
     def prepare(self, raw: Any) -> Batch:
-        images, targets = raw
-        device = self.env.device
-        images = [im.to(device, non_blocking=True) for im in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        return Batch((images, targets), len(images))
+        to = dict(device=self.env.device, non_blocking=True)
+        images = [image.to(**to) for image in raw[0]]
+        return Batch((images, [{k: v.to(**to) for k, v in t.items()} for t in raw[1]]), len(images))
 
     def loss(self, net: nn.Module, batch: Batch, values: dict[str, float]) -> tuple[torch.Tensor, dict]:
         losses = net(*batch.data)

@@ -6,15 +6,16 @@ a YAML file < the command line, as for ``xcit train``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 from ..config import option
-from ..train.config import OptimOptions, merge_with_preset, recipe_default, validate_run_options
+from ..train.options import (ArchOptions, OptimOptions, dataset_preset, is_number, recipe_default, require,
+                             require_between, require_integers, resolve_options, validate_run_options)
 
 
 @dataclass
-class DinoConfig(OptimOptions):
+class DinoConfig(OptimOptions, ArchOptions):
     """Every option of ``xcit dino``; defaults are the official DINO code's ImageNet recipe (docs/fidelity.md):
     lr 5e-4 per 256 images (``--lr-base``, ``--lr-base-size``), weight decay 0.04 -> 0.4, clipping 3.0 per
     parameter, DINO's weight-decay rule (biases and 1-d parameters exempt)."""
@@ -30,17 +31,12 @@ class DinoConfig(OptimOptions):
     std: list[float] | None = option(None, "normalisation std (default: the dataset's)", "data", nargs="+")
 
     # --- model
-    model: str = option("xcit_small_12_p16", "backbone architecture (see `xcit models`)", "model")
-    patch_size: int | None = option(None, "override the patch size (4, 8, 16)", "model")
-    embed_dim: int | None = option(None, "override the embedding dimension", "model")
-    depth: int | None = option(None, "override the number of XCA blocks", "model")
-    num_heads: int | None = option(None, "override the number of heads", "model")
-    tokens_norm: bool | None = option(None, "override class-attention tokens_norm", "model")
     drop_path: float = option(0.1, "stochastic depth of the student", "model")
     out_dim: int = option(65536, "K, the number of DINO head outputs (prototypes)", "model")
     hidden_dim: int = option(2048, "DINO head MLP width", "model")
     bottleneck_dim: int = option(256, "DINO head bottleneck (L2-normalised) width", "model")
-    norm_last_layer: bool = option(True, "fix the weight-normalised last layer's norms to 1", "model")
+    norm_last_layer: bool = option(True, "fix the weight-normalised last layer's norms to 1 (DINO's default; off "
+                                 "can help small models, at the risk of instability)", "model")
 
     # --- multi-crop augmentation
     global_size: int = option(224, "global crop size (pixels)", "augment")
@@ -121,70 +117,35 @@ PRESETS: dict[str, dict[str, Any]] = {
 OPTIONS = DinoConfig  # the options dataclass of this task (read by the command line)
 
 
-def default_preset(data: str | None) -> str:
-    """The preset a dataset gets when none is named."""
-    from ..data.datasets import dataset_kind
-
-    try:
-        kind = dataset_kind(data or DinoConfig.data)
-    except ValueError:
-        return "imagenet"  # the data error is reported, clearly, when the dataset is built
-    return {"fashion-mnist": "fashion-mnist", "idx": "fashion-mnist", "digits": "digits"}.get(kind, "imagenet")
-
-
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> DinoConfig:
     """A :class:`DinoConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
-    merged = merge_with_preset({**(values or {}), **kwargs}, list(fields(DinoConfig)), PRESETS, default_preset,
-                               what="DINO")
-    cfg = DinoConfig(**merged)
-    validate(cfg)
-    return cfg
+    return resolve_options(DinoConfig, {**(values or {}), **kwargs}, PRESETS, dataset_preset, "DINO", validate)
 
 
 def validate(cfg: DinoConfig) -> None:
     """Raise ``ValueError`` saying what was expected for any option that cannot work."""
-    def need(cond: bool, message: str) -> None:
-        if not cond:
-            raise ValueError(message)
-
-    def num(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-    def span(name: str, lo: float, hi: float) -> None:
-        v = getattr(cfg, name)
-        need(isinstance(v, (list, tuple)) and len(v) == 2 and all(num(x) for x in v) and lo < v[0] <= v[1] <= hi,
-             f"expected {name} as two numbers lo <= hi in ({lo}, {hi}], got {v}")
-
-    for name in ("out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size"):
-        v = getattr(cfg, name)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"expected {name} to be an integer >= 1, got {v!r}")
-    need(isinstance(cfg.local_crops, int) and cfg.local_crops >= 0, f"expected local_crops >= 0, got {cfg.local_crops!r}")
+    require_integers(cfg, ("out_dim", "hidden_dim", "bottleneck_dim", "global_size", "local_size"))
+    require_integers(cfg, ["local_crops"], 0)
     validate_run_options(cfg)
-    span("global_scale", 0.0, 1.0)
-    span("local_scale", 0.0, 1.0)
-    span("blur_sigma", 0.0, math.inf)
-    need(len(cfg.blur_prob) == 3 and all(num(p) and 0 <= p <= 1 for p in cfg.blur_prob),
-         f"expected blur_prob as 3 probabilities (global 1, global 2, local), got {cfg.blur_prob}")
-    for name in ("hflip", "jitter_prob", "grayscale_prob", "solarize_prob"):
+    for name, high in (("global_scale", 1.0), ("local_scale", 1.0), ("blur_sigma", math.inf)):
         v = getattr(cfg, name)
-        need(num(v) and 0 <= v <= 1, f"expected {name} in [0, 1], got {v}")
+        require(isinstance(v, (list, tuple)) and len(v) == 2 and all(is_number(x) for x in v)
+                and 0 < v[0] <= v[1] <= high, f"expected {name} as two numbers lo <= hi in (0, {high}], got {v}")
+    require(len(cfg.blur_prob) == 3 and all(is_number(p) and 0 <= p <= 1 for p in cfg.blur_prob),
+            f"expected blur_prob as 3 probabilities (global 1, global 2, local), got {cfg.blur_prob}")
+    require_between(cfg, ("hflip", "jitter_prob", "grayscale_prob", "solarize_prob", "momentum_teacher"), 0.0, 1.0)
     for name in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         v = getattr(cfg, name)
-        need(num(v) and v > 0, f"expected {name} > 0, got {v}")
-    for name in ("min_lr", "warmup_epochs", "weight_decay_end", "freeze_last_layer",
-                 "warmup_teacher_temp_epochs"):
+        require(is_number(v) and v > 0, f"expected {name} > 0, got {v}")
+    require_between(cfg, ("min_lr", "warmup_epochs", "weight_decay_end", "freeze_last_layer",
+                          "warmup_teacher_temp_epochs", "koleo_weight"))
+    for name in ("center_momentum", "drop_path"):
         v = getattr(cfg, name)
-        need(num(v) and v >= 0, f"expected {name} >= 0, got {v}")
-    need(num(cfg.momentum_teacher) and 0 <= cfg.momentum_teacher <= 1,
-         f"expected momentum_teacher in [0, 1], got {cfg.momentum_teacher}")
-    need(num(cfg.koleo_weight) and cfg.koleo_weight >= 0, f"expected koleo_weight >= 0, got {cfg.koleo_weight}")
-    need(num(cfg.center_momentum) and 0 <= cfg.center_momentum < 1,
-         f"expected center_momentum in [0, 1), got {cfg.center_momentum}")
-    need(num(cfg.drop_path) and 0 <= cfg.drop_path < 1, f"expected drop_path in [0, 1), got {cfg.drop_path}")
+        require(is_number(v) and 0 <= v < 1, f"expected {name} in [0, 1), got {v}")
     for name in ("mean", "std"):
         v = getattr(cfg, name)
-        need(v is None or (len(v) >= 1 and all(num(x) for x in v)), f"expected {name} to be numbers, got {v}")
-    need(cfg.std is None or all(x > 0 for x in cfg.std), f"expected a positive std, got {cfg.std}")
+        require(v is None or (len(v) >= 1 and all(is_number(x) for x in v)), f"expected {name} to be numbers, got {v}")
+    require(cfg.std is None or all(x > 0 for x in cfg.std), f"expected a positive std, got {cfg.std}")
     from ..models import resolve_name
 
     resolve_name(cfg.model)

@@ -86,12 +86,8 @@ train = pretrain  # the name every task package has
 class Dino(Task):
     """DINO: a student matching an EMA teacher's centred, sharpened outputs across multi-crop views."""
 
-    options_type = DinoConfig
-    name = "dino"
-    command = "xcit dino"
-    wd_recipe = "dino"
-    primary = "knn_top1"
-    model_file = "teacher.pth"
+    options_type, name, command = DinoConfig, "dino", "xcit dino"
+    wd_recipe, primary, model_file = "dino", "knn_top1", "teacher.pth"  # k-NN top-1 of the teacher (when a val split)
     hint = "Try a lower --lr, a smaller --clip-grad or --amp none."
 
     def build(self, resuming: bool) -> None:
@@ -222,5 +218,6 @@ class Dino(Task):
                                                 if self.primary else "")]
 
     def derived(self) -> dict[str, Any]:
-        return {"n_crops": self.spec.n_crops, "params_backbone": sum(p.numel() for p in self.model.backbone.parameters()),
+        return {"n_crops": self.spec.n_crops,
+                "params_backbone": sum(p.numel() for p in self.model.backbone.parameters()),
                 "params_head": sum(p.numel() for p in self.model.head.parameters())}

@@ -2,11 +2,18 @@
 and the test-time settings stored in checkpoints."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import option
-from ..train.config import PyramidOptions, merge_with_preset, recipe_default, validate_dense_options
+from ..train.options import (
+    PyramidOptions,
+    recipe_default,
+    require,
+    require_between,
+    resolve_options,
+    validate_dense_options,
+)
 
 HEADS = ("fpn", "upernet")
 EVAL_MODES = ("whole", "slide")
@@ -98,42 +105,38 @@ PRESETS: dict[str, dict[str, Any]] = {"ade20k": {}}
 
 def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> SegmentConfig:
     """A :class:`SegmentConfig` from user values: defaults < preset < ``values`` < ``kwargs`` (validated)."""
-    given = {**(values or {}), **kwargs}
-    given = {k.replace("-", "_"): v for k, v in given.items()}
+    given = {k.replace("-", "_"): v for k, v in {**(values or {}), **kwargs}.items()}
     if "flip" in given and "hflip" not in given:  # the training flip's name before the one dialect
         given["hflip"] = given.pop("flip")
-    merged = merge_with_preset(given, list(fields(SegmentConfig)), PRESETS, lambda data: "ade20k", what="segmentation")
+    return resolve_options(SegmentConfig, given, PRESETS, lambda data: "ade20k", "segmentation", validate,
+                           complete=_sizes)
+
+
+def _sizes(cfg: SegmentConfig) -> None:
     # 'none' (read as a list of one None) keeps the images' size: None for training, [] at test time (where
     # None means "as --scale")
-    if merged.get("scale") == [None]:
-        merged["scale"] = None
-    if merged.get("eval_scale") == [None]:
-        merged["eval_scale"] = []
+    if cfg.scale == [None]:
+        cfg.scale = None
+    if cfg.eval_scale == [None]:
+        cfg.eval_scale = []
     for key in ("crop_size", "eval_crop_size", "eval_stride"):
-        value = merged.get(key)
+        value = getattr(cfg, key)
         if value is not None:
-            if not isinstance(value, list) or len(value) not in (1, 2) or any(
-                    isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-                raise ValueError(f"expected {key} as H [W] with positive integers, got {value!r}")
-            merged[key] = [value[0], value[-1]]
-    cfg = SegmentConfig(**merged)
-    validate(cfg)
-    return cfg
+            require(isinstance(value, list) and len(value) in (1, 2) and all(
+                not isinstance(v, bool) and isinstance(v, int) and v >= 1 for v in value),
+                f"expected {key} as H [W] with positive integers, got {value!r}")
+            setattr(cfg, key, [value[0], value[-1]])
 
 
 def validate(cfg: SegmentConfig) -> None:
     """Raise ``ValueError`` saying what was expected for an option that cannot work, before anything runs."""
-    if not cfg.data:
-        raise ValueError("expected --data ROOT (ROOT/images/SPLIT and ROOT/annotations/SPLIT)")
+    require(bool(cfg.data), "expected --data ROOT (ROOT/images/SPLIT and ROOT/annotations/SPLIT)")
     validate_dense_options(cfg)
-    for name in ("min_lr", "aux_weight"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"expected {name} >= 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.cat_max_ratio <= 1:
-        raise ValueError(f"expected cat_max_ratio in [0, 1], got {cfg.cat_max_ratio}")
-    if cfg.scale is not None and (len(cfg.scale) != 2 or min(cfg.scale) < 1):
-        raise ValueError(f"expected --scale LONG SHORT (e.g. 2048 512) or 'none', got {cfg.scale}")
-    if cfg.eval_scale and (len(cfg.eval_scale) != 2 or min(cfg.eval_scale) < 1):
-        raise ValueError(f"expected --eval-scale LONG SHORT or 'none', got {cfg.eval_scale}")
-    if len(cfg.ratio_range) != 2 or not 0 < cfg.ratio_range[0] <= cfg.ratio_range[1]:
-        raise ValueError(f"expected --ratio-range LOW HIGH with 0 < LOW <= HIGH, got {cfg.ratio_range}")
+    require_between(cfg, ("min_lr", "aux_weight"))
+    require_between(cfg, ["cat_max_ratio"], 0.0, 1.0)
+    require(cfg.scale is None or (len(cfg.scale) == 2 and min(cfg.scale) >= 1),
+            f"expected --scale LONG SHORT (e.g. 2048 512) or 'none', got {cfg.scale}")
+    require(not cfg.eval_scale or (len(cfg.eval_scale) == 2 and min(cfg.eval_scale) >= 1),
+            f"expected --eval-scale LONG SHORT or 'none', got {cfg.eval_scale}")
+    require(len(cfg.ratio_range) == 2 and 0 < cfg.ratio_range[0] <= cfg.ratio_range[1],
+            f"expected --ratio-range LOW HIGH with 0 < LOW <= HIGH, got {cfg.ratio_range}")

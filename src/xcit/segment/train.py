@@ -54,13 +54,8 @@ def resolve_dataset(cfg: SegmentConfig) -> tuple[DatasetInfo, int, int, bool]:
 class Segmentation(Task):
     """Semantic segmentation: the paper's ADE20k recipe by default (REFERENCE 4)."""
 
-    options_type = SegmentConfig
-    name = "segment"
-    command = "xcit segment train"
-    wd_recipe = "mmcv"
-    primary = "miou"
-    model_file = "model.pth"
-    hint = "Try a lower --lr, a longer --warmup-iters, --clip-grad or --amp none."
+    options_type, name, command = SegmentConfig, "segment", "xcit segment train"
+    wd_recipe, primary, hint = "mmcv", "miou", "Try a lower --lr, a longer --warmup-iters, --clip-grad or --amp none."
 
     def build(self, resuming: bool) -> None:
         cfg = self.cfg

@@ -5,7 +5,7 @@ The tasks live in their own packages: :mod:`xcit.classify` (``xcit train``), :mo
 :mod:`xcit.detect` and :mod:`xcit.segment`.
 """
 from .checkpoint import load_state, save_state
-from .config import OptimOptions, PyramidOptions, RunOptions, load_config_file
+from .options import OptimOptions, PyramidOptions, RunOptions, load_config_file
 from .loop import fit
 from .plots import plot_run
 from .run import NonFiniteLossError, OptimStep, Run, RunFolderError

@@ -9,7 +9,7 @@ It is the only place that iterates over training batches, so every guarantee is 
   the same number of processes and threads.
 * **Schedules.** The task's schedule gives the learning rate (and weight decay, momentum, ...) at each
   step; the loop sets them on the parameter groups. The peak rate is ``--lr``, or ``--lr-base`` scaled
-  by global batch / ``--lr-base-size`` (:func:`~xcit.train.config.resolve_lr`).
+  by global batch / ``--lr-base-size`` (:func:`~xcit.train.options.resolve_lr`).
 * **Time budget.** With ``--time-budget-min`` the speed is measured on the first steps, then again every
   few steps, and the run's total steps are set to what fits; every schedule follows the new total, so it
   anneals to its end when the time is up (:class:`TimeBudget`).
@@ -39,7 +39,7 @@ from ..data.loader import EpochSampler, build_loader
 from ..models.weights import CheckpointError
 from . import distributed as dist_utils
 from .checkpoint import load_state, rng_state, set_rng_state
-from .config import RUNTIME_OPTIONS, every, rename_options, resolve_lr, saved_run_options
+from .options import RUNTIME_OPTIONS, every, rename_options, resolve_lr, saved_run_options
 from .metrics import format_duration, progress_bar
 from .run import (
     NonFiniteLossError,
@@ -257,12 +257,12 @@ def _train(task: Task, cfg: Any, env: dist_utils.DistEnv, run: Run, state: dict 
                 record = meter.end_epoch()
                 skipped_epoch = int(dist_utils.all_reduce_sum(torch.tensor([skipped_train - skipped_before]), env)[0])
                 skipped_before = skipped_train
-                run.write("epoch", step, epoch=step // steps_per_epoch - 1, lr=values["lr"], skipped_images=skipped_epoch,
-                          elapsed=round(run.elapsed(), 1), **record)
+                run.write("epoch", step, epoch=step // steps_per_epoch - 1, lr=values["lr"],
+                          skipped_images=skipped_epoch, elapsed=round(run.elapsed(), 1), **record)
                 log.info("epoch %d/%.4g  train loss %.4f  lr %.2e  (%s, %.0f img/s, elapsed %s, ETA %s)%s",
                          step // steps_per_epoch, total / steps_per_epoch, record["train_loss"], values["lr"],
-                         format_duration(record["epoch_time"]), record["epoch_img_per_s"], format_duration(run.elapsed()),
-                         format_duration(budget.eta(step, total)),
+                         format_duration(record["epoch_time"]), record["epoch_img_per_s"],
+                         format_duration(run.elapsed()), format_duration(budget.eta(step, total)),
                          f"  skipped {skipped_epoch} unreadable image(s) (listed in train.log)"
                          if skipped_epoch else "")
             if stopped_by:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..models import param_groups
-from .config import WD_RULES
+from .options import WD_RULES
 
 
 def layer_id(name: str, depth: int) -> int:

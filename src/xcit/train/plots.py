@@ -37,7 +37,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, primary: str | 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     if steps:
-        ax.plot([r["epoch"] for r in steps], [_num(r["loss"]) for r in steps], lw=0.8, alpha=0.7, label="train (logged)")
+        ax.plot([r["epoch"] for r in steps], [_num(r["loss"]) for r in steps], lw=0.8, alpha=0.7,
+                label="train (logged)")
         for key in parts[:4]:
             ax.plot([r["epoch"] for r in steps], [_num(r.get(key)) for r in steps], lw=0.6, alpha=0.6, label=key)
     if epochs:

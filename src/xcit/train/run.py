@@ -35,7 +35,7 @@ from torch import nn
 
 from . import distributed as dist_utils
 from .checkpoint import save_state
-from .config import AMP_MODES, CLIP_MODES
+from .options import AMP_MODES, CLIP_MODES
 from .metrics import MetricsWriter, close_logging, setup_logging
 
 log = logging.getLogger("xcit.train")

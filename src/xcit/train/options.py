@@ -20,7 +20,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +63,8 @@ def every(value: str, steps_per_epoch: int) -> int:
 class RunOptions:
     """The options every training command shares: one name, one default and one meaning each."""
 
-    output: str | None = option(None, "run folder (default runs/<task>-<data>-<model>-<time>); a folder holding another "
-                              "run's files is refused unless --resume or --overwrite", "run")
+    output: str | None = option(None, "run folder (default runs/<task>-<data>-<model>-<time>); a folder holding "
+                              "another run's files is refused unless --resume or --overwrite", "run")
     resume: str | None = option(None, "continue a run: its folder or last.pt (bare --resume: --output's)", "run")
     overwrite: bool = option(False, "replace another run's files in --output (they are deleted first)", "run")
     seed: int = option(0, "random seed (initial weights, data order and augmentation, dropout)", "run")
@@ -114,6 +114,19 @@ class OptimOptions(RunOptions):
                                "separately (DINO's)", "optim", CLIP_MODES)
     eval_every: str = option("1ep", "evaluate every N steps or Nep epochs, and at the end (0: only at the end); "
                            "the best evaluation is kept as best.pt", "run", type=cadence)
+
+
+@dataclass
+class ArchOptions:
+    """The XCiT a classification or DINO run trains: a registered architecture and the options overriding its shape."""
+
+    model: str = option("xcit_small_12_p16", "architecture name (see `xcit models`); the options below override its "
+                      "shape", "model")
+    patch_size: int | None = option(None, "override the patch size (2, 4, 8, 16)", "model")
+    embed_dim: int | None = option(None, "override the embedding dimension", "model")
+    depth: int | None = option(None, "override the number of XCA blocks", "model")
+    num_heads: int | None = option(None, "override the number of heads", "model")
+    tokens_norm: bool | None = option(None, "override class-attention tokens_norm", "model")
 
 
 def recipe_default(name: str, default: Any) -> Any:
@@ -227,60 +240,95 @@ def merge_with_preset(given: dict[str, Any], config_fields: list[dataclasses.Fie
     return coerce_fields(merged, config_fields)
 
 
-def _check(cond: bool, message: str) -> None:
+def resolve_options(options_type: type, given: dict[str, Any], presets: dict[str, dict],
+                    choose: Callable[[str | None], str], what: str, validate: Callable[[Any], None],
+                    complete: Callable[[Any], None] | None = None) -> Any:
+    """``options_type`` from user values (:func:`merge_with_preset`), completed by ``complete`` (values derived from
+    others, e.g. paths inside ``--data``) and validated: every task's ``resolve_config``."""
+    cfg = options_type(**merge_with_preset(given, list(fields(options_type)), presets, choose, what=what))
+    if complete is not None:
+        complete(cfg)
+    validate(cfg)
+    return cfg
+
+
+def dataset_preset(data: str | None) -> str:
+    """The preset of a kind of data when none is named: ``fashion-mnist`` (also any IDX folder), ``digits``, else
+    ``imagenet`` (class folders; a bad path is reported, clearly, when the dataset is built)."""
+    from ..data.datasets import dataset_kind
+
+    try:
+        kind = dataset_kind(data or "fashion-mnist")
+    except ValueError:
+        return "imagenet"
+    return {"fashion-mnist": "fashion-mnist", "idx": "fashion-mnist", "digits": "digits"}.get(kind, "imagenet")
+
+
+def require(cond: bool, message: str) -> None:
+    """``ValueError(message)`` unless ``cond``: the options' one way to refuse a value."""
     if not cond:
         raise ValueError(message)
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (booleans are not numbers)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require_integers(cfg: Any, names: Iterable[str], low: int = 1) -> None:
+    """Each option of ``names`` an integer >= ``low``."""
+    for name in names:
+        value = getattr(cfg, name)
+        require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                f"expected {name} to be an integer >= {low}, got {value!r}")
+
+
+def require_between(cfg: Any, names: Iterable[str], low: float = 0.0, high: float = math.inf) -> None:
+    """Each option of ``names`` a number in [``low``, ``high``]."""
+    for name in names:
+        value = getattr(cfg, name)
+        span = f"in [{low:g}, {high:g}]" if math.isfinite(high) else f">= {low:g}"
+        require(is_number(value) and low <= value <= high, f"expected {name} {span}, got {value!r}")
 
 
 def validate_run_options(cfg: OptimOptions) -> None:
     """Raise ``ValueError`` saying what was expected for a shared option that cannot work (every training
     command calls this; its own options are checked by its own ``validate``)."""
-    for name, low in (("log_every", 1), ("workers", 0), ("seed", 0), ("batch_size", 1), ("lr_base_size", 1)):
-        value = getattr(cfg, name)
-        _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-               f"expected {name} to be an integer >= {low}, got {value!r}")
-    for name in ("threads", "iters"):
-        value = getattr(cfg, name)
-        _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
-               f"expected {name} to be an integer >= 1 or none, got {value!r}")
-    _check(cfg.amp in AMP_MODES, f"expected amp in {AMP_MODES}, got {cfg.amp!r}")
-    _check(isinstance(cfg.device, str) and (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")),
-           f"expected device auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    _check(not (cfg.overwrite and cfg.resume), "expected --resume or --overwrite, not both (resuming keeps the run's "
-                                               "files)")
+    require_integers(cfg, ("log_every", "batch_size", "lr_base_size"), 1)
+    require_integers(cfg, ("workers", "seed"), 0)
+    require_integers(cfg, [n for n in ("threads", "iters") if getattr(cfg, n) is not None], 1)
+    require(cfg.amp in AMP_MODES, f"expected amp in {AMP_MODES}, got {cfg.amp!r}")
+    require(isinstance(cfg.device, str) and (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")),
+            f"expected device auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    require(not (cfg.overwrite and cfg.resume), "expected --resume or --overwrite, not both (resuming keeps the run's "
+                                                "files)")
     for name in ("eval_every", "ckpt_every"):
         setattr(cfg, name, cadence(getattr(cfg, name)))
-    _check(cfg.lr is None or (_number(cfg.lr) and cfg.lr > 0), f"expected lr > 0 (or unset), got {cfg.lr!r}")
-    _check(_number(cfg.lr_base) and cfg.lr_base > 0, f"expected lr_base > 0, got {cfg.lr_base!r}")
-    _check(cfg.epochs is None or (_number(cfg.epochs) and cfg.epochs > 0), f"expected epochs > 0, got {cfg.epochs!r}")
-    _check(cfg.epochs is not None or cfg.iters is not None, "expected --epochs or --iters (the training length)")
-    _check(_number(cfg.weight_decay) and cfg.weight_decay >= 0, f"expected weight_decay >= 0, got {cfg.weight_decay!r}")
-    _check(cfg.wd_rule in WD_RULES, f"expected wd_rule in {WD_RULES}, got {cfg.wd_rule!r}")
-    _check(cfg.clip_grad_mode in CLIP_MODES, f"expected clip_grad_mode in {CLIP_MODES}, got {cfg.clip_grad_mode!r}")
-    _check(cfg.clip_grad is None or (_number(cfg.clip_grad) and cfg.clip_grad > 0),
-           f"expected clip_grad > 0 or none, got {cfg.clip_grad!r}")
-    _check(cfg.time_budget_min is None or (_number(cfg.time_budget_min) and cfg.time_budget_min > 0),
-           f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min!r}")
+    require(cfg.lr is None or (is_number(cfg.lr) and cfg.lr > 0), f"expected lr > 0 (or unset), got {cfg.lr!r}")
+    require(is_number(cfg.lr_base) and cfg.lr_base > 0, f"expected lr_base > 0, got {cfg.lr_base!r}")
+    require(cfg.epochs is None or (is_number(cfg.epochs) and cfg.epochs > 0),
+            f"expected epochs > 0, got {cfg.epochs!r}")
+    require(cfg.epochs is not None or cfg.iters is not None, "expected --epochs or --iters (the training length)")
+    require_between(cfg, ["weight_decay"])
+    require(cfg.wd_rule in WD_RULES, f"expected wd_rule in {WD_RULES}, got {cfg.wd_rule!r}")
+    require(cfg.clip_grad_mode in CLIP_MODES, f"expected clip_grad_mode in {CLIP_MODES}, got {cfg.clip_grad_mode!r}")
+    require(cfg.clip_grad is None or (is_number(cfg.clip_grad) and cfg.clip_grad > 0),
+            f"expected clip_grad > 0 or none, got {cfg.clip_grad!r}")
+    require(cfg.time_budget_min is None or (is_number(cfg.time_budget_min) and cfg.time_budget_min > 0),
+            f"expected time_budget_min > 0 (0 or none: no budget), got {cfg.time_budget_min!r}")
 
 
 def validate_dense_options(cfg: PyramidOptions) -> None:
     """The checks detection and segmentation share: a backbone to build, and the shared options."""
     validate_run_options(cfg)
-    if cfg.model is None and cfg.pretrained is None and cfg.embed_dim is None:
-        raise ValueError("expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/"
-                         "--num-heads)")
+    require(cfg.model is not None or cfg.pretrained is not None or cfg.embed_dim is not None,
+            "expected --model NAME, --pretrained CKPT or a custom shape (--patch-size/--embed-dim/--depth/--num-heads)")
     if cfg.model is not None:
         from ..models import resolve_name
 
         resolve_name(cfg.model)  # an unknown name: ValueError listing the known ones
-    for name in ("warmup_iters",):
-        _check(getattr(cfg, name) >= 0, f"expected {name} >= 0, got {getattr(cfg, name)}")
-    for name in ("hflip", "warmup_ratio"):
-        _check(0 <= getattr(cfg, name) <= 1, f"expected {name} in [0, 1], got {getattr(cfg, name)}")
+    require_integers(cfg, ["warmup_iters"], 0)
+    require_between(cfg, ("hflip", "warmup_ratio"), 0.0, 1.0)
 
 
 def load_config_file(path: str | Path) -> dict:
