@@ -311,3 +311,20 @@ def test_training_reports_the_weights_chosen_before_training(tmp_path):
     assert raw.metrics["weights"] == "raw" and ema.metrics["weights"] == "ema"
     with pytest.raises(ValueError, match="needs --ema"):
         train_config.resolve_config(data="digits", eval_weights="ema", ema=False)
+
+
+def test_segmentation_schedule_and_drop_path_follow_the_head_as_the_official_configs(tmp_path):
+    """sem_fpn_*_80k: 80k iterations evaluated every 8k; upernet_*_160k: 160k every 16k; Semantic FPN on
+    medium_24 uses drop path 0.2 where UperNet (and detection) use 0.15."""
+    from xcit.segment import resolve_config
+    from xcit.segment.config import drop_path_rate
+
+    def resolved(**kw):
+        cfg = resolve_config(data=str(tmp_path), **kw)
+        return cfg.iters, cfg.eval_every, drop_path_rate(cfg)
+
+    assert resolved(model="xcit_medium_24_p16", head="fpn") == (80000, "8000", 0.2)
+    assert resolved(model="xcit_medium_24_p8", head="upernet") == (160000, "16000", 0.15)
+    assert resolved(model="xcit_small_12_p16") == (160000, "16000", 0.05)  # UperNet is the default head
+    assert resolved(model="xcit_small_24_p16", head="fpn", iters=100, drop_path=0.3) == (100, "10", 0.3)
+    assert resolved(model="xcit_tiny_12_p16", epochs=2)[:2] == (None, "1ep")

@@ -41,7 +41,8 @@ class EvalSettings:
 class SegmentConfig(PyramidOptions):
     """Every option of ``xcit segment train``. Defaults are the paper's ADE20k recipe (REFERENCE 4): AdamW
     lr 6e-5 for a global batch of 16 (``--lr-base``, ``--lr-base-size``), wd 0.01 (mmcv rule), poly with warm-up,
-    80k iterations evaluated every 8k, 512x512 crops, 2 images per process (16 over the official 8 GPUs)."""
+    the head's schedule (UperNet 160k iterations, Semantic FPN 80k) evaluated every tenth of it, 512x512 crops,
+    2 images per process (16 over the official 8 GPUs)."""
 
     # --- data
     data: str | None = option(None, "dataset root (ROOT/images/SPLIT, ROOT/annotations/SPLIT, optional "
@@ -62,7 +63,7 @@ class SegmentConfig(PyramidOptions):
     aux_weight: float = option(0.4, "auxiliary loss weight", "model")
     grad_checkpointing: bool = option(False, "recompute blocks in backward to save memory", "model")
     # --- optimisation
-    iters: int | None = recipe_default("iters", 80000)
+    iters: int | None = recipe_default("iters", None)  # None: the head's official schedule (HEAD_ITERS)
     epochs: float | None = recipe_default("epochs", None)
     lr_base: float = recipe_default("lr_base", 6e-5)
     weight_decay: float = recipe_default("weight_decay", 0.01)
@@ -79,7 +80,7 @@ class SegmentConfig(PyramidOptions):
     photometric: bool = option(True, "photometric jitter", "augment")
     hflip: float = option(0.5, "horizontal flip probability", "augment")
     # --- evaluation
-    eval_every: str = recipe_default("eval_every", "8000")
+    eval_every: str | None = recipe_default("eval_every", None)  # None: a tenth of the run, as the official configs
     eval_mode: str = option("whole", "test-time inference: whole image or sliding window", "eval", EVAL_MODES)
     eval_scale: list[int] | None = option(None, "keep-ratio rescale before inference: LONG SHORT, or 'none' for the "
                                         "native size (default: as --scale)", "eval", type=int_or_none)
@@ -100,6 +101,12 @@ class SegmentConfig(PyramidOptions):
 
 
 OPTIONS = SegmentConfig  # the options dataclass of this task (read by the command line)
+#: The official schedules (xcit ``semantic_segmentation/configs``): Semantic FPN 80k iterations, UperNet 160k, each
+#: evaluated every tenth of its run (mmseg ``schedule_80k.py`` / ``schedule_160k.py``).
+HEAD_ITERS = {"fpn": 80000, "upernet": 160000}
+#: Dense-task drop path where the Semantic FPN configs differ from the model's (``sem_fpn_xcit_medium_24_*``: 0.2;
+#: UperNet and detection: 0.15).
+FPN_DROP_PATH = {"medium_24": 0.2}
 PRESETS: dict[str, dict[str, Any]] = {"ade20k": {}}
 
 
@@ -109,7 +116,29 @@ def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> Segme
     if "flip" in given and "hflip" not in given:  # the training flip's name before the one dialect
         given["hflip"] = given.pop("flip")
     return resolve_options(SegmentConfig, given, PRESETS, lambda data: "ade20k", "segmentation", validate,
-                           complete=_sizes)
+                           complete=_complete)
+
+
+def _complete(cfg: SegmentConfig) -> None:
+    """The values the official configs derive from the head: its schedule and evaluation interval."""
+    if cfg.iters is None and cfg.epochs is None and cfg.head in HEAD_ITERS:
+        cfg.iters = HEAD_ITERS[cfg.head]
+    if cfg.eval_every is None:
+        cfg.eval_every = str(max(1, cfg.iters // 10)) if cfg.iters else "1ep"
+    _sizes(cfg)
+
+
+def drop_path_rate(cfg: SegmentConfig) -> float:
+    """``--drop-path``, else the official config's rate for the backbone and head (0 for a custom backbone)."""
+    if cfg.drop_path is not None:
+        return cfg.drop_path
+    if not cfg.model:
+        return 0.0
+    from ..models import MODELS, resolve_name
+
+    arch = resolve_name(cfg.model).arch
+    size = arch.removeprefix("xcit_").rsplit("_p", 1)[0]
+    return FPN_DROP_PATH.get(size, MODELS[arch].drop_path_rate) if cfg.head == "fpn" else MODELS[arch].drop_path_rate
 
 
 def _sizes(cfg: SegmentConfig) -> None:

@@ -17,11 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import MODELS, resolve_name
 from ..train.loop import fit
 from ..train.optim import PolySchedule
 from ..train.task import Batch, FitResult, Task, TrainData
-from .config import SegmentConfig, resolve_config, validate
+from .config import SegmentConfig, drop_path_rate, resolve_config, validate
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, default_palette, split_dirs
 from .evaluate import evaluate
 from .model import FORMAT, build_segmenter, save_segmenter, segmenter_config
@@ -38,8 +37,9 @@ def resolve_dataset(cfg: SegmentConfig) -> tuple[DatasetInfo, int, int, bool]:
         raise FileNotFoundError(f"expected --data to be a dataset folder, got {cfg.data}, which does not exist")
     info = DatasetInfo.load(cfg.data) or DatasetInfo()
     num_classes = cfg.num_classes if cfg.num_classes is not None else len(info.classes)
-    if num_classes < 1:
-        raise ValueError(f"expected --num-classes (or 'classes' in {Path(cfg.data) / 'dataset.yaml'}), got none")
+    if num_classes < 2:
+        raise ValueError(f"expected --num-classes >= 2 (or 'classes' in {Path(cfg.data) / 'dataset.yaml'}): a "
+                         f"segmentation needs 2 classes at least, got {num_classes or 'none'}")
     if info.classes and len(info.classes) != num_classes:
         raise ValueError(f"expected --num-classes {len(info.classes)} (the classes {Path(cfg.data) / 'dataset.yaml'} "
                          f"lists), got {num_classes}")
@@ -67,9 +67,7 @@ class Segmentation(Task):
         self.val_set = SegmentationFolder(*split_dirs(cfg.data, cfg.val_split), num_classes, ignore_index=ignore,
                                           reduce_zero_label=rzl)
         self.ignore = ignore
-        drop_path = cfg.drop_path
-        if drop_path is None:
-            drop_path = MODELS[resolve_name(cfg.model).arch].drop_path_rate if cfg.model else 0.0
+        drop_path = drop_path_rate(cfg)
         # a resumed run's weights come from its state; the backbone's initial weights are then not read
         self.model = build_segmenter(num_classes, cfg.model, None if resuming else cfg.pretrained, head=cfg.head,
                                      out_indices=cfg.out_indices, drop_path_rate=drop_path, arch=cfg.arch(),

@@ -45,8 +45,10 @@ from .run import (
     NonFiniteLossError,
     OptimStep,
     Run,
+    RunFolderError,
     autocast_context,
     default_run_name,
+    in_use,
     resolve_amp,
     resume_file,
     run_process,
@@ -83,7 +85,11 @@ def fit(task_type: type[Task], config: Any, options: dict[str, Any], resolve: Ca
 def _fit(task_type: type[Task], cfg: Any, env: dist_utils.DistEnv, validate: Callable[[Any], None]) -> FitResult:
     state = None
     if cfg.resume:
-        state = load_state(resume_file(cfg.resume, cfg.output), task_type.name, task_type.command)
+        path = resume_file(cfg.resume, cfg.output)
+        locked = dist_utils.broadcast_object(in_use(path.parent) if env.is_main else None, env)
+        if locked:  # before the state is read: never two processes training in one run
+            raise RunFolderError(locked)
+        state = load_state(path, task_type.name, task_type.command)
         cfg = _resumed_options(cfg, state["options"], validate)
     thread_note = set_threads(cfg.threads, env)
     seed_everything(cfg.seed)  # the same initial weights on every rank

@@ -174,10 +174,9 @@ def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
     """Check, make and lock the run folder on rank 0; the reason it cannot be used, or None."""
     if path.exists() and not path.is_dir():
         return f"expected --output to be a folder, got {path}, which is a file"
-    holder = lock_holder(path)
-    if holder is not None:
-        return (f"{path} is in use by a run still training ({holder}); wait for it to end or stop it, or choose "
-                f"another --output (a lock left by a run that is known to be dead can be removed: {path / LOCK_FILE})")
+    locked = in_use(path)
+    if locked is not None:
+        return locked
     held = sorted(p.name for p in path.iterdir() if p.name in RUN_FILES + LEGACY_RUN_FILES) if path.is_dir() else []
     if held and not resuming:
         if not overwrite:
@@ -204,6 +203,15 @@ def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     return None
+
+
+def in_use(path: Path) -> str | None:
+    """Why ``path`` cannot take a run: another process is training in it; None when it is free."""
+    holder = lock_holder(path)
+    if holder is None:
+        return None
+    return (f"{path} is in use by a run still training ({holder}); wait for it to end or stop it, or choose another "
+            f"--output (a lock left by a run known to be dead can be removed: {path / LOCK_FILE})")
 
 
 def lock_holder(path: Path) -> str | None:
