@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -40,7 +39,8 @@ from ..models.weights import CheckpointError
 from . import distributed as dist_utils
 from .checkpoint import load_state, rng_state, set_rng_state
 from .options import RUNTIME_OPTIONS, every, rename_options, resolve_lr, saved_run_options
-from .metrics import format_duration, progress_bar
+from .budget import TimeBudget
+from .metrics import Meter, format_duration, progress_bar
 from .run import (
     NonFiniteLossError,
     OptimStep,
@@ -119,216 +119,259 @@ def _fit(task_type: type[Task], cfg: Any, env: dist_utils.DistEnv, validate: Cal
                    output=Path(state["path"]).parent if state is not None and not cfg.output else None,
                    elapsed_before=float(state["elapsed"]) if state else 0.0)
     try:
-        return _train(task, cfg, env, run, state, sampler, loader, steps_per_epoch, total, lr, lr_from, thread_note)
+        return Training(task, run, state, sampler, loader, steps_per_epoch, total, (lr, lr_from), thread_note).fit()
     finally:
         run.close()
 
 
-def _train(task: Task, cfg: Any, env: dist_utils.DistEnv, run: Run, state: dict | None, sampler: EpochSampler,
-           loader: Any, steps_per_epoch: int, total: int, lr: float, lr_from: str, thread_note: str) -> FitResult:
-    model = task.model.to(env.device)
-    if env.distributed and cfg.sync_bn:  # before the optimiser: the swap makes new BatchNorm modules (same keys)
-        model = dist_utils.convert_batchnorm(model, env.device)
-    task.model = model
-    task.ready()
-    net = model
-    if env.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    rule = task.wd_recipe if cfg.wd_rule == "recipe" else cfg.wd_rule
-    optimizer = task.optimizer(task.param_groups(rule), lr)
-    step_fn = OptimStep(optimizer, [p for p in model.parameters() if p.requires_grad], env, task.amp_dtype,
-                        clip_grad=cfg.clip_grad, clip_mode=cfg.clip_grad_mode, hint=task.hint)
-    step, best = 0, None
-    if state is not None:
-        step, best = int(state["step"]), state.get("best")
+class Training:
+    """One run of a task between its set-up and its result: the model wrapped for the processes, the optimiser,
+    the schedule and every counter, with one method per event of the loop."""
+
+    def __init__(self, task: Task, run: Run, state: dict | None, sampler: EpochSampler, loader: Any,
+                 steps_per_epoch: int, total: int, lr: tuple[float, str], note: str) -> None:
+        cfg, env = task.cfg, task.env
+        self.task, self.cfg, self.env, self.run, self.sampler, self.loader = task, cfg, env, run, sampler, loader
+        self.steps_per_epoch, self.total, (self.lr, self.lr_from), self.note = steps_per_epoch, total, lr, note
+        model = task.model.to(env.device)
+        if env.distributed and cfg.sync_bn:  # before the optimiser: the swap makes new BatchNorm modules (same keys)
+            model = dist_utils.convert_batchnorm(model, env.device)
+        task.model = self.model = model
+        task.ready()
+        self.net = model
+        if env.distributed:
+            self.net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        self.rule = task.wd_recipe if cfg.wd_rule == "recipe" else cfg.wd_rule
+        self.optimizer = task.optimizer(task.param_groups(self.rule), self.lr)
+        self.step_fn = OptimStep(self.optimizer, [p for p in model.parameters() if p.requires_grad], env,
+                                 task.amp_dtype, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_grad_mode, hint=task.hint)
+        self.step, self.best = 0, None
+        if state is not None:
+            self.restore(state)
+        seed_everything(cfg.seed + env.rank)  # dropout, drop path and mixup differ between ranks
+        if state is not None:
+            _restore_rng(state["rng"], env)
+            log.info("resuming %s at step %d of %d (%.1f min trained)", state["path"], self.step, total,
+                     run.elapsed_before / 60)
+        self.budget = TimeBudget(cfg.time_budget_min, run, self.step, total)
+        self.schedule = task.schedule(self.lr, total, steps_per_epoch)
+        self.meter = Meter()
+        self.skipped, self.skipped_logged = 0, 0  # unreadable training images: in all, and up to the last epoch line
+        self.last_batch: Batch | None = None
+        self.values: dict[str, float] = {}
+
+    def restore(self, state: dict) -> None:
+        """The weights, optimiser, task state and counters of a resumed run."""
+        self.step, self.best = int(state["step"]), state.get("best")
         try:
-            model.load_state_dict(state["model"])
-            task.load_state_dict(state)
-            step_fn.load_state_dict({"optimizer": state["optimizer"], "scaler": state.get("scaler"), "steps": step})
+            self.model.load_state_dict(state["model"])
+            self.task.load_state_dict(state)
+            self.step_fn.load_state_dict({"optimizer": state["optimizer"], "scaler": state.get("scaler"),
+                                          "steps": self.step})
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{state['path']} does not fit this run's model or optimiser: {err}") from None
-    seed_everything(cfg.seed + env.rank)  # dropout, drop path and mixup differ between ranks
-    if state is not None:
-        _restore_rng(state["rng"], env)
-        log.info("resuming %s at step %d of %d (%.1f min trained)", state["path"], step, total,
-                 run.elapsed_before / 60)
 
-    budget = TimeBudget(cfg.time_budget_min, run, step, total)
-    schedule = task.schedule(lr, total, steps_per_epoch)
-
-    def derived() -> dict:
-        return {"lr": lr, "lr_from": lr_from, "global_batch": cfg.batch_size * env.world_size,
-                "world_size": env.world_size, "steps_per_epoch": steps_per_epoch, "total_steps": total,
-                "epochs": round(total / steps_per_epoch, 4), "wd_rule": rule, "device": str(env.device),
+    def derived(self) -> dict[str, Any]:
+        """What the run derived from its options (``config.yaml``'s ``_derived``)."""
+        cfg, env, task = self.cfg, self.env, self.task
+        return {"lr": self.lr, "lr_from": self.lr_from, "global_batch": cfg.batch_size * env.world_size,
+                "world_size": env.world_size, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total,
+                "epochs": round(self.total / self.steps_per_epoch, 4), "wd_rule": self.rule, "device": str(env.device),
                 "amp": str(task.amp_dtype).replace("torch.", "") if task.amp_dtype else "none",
                 "torch_threads": torch.get_num_threads(), **task.derived()}
 
-    def save_last() -> None:
-        rngs = dist_utils.gather_object(rng_state(), env)  # every process's generators (all ranks take part)
-        run.save("last.pt", lambda: {
-            "task": task.name, "command": task.command, "options": cfg.to_dict(), "derived": derived(),
-            "step": step, "total_steps": total, "epoch": step / steps_per_epoch, "elapsed": run.elapsed(),
-            "best": best, "rng": rngs, "model": model.state_dict(), **_optim_state(step_fn),
-            **task.state_dict(), **task.checkpoint_fields()})
+    def save_last(self) -> None:
+        """``last.pt``: everything the run needs to go on exactly from this step (every process takes part)."""
+        rngs = dist_utils.gather_object(rng_state(), self.env)
+        task, step, optim = self.task, self.step, self.step_fn.state_dict()
+        self.run.save("last.pt", lambda: {
+            "task": task.name, "command": task.command, "options": self.cfg.to_dict(), "derived": self.derived(),
+            "step": step, "total_steps": self.total, "epoch": step / self.steps_per_epoch,
+            "elapsed": self.run.elapsed(), "best": self.best, "rng": rngs, "model": self.model.state_dict(),
+            "optimizer": optim["optimizer"], "scaler": optim["scaler"], **task.state_dict(),
+            **task.checkpoint_fields()})
 
-    def evaluate(final: bool) -> dict | None:
-        nonlocal best
+    def evaluate(self, final: bool) -> dict[str, Any] | None:
+        """Evaluate, record, keep ``last.pt`` (and ``best.pt`` when the primary metric improved), redraw the plot."""
+        task, run, step = self.task, self.run, self.step
         if task.primary is None:
             return None
         metrics = task.evaluate(final)
-        run.write("eval", step, epoch=step / steps_per_epoch, final=final, elapsed=round(run.elapsed(), 1),
+        epoch = step / self.steps_per_epoch
+        run.write("eval", step, epoch=epoch, final=final, elapsed=round(run.elapsed(), 1),
                   **{k: v for k, v in metrics.items() if not isinstance(v, (list, dict, str))})
-        log.info("[eval] step %d (epoch %.2f)%s: %s", step, step / steps_per_epoch, " final" if final else "",
+        log.info("[eval] step %d (epoch %.2f)%s: %s", step, epoch, " final" if final else "",
                  task.format_metrics(metrics))
         value = metrics[task.primary]
-        improved = best is None or (math.isfinite(value) and value > best["value"])
+        improved = self.best is None or (math.isfinite(value) and value > self.best["value"])
         if improved:
-            best = {"metric": task.primary, "value": value, "step": step, "epoch": step / steps_per_epoch}
-        save_last()
+            self.best = {"metric": task.primary, "value": value, "step": step, "epoch": epoch}
+        self.save_last()
         if improved:
             run.copy("last.pt", "best.pt")
-        if cfg.plot:
+        if self.cfg.plot:
             run.plot(task.plot)
         return metrics
 
-    run.save_config(cfg.to_dict(), derived())
-    for line in [*task.describe(), thread_note]:
-        if line:
-            log.info(line)
-    log.info("%d steps (%.2f epochs of %d), global batch %d (--batch-size %d x %d process(es)), lr %.3g (%s), "
-             "weight decay %g (%s rule), amp %s on %s, %d thread(s)%s -> %s", total, total / steps_per_epoch,
-             steps_per_epoch, cfg.batch_size * env.world_size, cfg.batch_size, env.world_size, lr, lr_from,
-             cfg.weight_decay, rule, derived()["amp"], env.device, torch.get_num_threads(),
-             f", time budget {cfg.time_budget_min:g} min" if cfg.time_budget_min else "", run.path)
+    def describe(self) -> None:
+        cfg, env = self.cfg, self.env
+        for line in [*self.task.describe(), self.note]:
+            if line:
+                log.info(line)
+        log.info("%d steps (%.2f epochs of %d), global batch %d (--batch-size %d x %d process(es)), lr %.3g (%s), "
+                 "weight decay %g (%s rule), amp %s on %s, %d thread(s)%s -> %s", self.total,
+                 self.total / self.steps_per_epoch, self.steps_per_epoch, cfg.batch_size * env.world_size,
+                 cfg.batch_size, env.world_size, self.lr, self.lr_from, cfg.weight_decay, self.rule,
+                 self.derived()["amp"], env.device, torch.get_num_threads(),
+                 f", time budget {cfg.time_budget_min:g} min" if cfg.time_budget_min else "", self.run.path)
 
-    eval_every, ckpt_every = every(cfg.eval_every, steps_per_epoch), every(cfg.ckpt_every, steps_per_epoch)
-    meter = Meter(env)
-    skipped_train = skipped_before = 0
-    status, stopped_by = "completed", None
-    bar = progress_bar(total, task.name, cfg.progress and env.is_main)
-    bar.update(step)
-    last_batch: Batch | None = None
-    model.train()
-    try:
-        while step < total:
-            epoch, offset = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, offset * cfg.batch_size)
-            ran = False
-            for raw in loader:
-                fitted = budget.fit(step, total)
-                if fitted is not None and fitted != total:
-                    total = fitted
-                    schedule = task.schedule(lr, total, steps_per_epoch)
-                    bar.total = total
-                    run.save_config(cfg.to_dict(), derived())
-                if step >= total:
-                    stopped_by = "time budget" if cfg.time_budget_min else None
-                    break
-                values, ran = schedule(step), True
-                _apply(optimizer, values)
-                batch = task.prepare(raw)
-                skipped_train += batch.skipped
-                weight = 1.0
-                if batch.size == 0:  # no image of the batch could be read (each listed in train.log)
-                    if not env.distributed or last_batch is None:
-                        step += 1
-                        bar.update(1)
-                        continue
-                    batch, weight = last_batch, 0.0  # keep the processes in step; this batch adds no gradient
-                last_batch = batch
-                with autocast_context(env.device, task.amp_dtype):
-                    loss, parts = task.loss(net, batch, values)
-                current = step
-                value = step_fn(loss.float(), weight=weight, parts=parts,
-                                before_update=lambda: task.before_update(current))
-                extra = task.after_step(step, values)
-                step += 1
-                bar.update(1)
-                meter.add(value, parts, batch.size * env.world_size if weight else 0)
-                if step % cfg.log_every == 0 or step == total:
-                    record = meter.flush()
-                    run.write("step", step, epoch=step / steps_per_epoch, **record, **values, **extra)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{values['lr']:.2e}")
-                    if bar.disable and cfg.progress:
-                        log.info("step %d/%d (epoch %.2f)  loss %.4f  lr %.2e  %.1f img/s  elapsed %s  ETA %s", step,
-                                 total, step / steps_per_epoch, record["loss"], values["lr"], record["img_per_s"],
-                                 format_duration(run.elapsed()), format_duration(budget.eta(step, total)))
-                if eval_every and step % eval_every == 0 and step < total:
-                    evaluate(final=False)
-                elif ckpt_every and step % ckpt_every == 0 and step < total:
-                    save_last()
-                if step % steps_per_epoch == 0 or step >= total:
-                    break
-            if ran and step % steps_per_epoch == 0:
-                record = meter.end_epoch()
-                skipped_epoch = int(dist_utils.all_reduce_sum(torch.tensor([skipped_train - skipped_before]), env)[0])
-                skipped_before = skipped_train
-                run.write("epoch", step, epoch=step // steps_per_epoch - 1, lr=values["lr"],
-                          skipped_images=skipped_epoch, elapsed=round(run.elapsed(), 1), **record)
-                log.info("epoch %d/%.4g  train loss %.4f  lr %.2e  (%s, %.0f img/s, elapsed %s, ETA %s)%s",
-                         step // steps_per_epoch, total / steps_per_epoch, record["train_loss"], values["lr"],
-                         format_duration(record["epoch_time"]), record["epoch_img_per_s"],
-                         format_duration(run.elapsed()), format_duration(budget.eta(step, total)),
-                         f"  skipped {skipped_epoch} unreadable image(s) (listed in train.log)"
-                         if skipped_epoch else "")
-            if stopped_by:
+    def fit(self) -> FitResult:
+        """Train to the end (or the time budget), evaluate, write the model and the result."""
+        cfg, run = self.cfg, self.run
+        run.save_config(cfg.to_dict(), self.derived())
+        self.describe()
+        self.bar = progress_bar(self.total, self.task.name, cfg.progress and self.env.is_main)
+        self.bar.update(self.step)
+        self.model.train()
+        stopped_by = None
+        try:
+            while self.step < self.total and stopped_by is None:
+                stopped_by = self.epoch()
+        except NonFiniteLossError as err:
+            where = run.path / "last.pt" if (run.path / "last.pt").exists() else "none yet (no checkpoint before it)"
+            log.error("%s Last good checkpoint: %s", err, where)
+            self.stop("stopped: non-finite loss", str(err), error=str(err))
+            raise NonFiniteLossError(f"{err} Last good checkpoint: {where}") from None
+        except KeyboardInterrupt:
+            self.stop("interrupted", "interrupted", resume=f"--resume {run.path}")
+            raise
+        self.bar.close()
+        if stopped_by:
+            log.info("stopped at step %d by the %s", self.step, stopped_by)
+        return self.finish(stopped_by)
+
+    def epoch(self) -> str | None:
+        """The rest of the current epoch; what stopped the run early, if anything."""
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        self.sampler.set_epoch(epoch, offset * self.cfg.batch_size)
+        ran = False
+        for raw in self.loader:
+            fitted = self.budget.fit(self.step, self.total)
+            if fitted is not None and fitted != self.total:
+                self.total, self.bar.total = fitted, fitted
+                self.schedule = self.task.schedule(self.lr, fitted, self.steps_per_epoch)
+                self.run.save_config(self.cfg.to_dict(), self.derived())
+            if self.step >= self.total:
+                return "time budget"
+            self.train_step(raw)
+            ran = True
+            if self.step % self.steps_per_epoch == 0 or self.step >= self.total:
                 break
-    except NonFiniteLossError as err:
-        bar.close()
-        last = run.path / "last.pt"
-        where = last if last.exists() else "none yet (no checkpoint was written before it)"
-        run.write("stop", step, reason=str(err))
-        log.error("%s Last good checkpoint: %s", err, where)
-        if cfg.plot:
+        if ran and self.step % self.steps_per_epoch == 0:
+            self.end_epoch()
+        return None
+
+    def train_step(self, raw: Any) -> None:
+        """One batch: schedule, loss under autocast, optimiser step, the task's extras, then the cadences."""
+        cfg, env, task = self.cfg, self.env, self.task
+        self.values = values = self.schedule(self.step)
+        _apply(self.optimizer, values)
+        batch = task.prepare(raw)
+        self.skipped += batch.skipped
+        weight = 1.0
+        if batch.size == 0:  # no image of the batch could be read (each listed in train.log)
+            if not env.distributed or self.last_batch is None:
+                self.step += 1
+                self.bar.update(1)
+                return
+            batch, weight = self.last_batch, 0.0  # keep the processes in step; this batch adds no gradient
+        self.last_batch = batch
+        with autocast_context(env.device, task.amp_dtype):
+            loss, parts = task.loss(self.net, batch, values)
+        step = self.step
+        value = self.step_fn(loss.float(), weight=weight, parts=parts, before_update=lambda: task.before_update(step))
+        extra = task.after_step(step, values)
+        self.step += 1
+        self.bar.update(1)
+        self.meter.add(value, parts, batch.size * env.world_size if weight else 0)
+        if self.step % cfg.log_every == 0 or self.step == self.total:
+            self.log_step(values, extra)
+        if self.step < self.total:
+            if _due(cfg.eval_every, self.step, self.steps_per_epoch):
+                self.evaluate(final=False)
+            elif _due(cfg.ckpt_every, self.step, self.steps_per_epoch):
+                self.save_last()
+
+    def log_step(self, values: dict[str, float], extra: dict[str, float]) -> None:
+        record = self.meter.flush()
+        epoch = self.step / self.steps_per_epoch
+        self.run.write("step", self.step, epoch=epoch, **record, **values, **extra)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        if self.bar.disable and self.cfg.progress:
+            log.info("step %d/%d (epoch %.2f)  loss %.4f  lr %.2e  %.1f img/s  elapsed %s  ETA %s", self.step,
+                     self.total, epoch, record["loss"], values["lr"], record["img_per_s"],
+                     format_duration(self.run.elapsed()), format_duration(self.budget.eta(self.step, self.total)))
+
+    def end_epoch(self) -> None:
+        record = self.meter.end_epoch()
+        skipped = int(dist_utils.all_reduce_sum(torch.tensor([self.skipped - self.skipped_logged]), self.env)[0])
+        self.skipped_logged = self.skipped
+        epochs = self.step // self.steps_per_epoch
+        self.run.write("epoch", self.step, epoch=epochs - 1, lr=self.values["lr"], skipped_images=skipped,
+                       elapsed=round(self.run.elapsed(), 1), **record)
+        log.info("epoch %d/%.4g  train loss %.4f  lr %.2e  (%s, %.0f img/s, elapsed %s, ETA %s)%s", epochs,
+                 self.total / self.steps_per_epoch, record["train_loss"], self.values["lr"],
+                 format_duration(record["epoch_time"]), record["epoch_img_per_s"], format_duration(self.run.elapsed()),
+                 format_duration(self.budget.eta(self.step, self.total)),
+                 f"  skipped {skipped} unreadable image(s) (listed in train.log)" if skipped else "")
+
+    def stop(self, status: str, reason: str, **extra: Any) -> None:
+        """``result.json`` of a run that did not finish (no collective call: one process may stop alone)."""
+        self.bar.close()
+        self.run.write("stop", self.step, reason=reason)
+        if self.cfg.plot:
+            self.run.plot(self.task.plot)
+        self.run.finish(status, **self.result_fields(None, self.skipped), **extra)
+
+    def finish(self, stopped_by: str | None) -> FitResult:
+        """The last state, the final evaluation, the model file, the plot and the result."""
+        env, run, task = self.env, self.run, self.task
+        skipped = int(dist_utils.all_reduce_sum(torch.tensor([self.skipped]), env)[0])
+        self.save_last()
+        metrics = self.evaluate(final=True) or {}
+        if env.is_main:
+            info = {"task": task.name, "steps": self.step, "epochs": round(self.step / self.steps_per_epoch, 4),
+                    "wall_time": round(run.elapsed(), 1), "lr": self.lr,
+                    "global_batch": self.cfg.batch_size * env.world_size}
+            run.files["model"] = task.save_model(run.path / task.model_file, metrics or None, info)
+        if self.cfg.plot:
             run.plot(task.plot)
-        run.finish("stopped: non-finite loss", **_result_fields(task, step, steps_per_epoch, meter, None, best,
-                                                                skipped_train, env), error=str(err))
-        raise NonFiniteLossError(f"{err} Last good checkpoint: {where}") from None
-    except KeyboardInterrupt:
-        bar.close()
-        run.write("stop", step, reason="interrupted")
-        run.finish("interrupted", **_result_fields(task, step, steps_per_epoch, meter, None, best, skipped_train),
-                   resume=f"--resume {run.path}")
-        raise
-    bar.close()
-    if stopped_by:
-        log.info("stopped at step %d by the %s", step, stopped_by)
-    skipped_train = int(dist_utils.all_reduce_sum(torch.tensor([skipped_train]), env)[0])
-    save_last()
-    metrics = evaluate(final=True) or {}
-    if env.is_main:
-        info = {"task": task.name, "steps": step, "epochs": round(step / steps_per_epoch, 4),
-                "wall_time": round(run.elapsed(), 1), "lr": lr, "global_batch": cfg.batch_size * env.world_size}
-        run.files["model"] = task.save_model(run.path / task.model_file, metrics or None, info)
-    if cfg.plot:
-        run.plot(task.plot)
-    if skipped_train or metrics.get("skipped"):
-        log.warning("skipped unreadable images: %d in training (all epochs), %d of %d in evaluation (listed in %s)",
-                    skipped_train, metrics.get("skipped", 0), metrics.get("skipped", 0) + metrics.get("n", 0),
-                    run.files["log"])
-    dist_utils.barrier(env)
-    fields_ = _result_fields(task, step, steps_per_epoch, meter, metrics, best, skipped_train)
-    record = run.finish(status, **fields_, stopped_by=stopped_by)
-    result = FitResult(task.name, run.path, status, step, fields_["epochs"], record["wall_time"], fields_["train_loss"],
-                       metrics, task.primary, best, dict(run.files))
-    log.info(result.summary())
-    return result
+        if skipped or metrics.get("skipped"):
+            log.warning("skipped unreadable images: %d in training (all epochs), %d of %d in evaluation (listed in "
+                        "%s)", skipped, metrics.get("skipped", 0), metrics.get("skipped", 0) + metrics.get("n", 0),
+                        run.files["log"])
+        dist_utils.barrier(env)
+        fields_ = self.result_fields(metrics, skipped)
+        record = run.finish("completed", **fields_, stopped_by=stopped_by)
+        result = FitResult(task.name, run.path, "completed", self.step, fields_["epochs"], record["wall_time"],
+                           fields_["train_loss"], metrics, task.primary, self.best, dict(run.files))
+        log.info(result.summary())
+        return result
+
+    def result_fields(self, metrics: dict | None, skipped_train: int) -> dict[str, Any]:
+        """The fields of ``result.json`` every task writes (``status``, ``wall_time`` and ``files`` are the run's)."""
+        metrics = metrics or {}
+        return {"task": self.task.name, "command": self.task.command, "steps": self.step,
+                "epochs": round(self.step / self.steps_per_epoch, 4), "train_loss": self.meter.last_loss,
+                "primary": self.task.primary, "metrics": metrics, "best": self.best,
+                "skipped_images": {"train": skipped_train, "val": int(metrics.get("skipped", 0))}}
 
 
-def _result_fields(task: Task, step: int, steps_per_epoch: int, meter: Meter, metrics: dict | None,
-                   best: dict | None, skipped_train: int, env: dist_utils.DistEnv | None = None) -> dict[str, Any]:
-    """The fields of ``result.json`` every task writes (``status``, ``wall_time`` and ``files`` are the run's); with
-    ``env`` the skipped images are summed over processes (every process must call it then)."""
-    if env is not None and env.distributed:
-        skipped_train = int(dist_utils.all_reduce_sum(torch.tensor([skipped_train]), env)[0])
-    return {"task": task.name, "command": task.command, "steps": step, "epochs": round(step / steps_per_epoch, 4),
-            "train_loss": meter.last_loss, "primary": task.primary, "metrics": metrics or {}, "best": best,
-            "skipped_images": {"train": skipped_train, "val": int((metrics or {}).get("skipped", 0))}}
-
-
-def _optim_state(step_fn: OptimStep) -> dict[str, Any]:
-    state = step_fn.state_dict()
-    return {"optimizer": state["optimizer"], "scaler": state["scaler"]}
+def _due(cadence_: str, step: int, steps_per_epoch: int) -> bool:
+    """Whether a cadence (``N`` steps, ``Nep`` epochs, ``0`` never) falls on ``step``."""
+    interval = every(cadence_, steps_per_epoch)
+    return bool(interval) and step % interval == 0
 
 
 def _apply(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
@@ -358,80 +401,3 @@ def _resumed_options(cfg: Any, saved: dict, validate: Callable[[Any], None]) -> 
     resumed = type(cfg)(**{**saved, **{k: getattr(cfg, k) for k in RUNTIME_OPTIONS}, "overwrite": False})
     validate(resumed)
     return resumed
-
-
-class Meter:
-    """Loss (and its named parts) and throughput over the steps since the last log line and the last epoch."""
-
-    def __init__(self, env: dist_utils.DistEnv) -> None:
-        self.env = env
-        self.last_loss: float | None = None
-        self._window: dict[str, list[float]] = {}
-        self._epoch: list[float] = []
-        self._images = self._epoch_images = 0
-        self._t = self._t_epoch = time.time()
-
-    def add(self, loss: float, parts: dict[str, torch.Tensor], images: int) -> None:
-        self.last_loss = loss
-        named = {k if k.startswith("loss_") else f"loss_{k}": float(v.detach()) for k, v in parts.items()}
-        for key, value in {"loss": loss, **named}.items():
-            self._window.setdefault(key, []).append(value)
-        self._epoch.append(loss)
-        self._images += images
-        self._epoch_images += images
-
-    def flush(self) -> dict[str, float]:
-        """Means since the last call, and images per second."""
-        now = time.time()
-        record = {k: sum(v) / len(v) for k, v in self._window.items()}
-        record.setdefault("loss", float("nan"))
-        record["img_per_s"] = self._images / max(now - self._t, 1e-9)
-        self._window, self._images, self._t = {}, 0, now
-        return record
-
-    def end_epoch(self) -> dict[str, float]:
-        now = time.time()
-        record = {"train_loss": sum(self._epoch) / max(len(self._epoch), 1), "epoch_time": now - self._t_epoch,
-                  "epoch_img_per_s": self._epoch_images / max(now - self._t_epoch, 1e-9)}
-        self._epoch, self._epoch_images, self._t_epoch = [], 0, now
-        return record
-
-
-class TimeBudget:
-    """``--time-budget-min``: the speed is measured over steps 3..15, then again every 12 steps (which follows a
-    machine that speeds up or slows down), and the run's total steps are fitted to the time left."""
-
-    FIRST, LAST = 3, 15
-
-    def __init__(self, minutes: float | None, run: Run, step: int, max_steps: int) -> None:
-        self.seconds = minutes * 60 if minutes else None
-        self.run, self.max_steps = run, max_steps
-        self.mark: tuple[int, float | None] = (step, None)
-        self.per_step: float | None = None
-        self._t0, self._s0 = time.time(), step
-
-    def fit(self, step: int, total: int) -> int | None:
-        """A new total step count when it is time to refit (``step`` itself when the budget is used up), else None."""
-        if not self.seconds or step < self.FIRST or (self.mark[1] is not None and step - self.mark[0] < self.LAST -
-                                                     self.FIRST):
-            return None
-        previous, self.mark = self.mark, (step, time.time())
-        if previous[1] is None:
-            return None
-        self.per_step = (time.time() - previous[1]) / (step - previous[0])
-        env = self.run.env
-        if dist_utils.broadcast_object(self.run.elapsed() + self.per_step >= self.seconds, env):
-            log.warning("time budget of %.1f min used up at step %d of %d: stopping here", self.seconds / 60, step,
-                        total)
-            return step
-        fit = dist_utils.broadcast_object(step + int((0.98 * self.seconds - self.run.elapsed()) / self.per_step), env)
-        new_total = max(step + 1, min(fit, self.max_steps))
-        if abs(new_total - total) > 0.05 * total:
-            log.info("time budget %.1f min: %.3f s/step, so %d steps in all", self.seconds / 60, self.per_step,
-                     new_total)
-        return new_total
-
-    def eta(self, step: int, total: int) -> float:
-        """Seconds left by the speed so far."""
-        per_step = self.per_step or (time.time() - self._t0) / max(step - self._s0, 1)
-        return max(total - step, 0) * per_step

@@ -118,3 +118,39 @@ def format_duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Meter:
+    """Loss (and its named parts) and throughput over the steps since the last log line and the last epoch."""
+
+    def __init__(self) -> None:
+        self.last_loss: float | None = None
+        self._window: dict[str, list[float]] = {}
+        self._epoch: list[float] = []
+        self._images = self._epoch_images = 0
+        self._t = self._t_epoch = time.time()
+
+    def add(self, loss: float, parts: dict[str, torch.Tensor], images: int) -> None:
+        self.last_loss = loss
+        named = {k if k.startswith("loss_") else f"loss_{k}": float(v.detach()) for k, v in parts.items()}
+        for key, value in {"loss": loss, **named}.items():
+            self._window.setdefault(key, []).append(value)
+        self._epoch.append(loss)
+        self._images += images
+        self._epoch_images += images
+
+    def flush(self) -> dict[str, float]:
+        """Means since the last call, and images per second."""
+        now = time.time()
+        record = {k: sum(v) / len(v) for k, v in self._window.items()}
+        record.setdefault("loss", float("nan"))
+        record["img_per_s"] = self._images / max(now - self._t, 1e-9)
+        self._window, self._images, self._t = {}, 0, now
+        return record
+
+    def end_epoch(self) -> dict[str, float]:
+        now = time.time()
+        record = {"train_loss": sum(self._epoch) / max(len(self._epoch), 1), "epoch_time": now - self._t_epoch,
+                  "epoch_img_per_s": self._epoch_images / max(now - self._t_epoch, 1e-9)}
+        self._epoch, self._epoch_images, self._t_epoch = [], 0, now
+        return record
