@@ -188,7 +188,8 @@ class FitResult:
                  f"{format_duration(self.wall_time)})"]
         if self.primary and self.primary in self.metrics:
             shown = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            lines.append("final " + "  ".join(f"{k} {v:.4g}" for k, v in list(shown.items())[:8]))
+            lines.append("final " + "  ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
+                                              for k, v in list(shown.items())[:8]))
         if self.best:
             lines.append(f"best {self.primary} {self.best['value']:.4g} at step {self.best['step']}")
         for key in ("model", "best", "last", "log", "metrics", "plot", "config"):
