@@ -259,46 +259,37 @@ def test_detr_crop_keeps_boxes_and_masks_together():
 
 
 def test_linear_probe_defaults_are_dinos():
-    import inspect
-
-    from xcit.cli import build_parser
     from xcit.dino.knn import default_crop_pct
-    from xcit.dino.linear import PROTOCOL_DEFAULTS, dino_linear_head, linear_probe
+    from xcit.dino.linear import dino_linear_head, resolve_config
+    from xcit.train.options import resolve_lr
 
-    sig = inspect.signature(linear_probe).parameters
-    assert sig["protocol"].default == "dino" and sig["epochs"].default == 100 and sig["weight_decay"].default == 0.0
-    assert PROTOCOL_DEFAULTS["dino"] == {"lr": 0.001, "probe_batch_size": 128}  # eval_linear.py:266,270
-    args = build_parser().parse_args(["linear", "x.pth"])
-    assert (args.protocol, args.epochs, args.lr, args.pool) == ("dino", 100, None, "cls")
+    cfg = resolve_config(checkpoint="x.pth")
+    assert (cfg.protocol, cfg.epochs, cfg.pool, cfg.weight_decay, cfg.amp) == ("dino", 100, "cls", 0.0, "none")
+    assert (cfg.batch_size, cfg.lr_base, cfg.lr_base_size) == (128, 0.001, 256)  # eval_linear.py:266,270
+    assert resolve_lr(cfg, 8 * 128)[0] == pytest.approx(0.001 * 1024 / 256)  # lr x global batch / 256: :231
+    fast = resolve_config(checkpoint="x.pth", protocol="precomputed")
+    assert (fast.lr, fast.batch_size) == (0.1, 256) and resolve_lr(fast, 512)[0] == 0.1
     torch.manual_seed(0)
     head = dino_linear_head(384, 1000)
     assert head.weight.std().item() == pytest.approx(0.01, rel=0.02) and torch.all(head.bias == 0)
     assert default_crop_pct("/data/imagenet") == 0.875 and default_crop_pct("fashion-mnist") == 1.0
     with pytest.raises(ValueError, match="no weight decay"):
-        linear_probe("x.pth", weight_decay=0.1)
+        resolve_config(checkpoint="x.pth", weight_decay=0.1)
 
 
-def test_dino_linear_lr_follows_cosine_annealing_per_epoch(monkeypatch):
-    from xcit.dino import linear
+def test_dino_linear_lr_follows_cosine_annealing_per_epoch():
+    """``CosineAnnealingLR(epochs, 0)`` stepped after each epoch: constant within an epoch."""
+    from xcit.dino.linear import LinearProbe, resolve_config
+    from xcit.train.distributed import DistEnv
 
-    seen = []
-    real_step = torch.optim.SGD.step
-
-    def record(self, *a, **k):
-        seen.append(self.param_groups[0]["lr"])
-        return real_step(self, *a, **k)
-
-    monkeypatch.setattr(torch.optim.SGD, "step", record)
-
-    class Sampler:
-        def set_epoch(self, epoch):
-            pass
-
-    loader = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]), [])] * 2
-    head = linear.train_linear_augmented(torch.nn.Identity(), loader, Sampler(), 3, 2, epochs=4, lr=0.1)
-    assert head.weight.shape == (2, 3)
-    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4) for _ in range(2)]  # CosineAnnealingLR
-    assert seen == pytest.approx(expected)
+    probe = LinearProbe(resolve_config(checkpoint="x.pth", epochs=4), DistEnv())
+    schedule = probe.schedule(0.1, total_steps=8, steps_per_epoch=2)
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4) for _ in range(2)]
+    assert [schedule(s)["lr"] for s in range(8)] == pytest.approx(expected)
+    fast = LinearProbe(resolve_config(checkpoint="x.pth", protocol="precomputed"), DistEnv())
+    per_step = fast.schedule(0.1, total_steps=8, steps_per_epoch=2)
+    assert [per_step(s)["lr"] for s in range(8)] == pytest.approx([0.05 * (1 + math.cos(math.pi * s / 8))
+                                                                  for s in range(8)])
 
 
 def test_training_reports_the_weights_chosen_before_training(tmp_path):

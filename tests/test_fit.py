@@ -1,8 +1,8 @@
 """The one training loop's guarantees, each written once and tested over every task.
 
-Every test here runs for the four training commands (``xcit train``, ``xcit dino``, ``xcit detect train``,
-``xcit segment train``) on real images (scikit-learn's digits, the stardist nuclei image) with models small
-enough for seconds-long runs:
+Every test here runs for the five training commands (``xcit train``, ``xcit dino``, ``xcit detect train``,
+``xcit segment train`` and the linear probe ``xcit linear``) on real images (scikit-learn's digits, the stardist
+nuclei image) with models small enough for seconds-long runs:
 
 * a run killed with SIGKILL after a checkpoint and resumed ends bit-identical to an uninterrupted one;
 * a non-finite loss stops the run with one line and exit status 1, leaving a loadable last checkpoint;
@@ -29,16 +29,23 @@ from xcit.train import load_state
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = ["--patch-size", "8", "--embed-dim", "32", "--depth", "2", "--num-heads", "2"]
-TASKS = ("train", "dino", "segment", "detect")
+TASKS = ("train", "dino", "segment", "detect", "linear")
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> dict[str, Path]:
     """The nuclei image prepared for segmentation and for detection (3 training quadrants, 1 held out)."""
+    from xcit import create_model, save_checkpoint
+
     root = tmp_path_factory.mktemp("data")
     assert main(["segment", "prepare", "nuclei", "--output", str(root / "seg")]) == 0
     assert main(["detect", "prepare", "nuclei", "--output", str(root / "det")]) == 0
-    return {"segment": root / "seg", "detect": root / "det"}
+    torch.manual_seed(0)  # frozen features for the linear probe: a small XCiT for the 8x8 digits
+    features = create_model("xcit_nano_12_p16", num_classes=0, in_chans=1, patch_size=2, embed_dim=32, depth=2,
+                            num_heads=2)
+    save_checkpoint(features, root / "features.pth", extra={"data": {"dataset": "digits", "img_size": 8,
+                                                                     "in_chans": 1, "crop_pct": 1.0}})
+    return {"segment": root / "seg", "detect": root / "det", "linear": root / "features.pth"}
 
 
 def command(task: str, datasets: dict[str, Path], *, length: list[str] | None = None) -> list[str]:
@@ -49,6 +56,9 @@ def command(task: str, datasets: dict[str, Path], *, length: list[str] | None = 
     if task == "dino":
         return ["dino", "--data", "digits", *(length or ["--epochs", "1"]), "--ckpt-every", "5", "--eval-every", "22",
                 *common]
+    if task == "linear":  # DINO's protocol: random crops through the frozen network at every step
+        return ["linear", str(datasets["linear"]), *(length or ["--epochs", "2"]), "--batch-size", "64",
+                "--ckpt-every", "5", *common]
     if task == "segment":  # two loader worker processes: their augmentation must resume too
         return ["segment", "train", "--data", str(datasets["segment"]), "--head", "fpn", *TINY_BACKBONE,
                 "--channels", "16", "--fpn-channels", "16", "--crop-size", "64", "--scale", "none", "--eval-scale",
@@ -109,7 +119,8 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_identical(task, datasets, t
     killed_at = load_state(killed / "last.pt")["step"]
     assert 0 < killed_at < total and (killed / "run.lock").exists()  # a dead run's lock: stale, taken over
 
-    resumed = subprocess.run(_cli([task] if task in ("train", "dino") else [task, "train"]) + ["--resume", str(killed)],
+    resumed = subprocess.run(_cli([task] if task in ("train", "dino", "linear") else [task, "train"]) +
+                             ["--resume", str(killed)],
                              env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {killed_at} of {total}" in (killed / "train.log").read_text()
@@ -129,9 +140,11 @@ def test_a_non_finite_loss_is_one_line_and_keeps_the_last_good_checkpoint(task, 
     from xcit.classify import Classification
     from xcit.detect import Detection
     from xcit.dino import Dino
+    from xcit.dino.linear import LinearProbe
     from xcit.segment import Segmentation
 
-    cls = {"train": Classification, "dino": Dino, "segment": Segmentation, "detect": Detection}[task]
+    cls = {"train": Classification, "dino": Dino, "segment": Segmentation, "detect": Detection,
+           "linear": LinearProbe}[task]
     original, calls = cls.loss, []
 
     def diverging(self, net, batch, values):
@@ -156,7 +169,7 @@ def test_a_non_finite_loss_is_one_line_and_keeps_the_last_good_checkpoint(task, 
 @pytest.mark.parametrize("task", TASKS)
 def test_a_time_budget_stops_the_run_and_writes_the_result(task, datasets, tmp_path):
     long = {"train": ["--epochs", "500"], "dino": ["--epochs", "500"], "segment": ["--iters", "100000"],
-            "detect": ["--iters", "100000"]}[task]
+            "detect": ["--iters", "100000"], "linear": ["--epochs", "5000"]}[task]
     run = tmp_path / "run"
     argv = [*command(task, datasets, length=long), "--time-budget-min", "0.1", "--eval-every", "0", "--ckpt-every", "0",
             "--output", str(run)]

@@ -3,9 +3,9 @@
 ``train(config)`` runs a whole training (data, model, optimiser, checkpoints, logs, plot) and returns a
 :class:`~xcit.train.FitResult`; ``evaluate(checkpoint, data)`` measures a saved model.
 """
-from .config import PRESETS, TrainConfig, resolve_config, validate
+from .config import OPTIONS, PRESETS, TrainConfig, resolve_config, validate
 from .evaluate import evaluate, evaluate_model, read_model_metadata
 from .task import Classification, train
 
-__all__ = ["PRESETS", "Classification", "TrainConfig", "evaluate", "evaluate_model", "read_model_metadata",
+__all__ = ["OPTIONS", "PRESETS", "Classification", "TrainConfig", "evaluate", "evaluate_model", "read_model_metadata",
            "resolve_config", "train", "validate"]

@@ -7,12 +7,15 @@ made by :func:`add_training_command` from its task package (``options_type``, ``
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import fields
 
 from ..config import field_kind
 from .config import add_config_option
 
-_INTERNAL = {"func", "command", "config", "_parser", "print_config", "detect_command", "segment_command", "training"}
+_INTERNAL = {"func", "command", "config", "_parser", "print_config", "detect_command", "segment_command", "training",
+             "json"}
 # Option groups of the training commands, in the order --help shows them (the shared run options last).
 TITLES = {"data": "data", "model": "model", "optim": "optimisation", "augment": "augmentation and regularisation",
           "distill": "distillation", "eval": "evaluation", "run": "run (the same options in every training command)"}
@@ -20,15 +23,16 @@ TITLES = {"data": "data", "model": "model", "optim": "optimisation", "augment": 
 
 def add_training_command(sub: argparse._SubParsersAction, name: str, package: str, *, help: str, description: str,
                          titles: dict[str, str] | None = None) -> argparse.ArgumentParser:
-    """The subcommand ``name`` training the task of ``package`` (e.g. ``xcit.classify``): a flag for every option of
-    its options dataclass (``<package>.config.OPTIONS``), ``--print-config`` and ``--config``; run by
-    :func:`run_training`."""
+    """The subcommand ``name`` training the task of ``package`` (e.g. ``xcit.classify``, which exports ``OPTIONS``,
+    its options dataclass, ``resolve_config`` and ``train``): a flag for every option, ``--print-config``, ``--json``
+    and ``--config``; run by :func:`run_training`."""
     import importlib
 
-    module = importlib.import_module(f"{package}.config")
+    module = importlib.import_module(package)
     p = sub.add_parser(name, help=help, description=description)
     add_field_options(p, fields(module.OPTIONS), {**TITLES, **(titles or {})})
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration as YAML and exit")
+    p.add_argument("--json", action="store_true", help="print the run's result.json as one line of JSON at the end")
     add_config_option(p)
     p.set_defaults(func=run_training, training=package)
     return p
@@ -43,7 +47,9 @@ def run_training(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(cfg)
         return 0
-    package.train(cfg)
+    result = package.train(cfg)
+    if args.json and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(json.loads((result.run_dir / "result.json").read_text())))
     return 0
 
 

@@ -3,12 +3,13 @@
 See docs/detection.md; the command line is ``xcit detect prepare | train | eval | predict``.
 """
 from .coco import CocoDetection, CocoFormatError, ValidationReport, clean_coco
-from .config import DetectConfig, resolve_config
+from .config import OPTIONS, DetectConfig, resolve_config
 from .evaluation import coco_eval, evaluate_results, format_metrics
 from .model import XCiTFPN, build_detector, detector_from_config, load_detector, set_test_size
 from .train import Detection, train
 
 __all__ = [
+    "OPTIONS",
     "CocoDetection",
     "CocoFormatError",
     "DetectConfig",

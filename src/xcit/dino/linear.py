@@ -1,25 +1,29 @@
-"""Linear probe: a linear classifier trained on frozen features, reported as top-1 / top-5 on the test split.
+"""Linear probe on frozen features: ``xcit linear`` on the one training loop (:func:`train`, :func:`linear_probe`).
 
-Two protocols:
+Two protocols (``--protocol``, which is also the preset):
 
 * ``"dino"`` (default): DINO's ``eval_linear.py`` for XCiT: the frozen network (eval mode) embeds
   random-resized crops with flips of the training images at every step, the cls token feeds a
   linear layer (weights N(0, 0.01), bias 0) trained with SGD (momentum 0.9, no weight decay, lr
-  0.001 x global batch / 256, batch 128 per process, cosine over epochs to 0) for 100 epochs; test
-  images are resized to size / 0.875 and centre-cropped. The final epoch's classifier is reported
-  (DINO prints the best test accuracy over epochs, a selection on the test split).
-* ``"precomputed"``: the fast probe: features computed once, without augmentation, standardised
-  with the training split's statistics; zero-initialised layer, SGD lr 0.1, cosine over steps. On
-  a CPU it takes seconds, but its numbers cannot be set beside the paper's.
+  0.001 x global batch / 256, batch 128 per process, cosine over epochs to 0, moved once per epoch as
+  ``CosineAnnealingLR``) for 100 epochs; test images are resized to size / 0.875 and centre-cropped.
+  The final classifier is reported (DINO prints the best test accuracy over epochs, a selection on
+  the test split).
+* ``"precomputed"``: the fast probe: features computed once, without augmentation, standardised with
+  the training split's statistics; zero-initialised layer, SGD lr 0.1 (as given, not scaled), batch 256,
+  cosine over steps. On a CPU it takes seconds, but its numbers cannot be set beside the paper's.
 
-Under ``torchrun`` each process trains on its share of every batch with gradients averaged over
-processes, and the test hits are summed.
+The run is an ordinary training run (``--output`` folder, ``--resume``, ``--time-budget-min``, ...): its
+``model.pth`` is the probe as an XCiT classifier (the backbone with the standardisation folded into its
+head: ``xcit eval`` / ``xcit predict`` read it) when the features are a checkpoint's cls token, else the
+linear layer alone; ``result.json`` holds top-1 / top-5 on the test split.
 """
 from __future__ import annotations
 
+import copy
 import math
-import os
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import option
 from ..data.datasets import DataError, TensorImageDataset
-from ..data.loader import EpochSampler, build_loader
 from ..data.transforms import BatchTrainTransform, folder_train_transform
-from ..models import XCiT
 from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
-from ..train.run import autocast_context, resolve_amp
+from ..train.loop import fit
+from ..train.options import OptimOptions, recipe_default, require, resolve_options, validate_run_options
+from ..train.task import Batch, FitResult, Task, TrainData
 from .knn import (
+    POOLS,
     default_crop_pct,
     embed_splits,
     eval_loader,
@@ -46,55 +52,76 @@ from .knn import (
 )
 
 PROTOCOLS = ("dino", "precomputed")
-# DINO's eval_linear.py defaults: (lr per 256 images, batch per process) / the precomputed probe's (lr, batch)
-PROTOCOL_DEFAULTS = {"dino": {"lr": 0.001, "probe_batch_size": 128},
-                     "precomputed": {"lr": 0.1, "probe_batch_size": 256}}
 
 
-def _average_grads(head: nn.Module, env: dist_utils.DistEnv) -> None:
-    if not env.distributed:
-        return
-    grads = torch.cat([p.grad.flatten() for p in head.parameters()]).double()
-    grads = dist_utils.all_reduce_sum(grads, env) / env.world_size
-    offset = 0
-    for p in head.parameters():
-        p.grad.copy_(grads[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+@dataclass
+class LinearConfig(OptimOptions):
+    """Every option of ``xcit linear``; the defaults are DINO's ``eval_linear.py`` (the ``dino`` protocol)."""
+
+    checkpoint: str | None = option(None, "XCiT weights whose frozen features are probed (a DINO teacher.pth or "
+                                  "last.pt, a supervised model.pth, an official file); omit with --pixels", "model")
+    pixels: bool = option(False, "use the normalised pixels as features (a baseline)", "model")
+    random_init: bool = option(False, "the checkpoint's architecture, randomly initialised (seeded by --seed)",
+                               "model")
+    pool: str = option("cls", "feature: cls token after the final norm (DINO's), mean patch token, or both", "model",
+                       POOLS)
+    data: str | None = option(None, "fashion-mnist, digits, an IDX folder or class folders (default: the dataset the "
+                            "checkpoint records it was trained on)", "data")
+    train_split: str = option("train", "split the probe is trained on", "data")
+    test_split: str = option("val", "split it is tested on (Fashion-MNIST: val = its 10k test images)", "data")
+    crop_pct: float | None = option(None, "test (and precomputed-feature) preprocessing: resize to size / crop-pct, "
+                                  "centre crop (default: DINO's 0.875 for image folders; 1.0 for Fashion-MNIST, "
+                                  "digits and IDX data)", "data")
+    protocol: str = option("dino", "dino: DINO's eval_linear.py; precomputed: the fast probe on features computed "
+                         "once (its own defaults: lr 0.1 as given, batch 256)", "optim", PROTOCOLS)
+    eval_batch_size: int = option(500, "images per forward pass when embedding (evaluation, precomputed features)",
+                                  "optim")
+    epochs: float | None = recipe_default("epochs", 100)
+    batch_size: int = recipe_default("batch_size", 128)
+    lr_base: float = recipe_default("lr_base", 1e-3)
+    lr_base_size: int = recipe_default("lr_base_size", 256)
+    weight_decay: float = recipe_default("weight_decay", 0.0)
+    eval_every: str = recipe_default("eval_every", "0")
+    preset: str | None = option(None, "option preset: the protocol's defaults (dino, precomputed)", "run")
 
 
-def train_linear(train_f: torch.Tensor, train_y: torch.Tensor, num_classes: int, *, epochs: int = 100,
-                 batch_size: int = 256, lr: float = 0.1, weight_decay: float = 0.0, seed: int = 0,
-                 env: dist_utils.DistEnv | None = None) -> nn.Linear:
-    """SGD (momentum 0.9, cosine lr) on cross-entropy; ``train_f`` should be standardised.
+OPTIONS = LinearConfig  # the options dataclass of this task (read by the command line)
+# DINO's eval_linear.py runs in fp32 (no autocast); the precomputed probe's lr is an absolute one.
+PRESETS: dict[str, dict[str, Any]] = {"dino": {"amp": "none"},
+                                      "precomputed": {"amp": "none", "lr": 0.1, "batch_size": 256}}
 
-    Every process holds all features; each takes its share of every batch and gradients are averaged.
-    """
-    if epochs < 1 or batch_size < 1 or not lr > 0 or weight_decay < 0:
-        raise ValueError(f"expected epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got {epochs}, "
-                         f"{batch_size}, {lr}, {weight_decay}")
-    env = env or dist_utils.DistEnv()
-    torch.manual_seed(seed)
-    head = nn.Linear(train_f.shape[1], num_classes)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps_per_epoch = max(1, len(train_f) // batch_size)
-    total = epochs * steps_per_epoch
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(train_f), generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * batch_size:(b + 1) * batch_size][env.rank::env.world_size]
-            for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            loss = F.cross_entropy(head(train_f[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_grads(head, env)
-            opt.step()
-            step += 1
-    return head
+
+def resolve_config(values: dict[str, Any] | None = None, **kwargs: Any) -> LinearConfig:
+    """A :class:`LinearConfig` from user values: defaults < the protocol's preset < ``values`` < ``kwargs``."""
+    given = {k.replace("-", "_"): v for k, v in {**(values or {}), **kwargs}.items()}
+    given.setdefault("preset", given.get("protocol") or "dino")
+    return resolve_options(LinearConfig, given, PRESETS, lambda data: "dino", "linear probe", validate)
+
+
+def validate(cfg: LinearConfig) -> None:
+    """Raise ``ValueError`` saying what was expected for an option that cannot work."""
+    validate_run_options(cfg)
+    require(cfg.protocol in PROTOCOLS, f"expected protocol in {PROTOCOLS}, got {cfg.protocol!r}")
+    require(cfg.protocol != "dino" or not cfg.weight_decay,
+            "expected no weight decay with protocol dino (DINO applies none); use --protocol precomputed")
+    require(cfg.pool in POOLS, f"expected pool in {POOLS}, got {cfg.pool!r}")
+    require(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, f"expected crop_pct in (0, 1], got {cfg.crop_pct}")
+    require(cfg.eval_batch_size >= 1, f"expected eval_batch_size >= 1, got {cfg.eval_batch_size}")
+    if cfg.pixels and (cfg.checkpoint or cfg.random_init):
+        raise ValueError("expected either --pixels or a checkpoint (optionally --random-init), not both")
+    if not cfg.pixels and not cfg.checkpoint:
+        raise ValueError("expected a checkpoint (a DINO run's teacher.pth, a model.pth, ...) or --pixels")
+
+
+def train(config: LinearConfig | dict | None = None, **options: Any) -> FitResult:
+    """Train and test a linear probe as ``config`` says; see :func:`xcit.train.fit` for what every run guarantees."""
+    return fit(LinearProbe, config, options, resolve_config, validate)
+
+
+def linear_probe(checkpoint: str | None = None, data: str | None = None, **options: Any) -> dict[str, Any]:
+    """Top-1 / top-5 (%) of a linear probe on frozen features (:func:`train`), with what was probed."""
+    result = train(checkpoint=None if checkpoint is None else str(checkpoint), data=data, **options)
+    return {**result.metrics, "output": str(result.model_path), "run_dir": str(result.run_dir)}
 
 
 def dino_linear_head(dim: int, num_classes: int) -> nn.Linear:
@@ -105,146 +132,164 @@ def dino_linear_head(dim: int, num_classes: int) -> nn.Linear:
     return head
 
 
-def train_linear_augmented(model: nn.Module, loader, sampler, dim: int, num_classes: int, *, epochs: int = 100,
-                           lr: float = 0.001, env: dist_utils.DistEnv | None = None,
-                           amp_dtype: torch.dtype | None = None) -> nn.Linear:
-    """DINO's loop: frozen ``model`` (eval mode, no gradients) embeds every augmented batch; SGD
-    (momentum 0.9, no weight decay) at ``lr`` (already scaled) with ``CosineAnnealingLR(epochs, 0)``
-    stepped after each epoch; gradients averaged over processes."""
-    env = env or dist_utils.DistEnv()
-    head = dino_linear_head(dim, num_classes).to(env.device)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    model.eval()
-    for epoch in range(epochs):
-        for g in opt.param_groups:
-            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
-        sampler.set_epoch(epoch)
-        for images, targets, _ in loader:
-            if len(images) == 0:
-                continue
-            with torch.no_grad(), autocast_context(env.device, amp_dtype):
-                feats = model(images.to(env.device, non_blocking=True))
-            loss = F.cross_entropy(head(feats.float()), targets.to(env.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            _average_grads(head, env)
-            opt.step()
-    return head.cpu()
+class ProbeNet(nn.Module):
+    """A frozen feature model (always in eval mode, no gradient) under a trained linear head."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear) -> None:
+        super().__init__()
+        self.features, self.head = features.requires_grad_(False).eval(), head
+
+    def train(self, mode: bool = True) -> ProbeNet:
+        self.training = mode
+        self.head.train(mode)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            feats = self.features(x)
+        return self.head(feats.float())
 
 
-def linear_probe(checkpoint: str | os.PathLike | None = None, data: str | None = None, *, pixels: bool = False,
-                 random_init: bool = False, train_split: str = "train", test_split: str = "val", pool: str = "cls",
-                 protocol: str = "dino", epochs: int = 100, lr: float | None = None, weight_decay: float = 0.0,
-                 probe_batch_size: int | None = None, crop_pct: float | None = None, batch_size: int = 500,
-                 device: str = "auto", workers: int = 4, amp: str = "none", seed: int = 0,
-                 output: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train a linear classifier on frozen features of the train split; top-1 / top-5 (%) on the test split.
+class FeatureSet(torch.utils.data.Dataset):
+    """Precomputed (standardised) features and their labels."""
 
-    ``protocol`` is ``"dino"`` (DINO's, the default; ``lr`` per 256 images) or ``"precomputed"`` (the
-    fast probe; ``lr`` as given, ``weight_decay`` allowed); ``lr`` and ``probe_batch_size`` (dino:
-    images per process and step; precomputed: features per step over all processes) default to the
-    protocol's. With ``output`` (and the cls feature of a checkpoint) the
-    backbone and the probe are saved as one XCiT classifier, usable by ``xcit eval`` / ``predict``.
-    ``data`` defaults to the dataset the checkpoint records (:func:`xcit.dino.knn.evaluation_data`).
-    """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"expected protocol in {PROTOCOLS}, got {protocol!r}")
-    if protocol == "dino" and weight_decay:
-        raise ValueError("expected no weight decay with protocol dino (DINO applies none); use --protocol precomputed")
-    lr = PROTOCOL_DEFAULTS[protocol]["lr"] if lr is None else lr
-    probe_batch_size = probe_batch_size or PROTOCOL_DEFAULTS[protocol]["probe_batch_size"]
-    if epochs < 1 or probe_batch_size < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"expected epochs, probe_batch_size, batch_size >= 1 and lr > 0; got {epochs}, "
-                         f"{probe_batch_size}, {batch_size}, {lr}")
-    source = load_feature_model(checkpoint, pixels=pixels, random_init=random_init, pool=pool, seed=seed)
-    data = evaluation_data(source, data)
-    crop_pct = default_crop_pct(data) if crop_pct is None else crop_pct
-    if output is not None and (source.model.backbone is None or pool != "cls"):
-        raise ValueError("expected --pool cls and a checkpoint to save the probe as a classifier (--output)")
-    env = dist_utils.setup(device)
-    try:
-        t0 = time.time()
-        if protocol == "precomputed":
-            train_f, train_y, test_f, test_y, classes, _ = embed_splits(
-                source, data, train_split, test_split, env, batch_size=batch_size, workers=workers, amp=amp,
-                crop_pct=crop_pct)
-            mean, std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
-            head = train_linear((train_f - mean) / std, train_y, len(classes), epochs=epochs,
-                                batch_size=probe_batch_size, lr=lr, weight_decay=weight_decay, seed=seed, env=env)
-            dim, n_train = int(train_f.shape[1]), len(train_y)
-            with torch.no_grad():
-                train_acc = topk_hits(head((train_f - mean) / std), train_y)
-                counts = (topk_hits(head((test_f - mean) / std), test_y) if len(test_y)
-                          else torch.zeros(3, dtype=torch.float64))
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.labels[index]
+
+
+class LinearProbe(Task):
+    """A linear classifier on frozen features, trained and tested (DINO's protocol by default)."""
+
+    options_type, name, command, primary = LinearConfig, "linear", "xcit linear", "top1"
+    wd_recipe = "the linear layer's"  # --wd-rule does not apply: the probe has one group, the linear layer
+    hint = "Try a lower --lr or --protocol precomputed."
+
+    def build(self, resuming: bool) -> None:
+        cfg, env = self.cfg, self.env
+        self.source = load_feature_model(cfg.checkpoint, pixels=cfg.pixels, random_init=cfg.random_init,
+                                         pool=cfg.pool, seed=cfg.seed)
+        self.data = evaluation_data(self.source, cfg.data)
+        self.crop_pct = default_crop_pct(self.data) if cfg.crop_pct is None else cfg.crop_pct
+        if cfg.protocol == "precomputed":
+            train_f, train_y, self.test_f, self.test_y, self.classes, _ = embed_splits(
+                self.source, self.data, cfg.train_split, cfg.test_split, env, batch_size=cfg.eval_batch_size,
+                workers=cfg.workers, amp=cfg.amp, crop_pct=self.crop_pct)
+            self.mean, self.std = train_f.mean(0), train_f.std(0).clamp_min(1e-6)
+            self.train_set = FeatureSet((train_f - self.mean) / self.std, train_y)
+            self.model = nn.Linear(train_f.shape[1], len(self.classes))
+            nn.init.zeros_(self.model.weight)
+            nn.init.zeros_(self.model.bias)
+            self.train_tf = None
+            return
+        dataset, size, mean, std = feature_dataset(self.source, self.data, cfg.train_split)
+        aug = dict(mean=mean, std=std, crop="random-resized", crop_scale_min=0.08, hflip=0.5, interpolation="bilinear")
+        if isinstance(dataset, TensorImageDataset):
+            self.train_tf = BatchTrainTransform(size, auto_augment=None, reprob=0.0, **aug)
         else:
-            head, classes, dim, n_train, train_acc, counts = _dino_protocol(
-                source, data, train_split, test_split, env, epochs=epochs, lr=lr, probe_batch_size=probe_batch_size,
-                batch_size=batch_size, workers=workers, amp=amp, seed=seed, crop_pct=crop_pct)
-            mean, std = torch.zeros(dim), torch.ones(dim)
-            lr = lr * probe_batch_size * env.world_size / 256
-        counts = dist_utils.all_reduce_sum(counts, env)
-        saved = None
-        if output is not None and env.is_main:
-            saved = _save_classifier(source.model.backbone, head, mean, std, classes, source, data, Path(output),
-                                     crop_pct)
-    finally:
-        dist_utils.cleanup(env)
-    n = int(counts[2])
-    result = {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": n, "n_train": n_train,
-              "protocol": protocol, "epochs": epochs, "lr": lr, "crop_pct": crop_pct,
-              "pool": pool if not pixels else "pixels",
-              "features": source.label, "dim": dim, "data": str(data), "split": test_split,
-              "seconds": round(time.time() - t0, 1)}
-    if train_acc is not None:
-        result["train_top1"] = 100 * float(train_acc[0] / train_acc[2])
-    if saved is not None:
-        result["output"] = str(saved)
-    return result
+            dataset.transform = folder_train_transform(size, auto_augment=None, reprob=0.0, **aug)
+            self.train_tf = None
+        self.test_loader, test_set = eval_loader(self.source, self.data, cfg.test_split, env, cfg.eval_batch_size,
+                                                 cfg.workers, classes=list(dataset.classes), crop_pct=self.crop_pct)
+        if len(test_set.classes) != len(dataset.classes):
+            raise DataError(f"expected the {len(dataset.classes)} classes of {cfg.train_split} in {cfg.test_split}, "
+                            f"got {len(test_set.classes)}")
+        self.train_set, self.classes = dataset, list(dataset.classes)
+        with torch.no_grad():
+            dim = int(self.source.model(next(iter(self.test_loader))[0][:1]).shape[1])
+        self.mean, self.std = torch.zeros(dim), torch.ones(dim)
+        self.model = ProbeNet(self.source.model, dino_linear_head(dim, len(self.classes)))
 
+    def train_data(self) -> TrainData:
+        collate = torch.utils.data.default_collate if self.cfg.protocol == "precomputed" else None
+        return TrainData(self.train_set, collate=collate, batch_transform=self.train_tf)
 
-def _dino_protocol(source, data: str, train_split: str, test_split: str, env: dist_utils.DistEnv, *, epochs: int,
-                   lr: float, probe_batch_size: int, batch_size: int, workers: int, amp: str, seed: int,
-                   crop_pct: float):
-    """(head, classes, feature dim, training images, None (no clean training accuracy: the crops are
-    augmented), test hit counts of this process)."""
-    dataset, size, mean, std = feature_dataset(source, data, train_split)
-    aug = dict(mean=mean, std=std, crop="random-resized", crop_scale_min=0.08, hflip=0.5, interpolation="bilinear")
-    if isinstance(dataset, TensorImageDataset):
-        tf = BatchTrainTransform(size, auto_augment=None, reprob=0.0, **aug)
-    else:
-        dataset.transform = folder_train_transform(size, auto_augment=None, reprob=0.0, **aug)
-        tf = None
-    torch.manual_seed(seed)
-    sampler = EpochSampler(len(dataset), num_replicas=env.world_size, rank=env.rank, seed=seed)
-    loader = build_loader(dataset, sampler, probe_batch_size, batch_transform=tf, workers=workers,
-                          pin_memory=env.device.type == "cuda")
-    test_loader, test_set = eval_loader(source, data, test_split, env, batch_size, workers, classes=list(dataset.classes),
-                                        crop_pct=crop_pct)
-    if len(test_set.classes) != len(dataset.classes):
-        raise DataError(f"{test_split} has {len(test_set.classes)} classes, {train_split} {len(dataset.classes)}")
-    model = source.model.to(env.device).eval()
-    amp_dtype = resolve_amp(amp, env.device)
-    with torch.no_grad():
-        probe = next(iter(test_loader))[0][:1].to(env.device)
-        dim = int(model(probe).shape[1])
-    scaled = lr * probe_batch_size * env.world_size / 256  # DINO's linear scaling rule
-    head = train_linear_augmented(model, loader, sampler, dim, len(dataset.classes), epochs=epochs, lr=scaled, env=env,
-                                  amp_dtype=amp_dtype)
-    test_f, test_y = extract_features(model, test_loader, env, amp_dtype=amp_dtype)
-    with torch.no_grad():
-        counts = topk_hits(head(test_f), test_y) if len(test_y) else torch.zeros(3, dtype=torch.float64)
-    return head, list(dataset.classes), dim, len(dataset), None, counts
+    def run_name(self) -> list[str]:
+        return [self.data, Path(self.cfg.checkpoint).stem if self.cfg.checkpoint else "pixels"]
 
+    def head(self) -> nn.Linear:
+        return self.model.head if isinstance(self.model, ProbeNet) else self.model
 
-def _save_classifier(backbone: XCiT, head: nn.Linear, mean: torch.Tensor, std: torch.Tensor, classes: list[str],
-                     source, data: str, path: Path, crop_pct: float = 1.0) -> Path:
-    import copy
+    def param_groups(self, rule: str) -> list[dict]:
+        """One group, the linear layer: the weight-decay rules are about backbones (DINO applies none at all)."""
+        return [{"params": list(self.head().parameters()), "weight_decay": self.cfg.weight_decay, "lr_scale": 1.0,
+                 "decayed": True}]
 
-    model = copy.deepcopy(backbone).cpu()
-    model.reset_classifier(len(classes))
-    with torch.no_grad():  # head((f - mean) / std) = (W / std) f + (b - W mean / std)
-        model.head.weight.copy_(head.weight / std)
-        model.head.bias.copy_(head.bias - (head.weight * (mean / std)).sum(1))
-    info = {"img_size": source.img_size, "in_chans": source.in_chans, "mean": list(source.mean or ()),
-            "std": list(source.std or ()), "crop_pct": crop_pct, "interpolation": "bicubic", "dataset": str(data)}
-    return save_checkpoint(model, path, extra={"classes": classes, "data": info, "linear_probe": {"source": source.label}})
+    def optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+
+    def schedule(self, lr: float, total_steps: int, steps_per_epoch: int) -> Callable[[int], dict[str, float]]:
+        """Cosine to 0: per epoch for DINO's protocol (``CosineAnnealingLR(epochs)`` stepped after each epoch),
+        per step for the precomputed one."""
+        if self.cfg.protocol == "dino":
+            epochs = total_steps / steps_per_epoch
+            return lambda step: {"lr": lr * 0.5 * (1 + math.cos(math.pi * (step // steps_per_epoch) / epochs))}
+        return lambda step: {"lr": lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))}
+
+    def prepare(self, raw: Any) -> Batch:
+        inputs, labels = raw[0], raw[1]
+        skipped = len(raw[2]) if len(raw) > 2 else 0
+        if len(inputs) == 0:
+            return Batch(None, 0, skipped)
+        device = self.env.device
+        return Batch((inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)), len(inputs),
+                     skipped)
+
+    def loss(self, net: nn.Module, batch: Batch, values: dict[str, float]) -> tuple[torch.Tensor, dict]:
+        inputs, labels = batch.data
+        return F.cross_entropy(net(inputs).float(), labels), {}
+
+    @torch.no_grad()
+    def evaluate(self, final: bool) -> dict[str, Any]:
+        """Top-1 / top-5 on the test split (each process its shard; the hits are summed)."""
+        head = self.head()
+        if self.cfg.protocol == "precomputed":
+            test_f, test_y = (self.test_f - self.mean) / self.std, self.test_y
+        else:
+            test_f, test_y = extract_features(self.source.model, self.test_loader, self.env)
+        scores = head(test_f.to(self.env.device)).cpu()
+        counts = topk_hits(scores, test_y) if len(test_y) else torch.zeros(3, dtype=torch.float64)
+        counts = dist_utils.all_reduce_sum(counts, self.env)
+        n = int(counts[2])
+        if n == 0:
+            raise DataError(f"no image of {self.cfg.test_split} could be read")
+        return {"top1": 100 * float(counts[0]) / n, "top5": 100 * float(counts[1]) / n, "n": n,
+                "n_train": len(self.train_set), "dim": int(head.in_features)}
+
+    def format_metrics(self, metrics: dict[str, Any]) -> str:
+        return (f"linear probe ({self.cfg.protocol}) on {self.data} {self.cfg.test_split}: top-1 {metrics['top1']:.2f}%"
+                f"  top-5 {metrics['top5']:.2f}%  ({metrics['n']} images, {metrics['n_train']} training images, "
+                f"features: {self.source.label}, dim {metrics['dim']})")
+
+    def save_model(self, path: Path, metrics: dict[str, Any] | None, train_info: dict) -> Path:
+        """The probe as an XCiT classifier (backbone + standardisation folded into the head) when the features are a
+        checkpoint's cls token; else the linear layer alone (with its standardisation)."""
+        head = copy.deepcopy(self.head()).cpu()
+        info = {"source": self.source.label, "protocol": self.cfg.protocol, "pool": self.cfg.pool,
+                "metrics": metrics or {}, "train": train_info}
+        backbone = self.source.model.backbone
+        if backbone is None or self.cfg.pool != "cls":
+            return save_checkpoint(head, path, extra={"classes": self.classes, "linear_probe": info,
+                                                      "mean": self.mean, "std": self.std})
+        model = copy.deepcopy(backbone).cpu()
+        model.reset_classifier(len(self.classes))
+        with torch.no_grad():  # head((f - mean) / std) = (W / std) f + (b - W mean / std)
+            model.head.weight.copy_(head.weight / self.std)
+            model.head.bias.copy_(head.bias - (head.weight * (self.mean / self.std)).sum(1))
+        source = self.source
+        data = {"img_size": source.img_size, "in_chans": source.in_chans, "mean": list(source.mean or ()),
+                "std": list(source.std or ()), "crop_pct": self.crop_pct, "interpolation": "bicubic",
+                "dataset": str(self.data)}
+        return save_checkpoint(model, path, extra={"classes": self.classes, "data": data, "linear_probe": info})
+
+    def describe(self) -> list[str]:
+        return [f"linear probe ({self.cfg.protocol} protocol) of {self.source.label} ({self.cfg.pool}) on {self.data}: "
+                f"{len(self.train_set)} {self.cfg.train_split} images, {len(self.classes)} classes"]
+
+    def derived(self) -> dict[str, Any]:
+        return {"data": str(self.data), "crop_pct": self.crop_pct, "num_classes": len(self.classes)}

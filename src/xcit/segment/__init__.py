@@ -2,7 +2,7 @@
 
 See docs/segmentation.md; the command line is ``xcit segment prepare | train | eval | predict``.
 """
-from .config import EvalSettings, SegmentConfig, resolve_config
+from .config import OPTIONS, EvalSettings, SegmentConfig, resolve_config
 from .data import DatasetInfo, SegmentationFolder, TrainTransform, infer
 from .heads import PPM, FCNHead, FPNNeck, Segmenter, SemanticFPNHead, UperNetHead
 from .metrics import ConfusionMatrix, format_metrics, metrics_from_confusion
@@ -11,6 +11,7 @@ from .model import build_segmenter, load_segmenter, save_segmenter
 from .train import Segmentation, train
 
 __all__ = [
+    "OPTIONS",
     "PPM",
     "ConfusionMatrix",
     "DatasetInfo",
