@@ -171,7 +171,7 @@ def test_a_time_budget_stops_the_run_and_writes_the_result(task, datasets, tmp_p
     long = {"train": ["--epochs", "500"], "dino": ["--epochs", "500"], "segment": ["--iters", "100000"],
             "detect": ["--iters", "100000"], "linear": ["--epochs", "5000"]}[task]
     run = tmp_path / "run"
-    argv = [*command(task, datasets, length=long), "--time-budget-min", "0.1", "--eval-every", "0", "--ckpt-every", "0",
+    argv = [*command(task, datasets, length=long), "--time-budget-min", "0.05", "--eval-every", "0", "--ckpt-every", "0",
             "--output", str(run)]
     assert main(argv) == 0
     result = json.loads((run / "result.json").read_text())
