@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -19,8 +20,6 @@ from xcit.inference import Predictor, load_for_inference
 from xcit.models import XCiT
 from xcit.models.weights import save_checkpoint
 
-pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
 
 ATOL = 1e-4
 
@@ -54,7 +53,6 @@ def _dynamic_dims(path) -> list:
 
 def test_onnx_parity_at_three_sizes(tmp_path):
     """The torch.export-based exporter; the TorchScript one is checked through the CLI test below."""
-    pytest.importorskip("onnxscript")
     model = _model()
     path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(28, 28), exporter="dynamo")
     dims = _dynamic_dims(path)
@@ -76,7 +74,6 @@ def test_optimized_export_is_dynamic_and_exact(tmp_path):
     """The inference transform (`xcit export --optimize`) exports with dynamic batch, height and width
     under torch.export and both ONNX exporters (a fixed-size trace would fail the parity check at the
     other sizes) and matches PyTorch."""
-    pytest.importorskip("onnxscript")
     optimized = ex.prepare_for_export(_model(), optimize=True)
     for name, export, check in (
         ("f.pt2", ex.export_program, ex.check_program),
@@ -136,7 +133,6 @@ def test_cli_export_and_the_docs_snippet_without_this_package(tmp_path, capsys):
 @pytest.mark.parametrize("optimize", [False, True])
 def test_openvino_ir_is_dynamic_and_exact(tmp_path, optimize):
     """ONNX -> OpenVINO IR (fp32), run by OpenVINO's CPU plugin at three sizes: parity with PyTorch."""
-    pytest.importorskip("openvino")
     model = ex.prepare_for_export(_model(), optimize=optimize)
     onnx_path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(28, 28), exporter="torchscript")
     xml = ex.export_openvino(onnx_path, tmp_path / "m.xml")
