@@ -28,7 +28,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def test_the_export_refusal_names_only_options_help_shows(tmp_path, capsys):
-    ckpt = xcit.save_checkpoint(xcit.XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3), tmp_path / "m.pth")
+    model = xcit.XCiT(patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    ckpt = xcit.save_checkpoint(model, tmp_path / "m.pth")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "m.json").write_text("an earlier export")
     code, _, err = run(["export", "--checkpoint", str(ckpt), "-o", str(tmp_path / "out"), "--img-size", "32"], capsys)

@@ -44,7 +44,8 @@ def workdir(tmp_path_factory) -> Path:
     """A folder holding ``runs/fmnist/model.pth`` written by ``xcit train`` with the Quick start's preset,
     ``photo.jpg`` (a colour photo of another size) and ``xcit_nano_12_p16_224.pth`` (official release layout)."""
     root = tmp_path_factory.mktemp("readme")
-    source, subset = fashion_mnist_dir(), root / "fashion-mnist-subset"  # "fashion" in the name: its classes, statistics
+    # "fashion" in the folder's name: Fashion-MNIST's classes and statistics, as for the named dataset
+    source, subset = fashion_mnist_dir(), root / "fashion-mnist-subset"
     subset.mkdir()
     for split, n in (("train", 256), ("t10k", 128)):
         for kind in ("images-idx3", "labels-idx1"):
@@ -77,7 +78,8 @@ def test_the_python_api_snippet_runs_as_written(workdir, monkeypatch, capsys):
     assert "DataConfig(in_chans=1, img_size=(28, 28), mean=(0.286,), std=(0.353,), crop_pct=1.0" in printed
     # the colour photo became the model's input: grey (PIL's luma), bicubic to 28 x 28, Fashion-MNIST statistics
     grey = torch.from_numpy(np.array(Image.open("photo.jpg").convert("L")))[None]
-    resized = v2.functional.center_crop(v2.functional.resize(grey, [28], v2.InterpolationMode.BICUBIC, antialias=True), [28])
+    resized = v2.functional.resize(grey, [28], v2.InterpolationMode.BICUBIC, antialias=True)
+    resized = v2.functional.center_crop(resized, [28])
     expected = (resized.float() / 255 - FASHION_MNIST_MEAN[0]) / FASHION_MNIST_STD[0]
     assert scope["x"].shape == (1, 1, 28, 28) and torch.allclose(scope["x"][0], expected, atol=1e-5)
     # and its probabilities are those `xcit predict` gives for the file

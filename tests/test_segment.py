@@ -362,7 +362,7 @@ def test_prepare_writes_the_quadrant_split_from_a_wheel(tmp_path, capsys):
 def test_the_real_stardist_image_when_installed():
     from xcit.data.packaged import package_file
 
-    package_file("stardist", "data/images/img2d.tif")  # FileNotFoundError naming the wheel (scripts/setup.sh installs it)
+    package_file("stardist", "data/images/img2d.tif")  # FileNotFoundError naming the wheel (setup.sh installs it)
     from xcit.data.nuclei import load_nuclei
 
     image, labels = load_nuclei()

@@ -33,7 +33,8 @@ def test_nothing_reads_outside_the_repository():
 
 def _run_suite(tmp_path: Path, source: str, allow: bool = False) -> subprocess.CompletedProcess:
     """pytest in ``tmp_path`` on one test file, with this suite's skip policy as its conftest."""
-    (tmp_path / "conftest.py").write_text("from skip_policy import pytest_make_collect_report, pytest_runtest_makereport\n")
+    hooks = "from skip_policy import pytest_make_collect_report, pytest_runtest_makereport\n"
+    (tmp_path / "conftest.py").write_text(hooks)
     (tmp_path / "test_it.py").write_text(textwrap.dedent(source))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     env.pop("XCIT_ALLOW_SKIPS", None)
@@ -63,7 +64,8 @@ def test_a_skip_fails_the_run_with_its_reason(tmp_path):
     """)
     out = result.stdout
     assert result.returncode == 1, out
-    assert out.splitlines()[-1].startswith("1 failed, 1 passed, 1 xfailed, 1 error in"), out  # the marked skip: at setup
+    # the marked skip happens at setup: an error
+    assert out.splitlines()[-1].startswith("1 failed, 1 passed, 1 xfailed, 1 error in"), out
     assert "allows no skip" in out and "the frobnicator is not installed" in out and "never on this machine" in out
 
 

@@ -7,8 +7,8 @@ from .models.weights import CheckpointError, inspect_checkpoint, load_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
-    "MODELS", "XCiT", "XCiTPyramid", "CheckpointError", "DataConfig", "create_model", "create_pyramid", "create_transform",
-    "inspect_checkpoint", "list_models", "load_checkpoint", "optimize", "param_groups", "quantize", "read_state_dict",
-    "resolve_data_config", "save_checkpoint", "streaming",
+    "MODELS", "XCiT", "XCiTPyramid", "CheckpointError", "DataConfig", "create_model", "create_pyramid",
+    "create_transform", "inspect_checkpoint", "list_models", "load_checkpoint", "optimize", "param_groups", "quantize",
+    "read_state_dict", "resolve_data_config", "save_checkpoint", "streaming",
     "__version__",
 ]

@@ -129,18 +129,25 @@ def resolve_data_config(
     known, where = _known(source)
     given = {"in_chans": in_chans, "img_size": img_size, "mean": mean, "std": std, "crop_pct": crop_pct,
              "interpolation": interpolation}
-    values = {**known, **{k: v for k, v in given.items() if v is not None}}
+    try:
+        return _config({**known, **{k: v for k, v in given.items() if v is not None}})
+    except ValueError:
+        if where:  # the file's own entry, or what was asked of it?
+            try:
+                _config(known)
+            except ValueError as err:
+                raise CheckpointError(f"{where}: its preprocessing ('data' entry) is invalid: {err}") from None
+        raise
+
+
+def _config(values: dict[str, Any]) -> DataConfig:
+    """A :class:`DataConfig` of ``values``, the mean / std for its channels filled in when not given."""
     chans = values.get("in_chans", 3)
     if "mean" not in values or "std" not in values:
         grey = isinstance(chans, int) and chans != 3
-        values.setdefault("mean", GREY_MEAN * chans if grey else IMAGENET_MEAN)
-        values.setdefault("std", GREY_STD * chans if grey else IMAGENET_STD)
-    try:
-        return DataConfig(**values)
-    except ValueError as err:
-        if where:
-            raise CheckpointError(f"{where}: its preprocessing ('data' entry) is invalid: {err}") from None
-        raise
+        values = {"mean": GREY_MEAN * chans if grey else IMAGENET_MEAN,
+                  "std": GREY_STD * chans if grey else IMAGENET_STD, **values}
+    return DataConfig(**values)
 
 
 def create_transform(source: Source = None, **overrides: Any) -> Callable:
@@ -170,7 +177,8 @@ class ToChannels:
         if img.ndim == 2:
             img = img[None]
         if img.ndim < 3 or img.shape[-3] < 1:
-            raise ValueError(f"expected an image tensor (C, H, W) or a batch (B, C, H, W), got shape {tuple(img.shape)}")
+            raise ValueError(f"expected an image tensor (C, H, W) or a batch (B, C, H, W), "
+                             f"got shape {tuple(img.shape)}")
         return self._tensor(img)
 
     def _pil(self, img: Image.Image) -> Image.Image:

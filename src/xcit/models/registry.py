@@ -14,8 +14,8 @@ from .weights import (
 from .xcit import XCiT, XCiTPyramid
 
 __all__ = [
-    "MODELS", "WEIGHT_TAGS", "ModelSpec", "ResolvedName", "create_model", "create_pyramid", "list_models", "named_resolution",
-    "release_url", "resolve_name",
+    "MODELS", "WEIGHT_TAGS", "ModelSpec", "ResolvedName", "create_model", "create_pyramid", "list_models",
+    "named_resolution", "release_url", "resolve_name",
 ]
 
 
@@ -45,7 +45,8 @@ def create_model(
     """
     if isinstance(name, str) and name in DINO_MODELS and num_classes is None:
         num_classes = 0  # DINO backbones have no classifier
-    named_sizes = [named_resolution(spec) for spec in (checkpoint, name) if isinstance(spec, str) and not Path(spec).is_file()]
+    named_sizes = [named_resolution(spec) for spec in (checkpoint, name)
+                   if isinstance(spec, str) and not Path(spec).is_file()]
     name, checkpoint = _name_and_weights(name, checkpoint, pretrained)
     file_arch: dict = {}
     if checkpoint is not None:
@@ -76,7 +77,8 @@ def create_model(
 def named_resolution(name: str) -> int | None:
     """The input size a model or weights name stands for (``xcit_small_12_p16_384.fb_dist_in1k``: 384, official
     names: 224; ``hf-hub:timm/...`` and ``dino_...`` names too), None for anything else (a path)."""
-    arch = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name[len("dino_"):] if name in DINO_MODELS else name
+    arch = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name
+    arch = arch[len("dino_"):] if arch in DINO_MODELS else arch
     try:
         return resolve_name(arch).img_size
     except ValueError:
