@@ -1,7 +1,6 @@
 """Detection: the pyramid + FPN backbone, COCO reading / validation, COCO AP, a training step, checkpoints, CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -323,7 +322,6 @@ def test_cli_predict_writes_overlays_and_coco_json(tmp_path):
     assert {"box_ap", "box_ap50", "mask_ap", "mask_ap50"} <= set(json.loads((tmp_path / "m.json").read_text()))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("stardist") is None, reason="the stardist wheel is not installed")
 def test_prepare_nuclei_writes_a_valid_coco_dataset(tmp_path):
     from xcit.cli import main
 

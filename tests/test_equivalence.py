@@ -1,12 +1,11 @@
 """Same official-format weights give the same numbers as an independent implementation (timm)."""
 import pytest
+import timm
 import torch
+from timm.models.xcit import checkpoint_filter_fn
 
 import xcit
 from conftest import randomize
-
-timm = pytest.importorskip("timm")
-from timm.models.xcit import checkpoint_filter_fn  # noqa: E402
 
 TOL = 1e-5
 CASES = [

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -19,8 +20,6 @@ from xcit.inference import Predictor, load_for_inference
 from xcit.models import XCiT
 from xcit.models.weights import save_checkpoint
 
-pytest.importorskip("onnxruntime")
-onnx = pytest.importorskip("onnx")
 
 ATOL = 1e-4
 
@@ -54,7 +53,6 @@ def _dynamic_dims(path) -> list:
 
 def test_onnx_parity_at_three_sizes(tmp_path):
     """The torch.export-based exporter; the TorchScript one is checked through the CLI test below."""
-    pytest.importorskip("onnxscript")
     model = _model()
     path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(28, 28), exporter="dynamo")
     dims = _dynamic_dims(path)
@@ -76,7 +74,6 @@ def test_optimized_export_is_dynamic_and_exact(tmp_path):
     """The inference transform (`xcit export --optimize`) exports with dynamic batch, height and width
     under torch.export and both ONNX exporters (a fixed-size trace would fail the parity check at the
     other sizes) and matches PyTorch."""
-    pytest.importorskip("onnxscript")
     optimized = ex.prepare_for_export(_model(), optimize=True)
     for name, export, check in (
         ("f.pt2", ex.export_program, ex.check_program),
@@ -102,23 +99,26 @@ def test_a_fixed_size_onnx_file_is_refused(tmp_path):
 def test_cli_export_and_the_docs_snippet_without_this_package(tmp_path, capsys):
     """`xcit export` writes ONNX, .pt2 and the sidecar JSON; the README's "without this package" code then
     runs as written on them, with xcit made unimportable, and agrees with the package's predictions."""
-    ckpt = save_checkpoint(_model(), tmp_path / "best.pth", extra={
+    ckpt = save_checkpoint(_model(), tmp_path / "model.pth", extra={
         "classes": [f"k{i}" for i in range(10)],
         "data": {"img_size": 28, "in_chans": 3, "mean": [0.5, 0.45, 0.4], "std": [0.25, 0.2, 0.3], "crop_pct": 0.875},
     })
     out = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(ckpt), "-o", str(out), "--exporter", "torchscript"]) == 0
     assert capsys.readouterr().out.count(" ok") == 6  # 3 sizes x 2 formats
-    assert sorted(p.name for p in out.iterdir()) == ["best.json", "best.onnx", "best.pt2"]
-    meta = json.loads((out / "best.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.onnx", "model.pt2"]  # the names the doc uses
+    meta = json.loads((out / "model.json").read_text())
     assert meta["classes"][3] == "k3" and meta["mean"] == [0.5, 0.45, 0.4] and meta["img_size"] == [28, 28]
     assert meta["input"] == "image" and meta["output"] == "logits" and meta["onnx_exporter"] == "torchscript"
     assert all(r["max_abs_diff"] < ATOL for r in meta["parity"]["onnx"] + meta["parity"]["pt2"])
     # the program's least input: patch + 1 pixels a side
-    assert ex.check_program(load_for_inference(ckpt).model, out / "best.pt2", [(1, 5, 9)])[0]["max_abs_diff"] < 1e-5
+    assert ex.check_program(load_for_inference(ckpt).model, out / "model.pt2", [(1, 5, 9)])[0]["max_abs_diff"] < 1e-5
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "attention_export_predict.md").read_text()
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.DOTALL) if "onnxruntime" in b)
+    blocks = re.findall(r"```python\n(.*?)```", doc, re.DOTALL)
+    snippet = next(b for b in blocks if "onnxruntime" in b)
+    snippet += "\nonnx_logits = logits\n" + next(b for b in blocks if "torch.export.load" in b)  # the .pt2 snippet
+    snippet += "\nassert abs(logits.detach().numpy() - onnx_logits).max() < 1e-4\n"
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 255, (45, 61, 3), dtype="uint8")).save(tmp_path / "a.png")
     Image.fromarray(rng.integers(0, 255, (70, 33, 3), dtype="uint8")).save(tmp_path / "b.jpg", quality=95)
@@ -136,7 +136,6 @@ def test_cli_export_and_the_docs_snippet_without_this_package(tmp_path, capsys):
 @pytest.mark.parametrize("optimize", [False, True])
 def test_openvino_ir_is_dynamic_and_exact(tmp_path, optimize):
     """ONNX -> OpenVINO IR (fp32), run by OpenVINO's CPU plugin at three sizes: parity with PyTorch."""
-    pytest.importorskip("openvino")
     model = ex.prepare_for_export(_model(), optimize=optimize)
     onnx_path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(28, 28), exporter="torchscript")
     xml = ex.export_openvino(onnx_path, tmp_path / "m.xml")

@@ -21,8 +21,6 @@ from xcit.inference import load_for_inference
 from xcit.models import QuantizationError, QuantizedXCiT, is_quantized, optimize, quantize
 from xcit.models.quantize import agreement
 
-pytest.importorskip("torchao.quantization.pt2e")
-
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):

@@ -146,7 +146,8 @@ def evaluate(
         if isinstance(dataset, TensorImageDataset):
             tf = BatchEvalTransform(size, crop_pct=pct, mean=norm_mean, std=norm_std, interpolation=interp)
         else:
-            dataset.transform = folder_eval_transform(size, crop_pct=pct, mean=norm_mean, std=norm_std)
+            dataset.transform = folder_eval_transform(size, crop_pct=pct, mean=norm_mean, std=norm_std,
+                                                      interpolation=interp)
             tf = None
         if int8:
             model = _quantized(model, data, calibration_images, calibration_split, batch_size, chans, size, pct, norm_mean,
@@ -171,7 +172,7 @@ def _quantized(model: nn.Module, data, n: int, split: str, batch_size: int, in_c
     images = calibration_images(
         data, n, in_chans=in_chans, split=split,
         batch_transform=BatchEvalTransform(size, crop_pct=pct, mean=mean, std=std, interpolation=interpolation),
-        image_transform=folder_eval_transform(size, crop_pct=pct, mean=mean, std=std),
+        image_transform=folder_eval_transform(size, crop_pct=pct, mean=mean, std=std, interpolation=interpolation),
     )
     log.info("int8: calibrating on %d images of %s (%s), %dpx", len(images), data, split, size)
     return quantize(model.eval(), images, batch_size=batch_size)

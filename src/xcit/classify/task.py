@@ -97,7 +97,7 @@ class Classification(Task):
         else:
             data.train_set.transform = folder_train_transform(data.img_size, mean=data.mean, std=data.std, **aug)
             data.val_set.transform = folder_eval_transform(data.img_size, crop_pct=cfg.crop_pct, mean=data.mean,
-                                                           std=data.std)
+                                                           std=data.std, interpolation=cfg.interpolation)
             self.train_tf = eval_tf = None
         self.eval_loader = build_loader(
             data.val_set, ShardSampler(len(data.val_set), num_replicas=env.world_size, rank=env.rank),

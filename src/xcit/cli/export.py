@@ -213,5 +213,5 @@ def _earlier_export(out: Path, stem: str, overwrite: bool) -> list[Path]:
     existing = [out / f"{stem}{suffix}" for suffix in _SUFFIXES if (out / f"{stem}{suffix}").exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds an export named {stem} ({', '.join(p.name for p in existing)}); "
-                              "give --overwrite to replace it, or another --output-dir / --name")
+                              "give --overwrite to replace it, or another --output / --name")
     return existing

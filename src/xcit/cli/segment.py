@@ -150,7 +150,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..data.images import read_image
     from ..segment.data import colorize, infer, overlay
-    from ..segment.model import load_segmenter
+    from ..segment.model import load_segmenter, normalization
     from ..segment.config import EvalSettings
     from ..train.distributed import pick_device
     from .predict import input_images
@@ -163,6 +163,7 @@ def run_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model.to(device)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
+    mean, std = normalization(meta)
     palette = meta.get("palette") or []
     if len(palette) < model.num_classes:
         from ..segment.data import default_palette
@@ -180,7 +181,7 @@ def run_predict(args: argparse.Namespace) -> int:
             continue
         with torch.inference_mode():
             pred = infer(model, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
-                         stride=settings.stride, flip=settings.flip).argmax(0)
+                         stride=settings.stride, flip=settings.flip, mean=mean, std=std).argmax(0)
         mask = colorize(pred, palette)
         mask.save(out / f"{path.stem}_mask.png")
         overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.png")

@@ -18,14 +18,13 @@ from torchvision.transforms import v2
 from .images import eval_transform
 
 CROPS = ("random-resized", "pad", "none")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")  # the resize interpolations of every pipeline here
 
 
 def _interp(name: str) -> v2.InterpolationMode:
-    modes = {"bicubic": v2.InterpolationMode.BICUBIC, "bilinear": v2.InterpolationMode.BILINEAR,
-             "nearest": v2.InterpolationMode.NEAREST}
-    if name not in modes:
-        raise ValueError(f"interpolation must be one of {', '.join(modes)}, got {name!r}")
-    return modes[name]
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {name!r}")
+    return v2.InterpolationMode[name.upper()]
 
 
 def _check_auto_augment(auto_augment: str | None) -> None:
@@ -73,9 +72,16 @@ def folder_train_transform(
     )
 
 
-def folder_eval_transform(img_size: int, *, crop_pct: float, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """The official evaluation pipeline (bicubic resize to size / crop_pct, centre crop)."""
-    return eval_transform(img_size, crop_pct, mean, std)
+def folder_eval_transform(img_size: int | Sequence[int], *, crop_pct: float, mean: Sequence[float],
+                          std: Sequence[float], interpolation: str = "bicubic") -> v2.Compose:
+    """The official evaluation pipeline (:func:`~xcit.data.eval_transform`: resize the short side to size / crop_pct,
+    centre crop, normalise), with another resize ``interpolation`` than the official bicubic when asked."""
+    pipeline = eval_transform(img_size, crop_pct, mean, std)
+    if interpolation == "bicubic":
+        return pipeline
+    mode = _interp(interpolation)
+    return v2.Compose([v2.Resize(t.size, interpolation=mode, antialias=True) if isinstance(t, v2.Resize) else t
+                       for t in pipeline.transforms])
 
 
 class BatchTrainTransform:

@@ -55,7 +55,8 @@ class DetectConfig(PyramidOptions):
     roi_align: str = option("mmdet", "mmdet (official: aligned, adaptive sampling) or torchvision (aligned=False, "
                           "2 samples)", "model", ("mmdet", "torchvision"))
     box_loss: str = option("l1", "l1 (official) or smooth_l1 (torchvision's, beta 1/9)", "model", ("l1", "smooth_l1"))
-    min_size: list[int] | None = option(None, "training shorter sides, one drawn per batch (default 480..800 step 32); "
+    min_size: list[int] | None = option(None, "training shorter sides, one drawn per image (default 480..800 step 32, the official multi-scale "
+                                      "sizes); "
                                       "0: native size", "model")
     max_size: int = option(1333, "cap on the longer side", "model")
     test_size: int | None = option(None, "test shorter side (default: the largest training size; 0: native)", "model")

@@ -16,7 +16,8 @@ STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100",
 
 def to_coco_results(output: dict[str, torch.Tensor], image_id: Any, label_to_cat: dict[int, int],
                     masks: bool = True, mask_threshold: float = 0.5) -> list[dict]:
-    """torchvision detections of one image as COCO result entries (bbox x y w h, score, category, RLE)."""
+    """torchvision detections of one image as COCO result entries (bbox x y w h, score, category, RLE); a pixel
+    belongs to a mask when its probability is >= ``mask_threshold`` (mmdet's ``mask_thr_binary`` rule)."""
     boxes = output["boxes"].detach().float().cpu()
     scores = output["scores"].detach().float().cpu().tolist()
     labels = output["labels"].detach().cpu().tolist()
@@ -24,7 +25,7 @@ def to_coco_results(output: dict[str, torch.Tensor], image_id: Any, label_to_cat
     if masks and "masks" in output:
         from pycocotools import mask as mask_utils
 
-        binary = (output["masks"][:, 0] > mask_threshold).to(torch.uint8).cpu().numpy()
+        binary = (output["masks"][:, 0] >= mask_threshold).to(torch.uint8).cpu().numpy()
         rles = [mask_utils.encode(np.asfortranarray(m)) for m in binary]
     results = []
     for i, (x0, y0, x1, y1) in enumerate(boxes.tolist()):

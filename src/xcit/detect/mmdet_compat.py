@@ -21,8 +21,9 @@ anchors                       scale 8 x stride, ratios 0.5 / 1 / 2,        :clas
 box decoding                  delta2bbox, stds (.1,.1,.2,.2) RCNN /        :class:`MMDetBoxCoder`: weights 10,10,5,5 / 1;
                               1 RPN, dw/dh clamped to +-log(1000/16)       both-sided clamp (torchvision: upper only)
 box widths                    x2 - x1 (mmdet 2.x: no +1)                   the same as torchvision
-RPN test                      1000 per level, NMS 0.7 across levels,       the same settings; min box size 0
-                              1000 kept, min_bbox_size 0                   (torchvision default: 1e-3)
+RPN test                      1000 per level, NMS 0.7 per level (by        the same settings (torchvision's RPN also
+                              level id), 1000 kept, min_bbox_size 0        runs NMS per level); min box size 0
+                                                                           (torchvision default: 1e-3)
 RCNN test                     score > 0.05, class-wise NMS 0.5, 100 kept   the same (torchvision also drops boxes
                                                                            under 0.01 px, kept as is)
 test resize                   keep ratio into 1333 x 800, sizes rounded    :class:`MMDetTransform`: the same sizes,

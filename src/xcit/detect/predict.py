@@ -21,14 +21,15 @@ COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: list[str], score_thresh: float = 0.5,
                  alpha: float = 0.45, mask_threshold: float = 0.5, labels: bool = True) -> Image.Image:
-    """The uint8 (3, H, W) ``image`` with the detections above ``score_thresh``: tinted masks, boxes, scores."""
+    """The uint8 (3, H, W) ``image`` with the detections scoring >= ``score_thresh``: tinted masks (probability
+    >= ``mask_threshold``, as :func:`~xcit.detect.evaluation.to_coco_results`), boxes, scores."""
     canvas = image.permute(1, 2, 0).numpy().astype(np.float32)
     keep = output["scores"] >= score_thresh
     boxes, scores, cls = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
     # one class: a colour per instance; several: a colour per class
     colours = [COLOURS[(i if len(classes) <= 1 else c - 1) % len(COLOURS)] for i, c in enumerate(cls.tolist())]
     if "masks" in output:
-        for m, colour in zip(output["masks"][keep][:, 0] > mask_threshold, colours):
+        for m, colour in zip(output["masks"][keep][:, 0] >= mask_threshold, colours):
             colour = np.array(colour, np.float32)
             sel = m.numpy()
             canvas[sel] = (1 - alpha) * canvas[sel] + alpha * colour

@@ -25,7 +25,7 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
         xa, xb, ya, yb = max(x0, 0), min(x1 + 1, w), max(y0, 0), min(y1 + 1, h)
         if xb > xa and yb > ya:
             m = m[ya - y0:yb - y0, xa - x0:xb - x0]
-            out[i, 0, ya:yb, xa:xb] = m > 0.5 if compact else m
+            out[i, 0, ya:yb, xa:xb] = m >= 0.5 if compact else m  # mmdet: mask >= mask_thr_binary
     return out
 
 

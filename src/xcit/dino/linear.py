@@ -186,8 +186,10 @@ class LinearProbe(Task):
             nn.init.zeros_(self.model.weight)
             nn.init.zeros_(self.model.bias)
             self.train_tf = None
+            self.inputs = feature_dataset(self.source, self.data, cfg.test_split)[1:]
             return
         dataset, size, mean, std = feature_dataset(self.source, self.data, cfg.train_split)
+        self.inputs = (size, mean, std)  # what the features were computed from, as the saved classifier must
         aug = dict(mean=mean, std=std, crop="random-resized", crop_scale_min=0.08, hflip=0.5, interpolation="bilinear")
         if isinstance(dataset, TensorImageDataset):
             self.train_tf = BatchTrainTransform(size, auto_augment=None, reprob=0.0, **aug)
@@ -281,10 +283,9 @@ class LinearProbe(Task):
         with torch.no_grad():  # head((f - mean) / std) = (W / std) f + (b - W mean / std)
             model.head.weight.copy_(head.weight / self.std)
             model.head.bias.copy_(head.bias - (head.weight * (self.mean / self.std)).sum(1))
-        source = self.source
-        data = {"img_size": source.img_size, "in_chans": source.in_chans, "mean": list(source.mean or ()),
-                "std": list(source.std or ()), "crop_pct": self.crop_pct, "interpolation": "bicubic",
-                "dataset": str(self.data)}
+        size, mean, std = self.inputs
+        data = {"img_size": size, "in_chans": backbone.in_chans, "mean": list(mean), "std": list(std),
+                "crop_pct": self.crop_pct, "interpolation": "bicubic", "dataset": str(self.data)}
         return save_checkpoint(model, path, extra={"classes": self.classes, "data": data, "linear_probe": info})
 
     def describe(self) -> list[str]:

@@ -1,9 +1,10 @@
 """Load a classifier for inference with what it needs beside its weights: class names and preprocessing.
 
 Training checkpoints (``save_checkpoint(model, path, extra={...})``) carry ``classes`` and ``data``
-(``img_size``, ``in_chans``, ``mean``, ``std``, ``crop_pct``, ``dataset``). Files without them (official
-release weights, bare state dicts) fall back to ImageNet class names for 1000-class heads and to the
-ImageNet evaluation preprocessing (224 px, full crop, ImageNet mean/std).
+(``img_size``, ``in_chans``, ``mean``, ``std``, ``crop_pct``, ``interpolation``, ``dataset``). The preprocessing
+is resolved by :func:`xcit.data.resolve_data_config`, the one place that does it: files without it (official
+release weights, bare state dicts) get the ImageNet evaluation (224 px or the name's resolution, full crop,
+ImageNet mean/std); files without class names get ImageNet's for 1000-class heads.
 """
 from __future__ import annotations
 
@@ -15,14 +16,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..data.images import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from ..models.weights import read_metadata
+from ..data.preprocessing import DataConfig, resolve_data_config
+from ..models.weights import CheckpointError, read_metadata
 
 PathLike = str | os.PathLike
-
-#: Preprocessing of grey (1-channel) models without metadata: the mean of ImageNet's channel statistics.
-GREY_MEAN = (sum(IMAGENET_MEAN) / 3,)
-GREY_STD = (sum(IMAGENET_STD) / 3,)
 
 RANDOM_INIT_WARNING = (
     "WARNING: no --checkpoint given: {name} is randomly initialised and its predictions are meaningless "
@@ -32,44 +29,51 @@ RANDOM_INIT_WARNING = (
 
 @dataclass
 class InferenceModel:
-    """A classifier in eval mode with its class names and evaluation preprocessing."""
+    """A classifier in eval mode with its class names and evaluation preprocessing (``data_config``)."""
 
     model: nn.Module
     classes: list[str]
-    img_size: tuple[int, int]
-    in_chans: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float = 1.0
-    interpolation: str = "bicubic"
+    data_config: DataConfig
     source: str = ""
     random_init: bool = False
     dataset: str | None = None
     metadata: dict = field(default_factory=dict, repr=False)
 
-    def transform(self):
-        """The evaluation transform: PIL image -> normalised (in_chans, H, W) float tensor."""
-        if self.interpolation == "bicubic":
-            return eval_transform(self.img_size, self.crop_pct, self.mean, self.std)
-        from torchvision.transforms import v2
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.data_config.img_size
 
-        steps = list(eval_transform(self.img_size, self.crop_pct, self.mean, self.std).transforms)
-        resize = next(i for i, t in enumerate(steps) if isinstance(t, v2.Resize))
-        steps[resize] = v2.Resize(steps[resize].size, interpolation=_interpolation(self.interpolation), antialias=True)
-        return v2.Compose(steps)
+    @property
+    def in_chans(self) -> int:
+        return self.data_config.in_chans
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.data_config.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.data_config.std
+
+    @property
+    def crop_pct(self) -> float:
+        return self.data_config.crop_pct
+
+    @property
+    def interpolation(self) -> str:
+        return self.data_config.interpolation
+
+    def transform(self):
+        """The evaluation transform: PIL image (or image tensor) -> normalised (in_chans, H, W) float tensor."""
+        return self.data_config.transform()
 
     def calibration_images(self, data, n: int, *, split: str = "train", seed: int = 0) -> torch.Tensor:
         """``n`` images of ``data`` (a dataset name or folder) preprocessed as this model's inputs, for
         :func:`xcit.quantize` (:func:`xcit.data.calibration_images`)."""
-        from ..data import BatchEvalTransform, calibration_images
-
-        h, w = self.img_size
+        from ..data import calibration_images
 
         def batch_transform(images: torch.Tensor) -> torch.Tensor:
-            if h != w:
-                raise ValueError(f"in-memory datasets are evaluated at square sizes; the model's is {h}x{w}")
-            return BatchEvalTransform(h, crop_pct=self.crop_pct, mean=self.mean, std=self.std,
-                                      interpolation=self.interpolation)(images)
+            return self.data_config.batch_transform()(images)
 
         return calibration_images(data, n, in_chans=self.in_chans, batch_transform=batch_transform,
                                   image_transform=self.transform(), split=split, seed=seed)
@@ -88,15 +92,6 @@ class InferenceModel:
         }
 
 
-def _interpolation(name: str):
-    from torchvision.transforms import v2
-
-    try:
-        return v2.InterpolationMode[name.upper()]
-    except KeyError:
-        raise ValueError(f"expected interpolation bicubic, bilinear or nearest, got {name!r}") from None
-
-
 def class_names(num_classes: int, meta: dict | None = None) -> list[str]:
     """Class names: the checkpoint's, ImageNet's for 1000 classes, else ``class_0``..``class_{n-1}``."""
     classes = (meta or {}).get("classes")
@@ -112,18 +107,6 @@ def class_names(num_classes: int, meta: dict | None = None) -> list[str]:
 
         return imagenet_class_names()
     return [f"class_{i}" for i in range(num_classes)]
-
-
-def _size_pair(size) -> tuple[int, int]:
-    if isinstance(size, int):
-        pair = (size, size)
-    elif isinstance(size, Sequence) and len(size) in (1, 2) and all(isinstance(s, int) for s in size):
-        pair = (size[0], size[-1])
-    else:
-        raise ValueError(f"expected an image size as an int or [H, W], got {size!r}")
-    if min(pair) < 1:
-        raise ValueError(f"expected a positive image size, got {size!r}")
-    return pair
 
 
 def load_for_inference(
@@ -145,37 +128,27 @@ def load_for_inference(
     if checkpoint is None and model_name is None:
         raise ValueError("expected a checkpoint or a model name (e.g. --model xcit_nano_12_p16), got neither")
     meta: dict = {}
-    default_size = 224
-    if model_name is not None:
-        default_size = resolve_name(model_name).img_size
     if checkpoint is not None:
         from ..models.hub import weights_file
 
-        checkpoint = weights_file(checkpoint)  # a path, or a hub / DINO / release name
-        meta = read_metadata(checkpoint)
+        path = weights_file(checkpoint)  # a path, or a hub / DINO / release name (whose resolution the model keeps)
+        meta = read_metadata(path)
         model = create_model(model_name, checkpoint=checkpoint)
-        source = os.fspath(checkpoint)
+        source = os.fspath(path)
     else:
         model = create_model(model_name, num_classes=num_classes if num_classes is not None else 1000)
         source = f"{resolve_name(model_name).arch} (random init)"
     model.eval().to(device)
-    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
-    in_chans = int(getattr(model, "in_chans", data.get("in_chans", 3)))
-    default_mean, default_std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else (GREY_MEAN * in_chans, GREY_STD * in_chans)
-    mean = tuple(float(m) for m in data.get("mean", default_mean))
-    std = tuple(float(s) for s in data.get("std", default_std))
-    if len(mean) != in_chans or len(std) != in_chans:
-        raise ValueError(f"expected {in_chans} mean/std values for a {in_chans}-channel model, got mean={mean} std={std}")
-    size = _size_pair(img_size if img_size is not None else data.get("img_size", default_size))
-    crop = float(crop_pct if crop_pct is not None else data.get("crop_pct", 1.0))
-    if not 0.0 < crop <= 1.0:
-        raise ValueError(f"expected crop_pct in (0, 1], got {crop}")
-    interpolation = str(data.get("interpolation", "bicubic")).lower()
-    _interpolation(interpolation)
+    try:
+        recorded = resolve_data_config(model)
+    except ValueError as err:
+        raise CheckpointError(f"{source}: its preprocessing ('data' entry) is invalid: {err}") from None
+    data_config = resolve_data_config(recorded, img_size=img_size, crop_pct=crop_pct)
     n = getattr(model, "num_classes", 0)
     if not n:
         raise ValueError(f"{source}: the model has no classifier head (num_classes=0); nothing to predict")
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     return InferenceModel(
-        model=model, classes=class_names(n, meta), img_size=size, in_chans=in_chans, mean=mean, std=std,
-        crop_pct=crop, interpolation=interpolation, source=source, random_init=checkpoint is None, dataset=data.get("dataset"), metadata=meta,
+        model=model, classes=class_names(n, meta), data_config=data_config, source=source,
+        random_init=checkpoint is None, dataset=data.get("dataset"), metadata=meta,
     )

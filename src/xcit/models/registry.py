@@ -8,12 +8,14 @@ from pathlib import Path
 
 from .hub import DINO_MODELS, HF_PREFIX, resolve_pretrained, weights_file
 from .names import MODELS, WEIGHT_TAGS, ModelSpec, ResolvedName, list_models, release_url, resolve_name
-from .weights import TRUNK_PREFIXES, CheckpointError, download_release, inspect_checkpoint, load_checkpoint, read_trunk
+from .weights import (
+    TRUNK_PREFIXES, CheckpointError, download_release, inspect_checkpoint, load_checkpoint, read_metadata, read_trunk,
+)
 from .xcit import XCiT, XCiTPyramid
 
 __all__ = [
-    "MODELS", "WEIGHT_TAGS", "ModelSpec", "ResolvedName", "create_model", "create_pyramid", "list_models", "release_url",
-    "resolve_name",
+    "MODELS", "WEIGHT_TAGS", "ModelSpec", "ResolvedName", "create_model", "create_pyramid", "list_models",
+    "named_resolution", "release_url", "resolve_name",
 ]
 
 
@@ -43,6 +45,8 @@ def create_model(
     """
     if isinstance(name, str) and name in DINO_MODELS and num_classes is None:
         num_classes = 0  # DINO backbones have no classifier
+    named_sizes = [named_resolution(spec) for spec in (checkpoint, name)
+                   if isinstance(spec, str) and not Path(spec).is_file()]
     name, checkpoint = _name_and_weights(name, checkpoint, pretrained)
     file_arch: dict = {}
     if checkpoint is not None:
@@ -62,7 +66,23 @@ def create_model(
     model.model_name = resolve_name(name).arch if name else file_arch.get("name")
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
+    # the preprocessing the weights expect: the checkpoint's ``data`` entry, over the resolution a name stands for
+    recorded = {"img_size": next((s for s in named_sizes if s is not None), None)}
+    saved = read_metadata(checkpoint).get("data") if checkpoint is not None else None
+    recorded = {k: v for k, v in {**recorded, **(saved if isinstance(saved, dict) else {})}.items() if v is not None}
+    model.data_config = recorded or None
     return model
+
+
+def named_resolution(name: str) -> int | None:
+    """The input size a model or weights name stands for (``xcit_small_12_p16_384.fb_dist_in1k``: 384, official
+    names: 224; ``hf-hub:timm/...`` and ``dino_...`` names too), None for anything else (a path)."""
+    arch = name.rsplit("/", 1)[-1] if name.startswith(HF_PREFIX) else name
+    arch = arch[len("dino_"):] if arch in DINO_MODELS else arch
+    try:
+        return resolve_name(arch).img_size
+    except ValueError:
+        return None
 
 
 # trunk options a pyramid takes from a checkpoint (the others, such as the head's, do not apply to it)

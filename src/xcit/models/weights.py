@@ -15,7 +15,7 @@ import json
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -420,14 +420,17 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = No
 
     ``.pth`` files load with the official code, timm's converter and :func:`load_checkpoint`;
     ``extra`` (plain Python values) is stored beside ``'model'`` (or as safetensors metadata), with
-    the :func:`tensor_digest` that loading checks. The file is written to a temporary name and renamed, so a crash never leaves half a file.
+    the :func:`tensor_digest` that loading checks. The model's preprocessing (``model.data_config``, e.g. from
+    the checkpoint it was created from) is stored as ``data`` unless ``extra`` gives one. The file is written
+    to a temporary name and renamed, so a crash never leaves half a file; it gets the umask's permissions.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     arch = getattr(model, "arch_config", None)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    extra = {**preprocessing_entry(model), **(extra or {})}
+    tmp = new_temporary_file(path)
+    mode = os.stat(tmp).st_mode & 0o777  # the umask's; safetensors re-creates the file 0600
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
@@ -437,11 +440,33 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = No
         else:
             payload = {"model": state, **({"arch": dict(arch)} if arch else {}), **(extra or {})}
             torch.save(with_digest(payload), tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def preprocessing_entry(model: nn.Module) -> dict:
+    """``{"data": ...}``: the preprocessing ``model`` records (``data_config``, its ``in_chans``), or ``{}``."""
+    data = getattr(model, "data_config", None)
+    if not isinstance(data, dict) or not data:
+        return {}
+    chans = getattr(model, "in_chans", None)
+    return {"data": {**data, **({"in_chans": chans} if isinstance(chans, int) else {})}}
+
+
+def new_temporary_file(path: Path, suffix: str = ".tmp") -> str:
+    """A new empty file beside ``path`` (``.NAME.<random>.tmp``), to be renamed onto it, created with the
+    permissions any new file gets (0666 less the umask; ``tempfile.mkstemp`` would make it, and so ``path``, 0600)."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
 
 
 def download_release(name: str, *, timeout: float = 15.0) -> Path:
@@ -459,9 +484,9 @@ def download_file(url: str, what: str, *, timeout: float = 15.0) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    tmp = new_temporary_file(target, ".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with open(tmp, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
         os.replace(tmp, target)

@@ -54,6 +54,10 @@ class XCiTTrunk(nn.Module):
         self.embed_dim = self.num_features = embed_dim
         self.num_heads = num_heads
         self.grad_checkpointing = False
+        # The evaluation preprocessing the weights expect, as a checkpoint's ``data`` entry records it (img_size,
+        # in_chans, mean, std, crop_pct, interpolation; any may be missing): set by create_model, read by
+        # xcit.data.resolve_data_config, written back by save_checkpoint. None: nothing recorded.
+        self.data_config: dict | None = None
 
         self.patch_embed = ConvPatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_embeder = FourierPositionalEncoding(embed_dim) if use_pos_embed else None

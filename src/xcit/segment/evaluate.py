@@ -2,21 +2,26 @@
 run's) or of a checkpoint (:func:`evaluate_checkpoint`, ``xcit segment eval``) on an image / mask split."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..train import distributed as dist_utils
 from ..train.metrics import progress_bar
 from ..train.run import resolve_amp, run_process
 from .config import EvalSettings
 from .data import SegmentationFolder, infer, split_dirs
 from .metrics import ConfusionMatrix
-from .model import load_segmenter
+from .model import load_segmenter, normalization
 
 
 @torch.no_grad()
 def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: dist_utils.DistEnv | None = None,
-             amp_dtype: torch.dtype | None = None, progress: bool = False) -> dict:
-    """Confusion-matrix metrics of ``model`` on ``dataset`` (sharded over processes when distributed)."""
+             amp_dtype: torch.dtype | None = None, progress: bool = False,
+             normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD)) -> dict:
+    """Confusion-matrix metrics of ``model`` on ``dataset`` (sharded over processes when distributed), its images
+    normalised with ``normalization`` (mean, std)."""
     ctx = ctx or dist_utils.DistEnv(device=next(model.parameters()).device)
     net = getattr(model, "module", model)
     was_training = net.training
@@ -27,7 +32,8 @@ def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: di
     for i in indices:
         image, mask = dataset.load(i)
         probs = infer(net, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
-                      stride=settings.stride, flip=settings.flip, amp_dtype=amp_dtype)
+                      stride=settings.stride, flip=settings.flip, amp_dtype=amp_dtype, mean=normalization[0],
+                      std=normalization[1])
         cm.update(probs.argmax(0), mask)
         bar.update(1)
     bar.close()
@@ -52,6 +58,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "validation", s
         dataset = SegmentationFolder(images, masks, n, ignore_index=ignore, reduce_zero_label=rzl)
         if settings is None:
             settings = EvalSettings(**meta.get("eval", {}))
-        metrics = evaluate(model, dataset, settings, ctx, resolve_amp(amp, ctx.device), progress=True)
+        metrics = evaluate(model, dataset, settings, ctx, resolve_amp(amp, ctx.device), progress=True,
+                           normalization=normalization(meta))
         classes = meta.get("classes") or [f"class{i}" for i in range(n)]
         return metrics, classes

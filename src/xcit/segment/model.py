@@ -77,3 +77,12 @@ def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "
     model = segmenter_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})
+
+
+def normalization(meta: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a segmentation checkpoint's images are normalised with: its ``data`` entry, else (files
+    written before it was recorded, the official ADE20k files) the ImageNet statistics every recipe here uses."""
+    from ..data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    return tuple(data.get("mean") or IMAGENET_MEAN), tuple(data.get("std") or IMAGENET_STD)

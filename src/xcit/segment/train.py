@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..train.loop import fit
 from ..train.optim import PolySchedule
 from ..train.task import Batch, FitResult, Task, TrainData
@@ -111,8 +112,9 @@ class Segmentation(Task):
 
     def meta(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         info = self.info
+        data = {"in_chans": 3, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}  # TrainTransform's and infer's
         meta = {"classes": info.classes, "palette": info.palette, "ignore_index": info.ignore_index,
-                "reduce_zero_label": info.reduce_zero_label, "eval": asdict(self.cfg.eval),
+                "reduce_zero_label": info.reduce_zero_label, "eval": asdict(self.cfg.eval), "data": data,
                 "train_config": self.cfg.to_dict()}
         return {**meta, "metrics": metrics} if metrics is not None else meta
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..models.weights import CheckpointError, load_file, with_digest
+from ..models.weights import CheckpointError, load_file, new_temporary_file, with_digest
 
 STATE_VERSION = 2  # 2: the one training loop (task, options, the task's own entries); 1: the loops before it
 
@@ -52,9 +51,7 @@ def save_state(path: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` through a temporary file and a rename (never a half-written file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; a state file follows the umask like the others
+    tmp = new_temporary_file(path)  # created with the umask's permissions, as every other run file
     try:
         torch.save(with_digest({"version": STATE_VERSION, **state}), tmp)
         os.replace(tmp, path)
@@ -62,13 +59,6 @@ def save_state(path: Path, state: dict[str, Any]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def current_umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_state(path: str | os.PathLike, task: str | None = None, command: str = "xcit train") -> dict[str, Any]:
