@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from .config import add_config_option
+from .config import NON_NEGATIVE, POSITIVE, add_config_option, add_overwrite_option, number
 from .train import TITLES, add_field_options, print_config, training_options
 
 
@@ -78,29 +78,33 @@ def _register_eval(sub: argparse._SubParsersAction, name: str) -> None:
     p.add_argument("--pool", choices=["cls", "avg", "cls+avg"], default="cls",
                    help="feature: cls token after the final norm (DINO's), mean patch token, or both")
     if knn:
-        p.add_argument("--k", type=int, default=20, help="neighbours")
-        p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T)")
+        p.add_argument("--k", type=POSITIVE, default=20, help="neighbours")
+        p.add_argument("--temperature", type=number(float, 0, low_open=True), default=0.07,
+                       help="vote weight exp(cos / T), T > 0")
     else:
         p.add_argument("--protocol", choices=["dino", "precomputed"], default="dino",
                        help="dino: DINO's eval_linear.py (default); precomputed: the fast probe on features "
                             "computed once")
-        p.add_argument("--epochs", type=int, default=100, help="probe epochs (100, DINO's)")
-        p.add_argument("--lr", type=float, default=None,
+        p.add_argument("--epochs", type=POSITIVE, default=100, help="probe epochs (100, DINO's)")
+        p.add_argument("--lr", type=number(float, 0, low_open=True), default=None,
                        help="SGD peak lr, momentum 0.9, cosine: dino 0.001 per 256 images (scaled by the global "
                             "batch), precomputed 0.1")
-        p.add_argument("--weight-decay", type=float, default=0.0, help="precomputed only (DINO applies none)")
-        p.add_argument("--probe-batch-size", type=int, default=None,
+        p.add_argument("--weight-decay", type=number(float, 0), default=0.0,
+                       help="precomputed only (DINO applies none)")
+        p.add_argument("--probe-batch-size", type=POSITIVE, default=None,
                        help="dino: images per process and step (128); precomputed: features per step (256)")
-        p.add_argument("--output", default=None, help="save backbone + probe as an XCiT classifier (.pth)")
-    p.add_argument("--crop-pct", type=float, default=None,
+        p.add_argument("--output", default=None,
+                       help="save backbone + probe as an XCiT classifier (.pth); never the input checkpoint itself")
+        add_overwrite_option(p, "replace an existing --output file (never the input checkpoint)")
+    p.add_argument("--crop-pct", type=number(float, 0, 1, low_open=True), default=None,
                    help="test (and k-NN) preprocessing: resize to size / crop-pct, centre crop (default: DINO's 0.875 "
                         "for image folders; 1.0 for Fashion-MNIST, digits and IDX data)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass when embedding")
+    p.add_argument("--batch-size", type=POSITIVE, default=500, help="images per forward pass when embedding")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--workers", type=int, default=4, help="loader workers (class folders)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=4, help="loader workers (class folders)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init (and of the probe)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_config_option(p)
     p.set_defaults(func=run_feature_eval)
@@ -122,7 +126,7 @@ def run_feature_eval(args: argparse.Namespace) -> int:
     else:
         result = linear_probe(args.checkpoint, args.data, protocol=args.protocol, epochs=args.epochs, lr=args.lr,
                               weight_decay=args.weight_decay, probe_batch_size=args.probe_batch_size,
-                              output=args.output, **common)
+                              output=args.output, overwrite=args.overwrite, **common)
         what = f"linear probe ({args.protocol} protocol, {args.epochs} epochs)"
     report = json.dumps(result) if args.json else (
         f"{what} on {result['data']} {result['split']} ({result['n']} images, {result['n_train']} training features "

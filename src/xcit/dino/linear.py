@@ -29,12 +29,14 @@ from torch import nn
 
 from ..data.datasets import DataError, TensorImageDataset
 from ..data.loader import RepeatAugSampler, build_loader
+from ..data.outputs import claim_file
 from ..data.transforms import BatchTrainTransform, folder_train_transform
 from ..models import XCiT
 from ..models.weights import save_checkpoint
 from ..train import distributed as dist_utils
 from ..train.run import autocast_context, resolve_amp
 from .knn import (
+    check_eval_options,
     default_crop_pct,
     embed_splits,
     eval_loader,
@@ -137,14 +139,16 @@ def linear_probe(checkpoint: str | os.PathLike | None = None, data: str | None =
                  protocol: str = "dino", epochs: int = 100, lr: float | None = None, weight_decay: float = 0.0,
                  probe_batch_size: int | None = None, crop_pct: float | None = None, batch_size: int = 500,
                  device: str = "auto", workers: int = 4, amp: str = "none", seed: int = 0,
-                 output: str | os.PathLike | None = None) -> dict[str, Any]:
+                 output: str | os.PathLike | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Train a linear classifier on frozen features of the train split; top-1 / top-5 (%) on the test split.
 
     ``protocol`` is ``"dino"`` (DINO's, the default; ``lr`` per 256 images) or ``"precomputed"`` (the
     fast probe; ``lr`` as given, ``weight_decay`` allowed); ``lr`` and ``probe_batch_size`` (dino:
     images per process and step; precomputed: features per step over all processes) default to the
     protocol's. With ``output`` (and the cls feature of a checkpoint) the
-    backbone and the probe are saved as one XCiT classifier, usable by ``xcit eval`` / ``predict``.
+    backbone and the probe are saved as one XCiT classifier, usable by ``xcit eval`` / ``predict``; it is checked
+    before any work: an existing file is refused unless ``overwrite``, and the input ``checkpoint`` itself always
+    (replacing the weights being probed would lose them, and the probe does not reproduce them).
     ``data`` defaults to the dataset the checkpoint records (:func:`xcit.dino.knn.evaluation_data`).
     """
     if protocol not in PROTOCOLS:
@@ -153,9 +157,14 @@ def linear_probe(checkpoint: str | os.PathLike | None = None, data: str | None =
         raise ValueError("expected no weight decay with protocol dino (DINO applies none); use --protocol precomputed")
     lr = PROTOCOL_DEFAULTS[protocol]["lr"] if lr is None else lr
     probe_batch_size = probe_batch_size or PROTOCOL_DEFAULTS[protocol]["probe_batch_size"]
-    if epochs < 1 or probe_batch_size < 1 or batch_size < 1 or not lr > 0:
+    if epochs < 1 or probe_batch_size < 1 or batch_size < 1 or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"expected epochs, probe_batch_size, batch_size >= 1 and lr > 0; got {epochs}, "
                          f"{probe_batch_size}, {batch_size}, {lr}")
+    check_eval_options(batch_size=batch_size, workers=workers, crop_pct=crop_pct)
+    if output is not None:
+        if pixels or pool != "cls":
+            raise ValueError("expected --pool cls and a checkpoint to save the probe as a classifier (--output)")
+        claim_file(output, overwrite=overwrite, inputs=[checkpoint])  # before any work
     source = load_feature_model(checkpoint, pixels=pixels, random_init=random_init, pool=pool, seed=seed)
     data = evaluation_data(source, data)
     crop_pct = default_crop_pct(data) if crop_pct is None else crop_pct
