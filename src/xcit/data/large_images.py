@@ -66,8 +66,8 @@ def read_large_image(path: str | os.PathLike, in_chans: int = 3) -> np.ndarray:
     """The pixels as a uint8 (H, W, in_chans) array, memory-mapped for TIFF files.
 
     Grey images are given three channels by a broadcast view (no copy) for RGB models and an alpha
-    channel is dropped (a view); grey images deeper than 8 bits are scaled by their bit depth
-    (:func:`xcit.data.images.to_8bit`). Formats that cannot be memory-mapped are refused above
+    channel is dropped (a view); grey images deeper than 8 bits are scaled by their bit depth, as
+    :func:`xcit.data.images.to_8bit` scales them for every other reader (a copy, in row blocks). Formats that cannot be memory-mapped are refused above
     :data:`MAX_DECODED_PIXELS` or above the memory available, and a compressed TIFF above the free
     space of the temporary folder it is decoded into, before anything is allocated. ValueError names
     what was expected for other layouts or dtypes.
@@ -81,8 +81,11 @@ def read_large_image(path: str | os.PathLike, in_chans: int = 3) -> np.ndarray:
         raise
     except Exception as err:  # noqa: BLE001 - decoder errors of any kind become one readable message
         raise ValueError(f"cannot read image {display_path(path)!r}: {type(err).__name__}: {err}") from err
+    if arr.dtype != np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
+        arr = _grey_to_8bit(arr.reshape(arr.shape[:2]), _bits(path, arr.dtype))  # as to_8bit does for PIL images
     if arr.dtype != np.uint8:
-        raise ValueError(f"expected an 8-bit image, got {arr.dtype} pixels in {display_path(path)!r}")
+        raise ValueError(f"expected an 8-bit image (or deeper greyscale), got {arr.dtype} pixels of shape {arr.shape} "
+                         f"in {display_path(path)!r}")
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4):
@@ -123,6 +126,39 @@ def _read_tiff(path: Path) -> np.ndarray:
         raise ValueError(f"expected a 2-D grey or RGB TIFF (axes YX or YXS), got axes {axes!r} in "
                          f"{display_path(path)!r}")
     return arr
+
+
+def _bits(path: Path, dtype: np.dtype) -> int:
+    """The bit depth of a deep grey TIFF: its ``BitsPerSample`` where given, else its dtype's."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            bits = tif.pages[0].bitspersample
+        return int(bits)
+    except Exception:  # noqa: BLE001 - a PIL format, or an odd header: the dtype says enough
+        return np.dtype(dtype).itemsize * 8
+
+
+def _grey_to_8bit(arr: np.ndarray, bits: int, rows: int = 1024) -> np.ndarray:
+    """A deep greyscale (H, W) array as uint8, scaled by its bit depth as :func:`xcit.data.images.to_8bit` scales a
+    PIL image (unsigned and signed integers by ``bits``, negatives to 0; floats as 0..1, or 0..255 above 1), a block of
+    ``rows`` at a time into memory, or into a temporary memory-mapped file above 512 MB (a memory-mapped slide)."""
+    h, w = arr.shape
+    if arr.dtype.kind == "f":
+        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+    elif arr.dtype.kind in "ui":
+        top = float((1 << min(bits, 31 if arr.dtype.kind == "i" else 32)) - 1)
+    else:
+        raise ValueError(f"expected integer or floating-point grey pixels, got {arr.dtype}")
+    if h * w > (512 << 20):  # an unnamed temporary file: gone with the last reference to the array
+        out = np.memmap(tempfile.TemporaryFile(), dtype=np.uint8, mode="w+", shape=(h, w))
+    else:
+        out = np.empty((h, w), np.uint8)
+    for start in range(0, h, rows):
+        block = np.nan_to_num(np.asarray(arr[start:start + rows], dtype=np.float64)) * (255.0 / top)
+        out[start:start + rows] = np.clip(np.rint(block), 0, 255)
+    return out
 
 
 def _read_with_pil(path: Path) -> np.ndarray:
