@@ -8,7 +8,9 @@ prediction command that skipped unreadable inputs, one ``skipped PATH: REASON`` 
 else), that no traceback is printed, and that no file that existed before the command was changed.
 
 The full disk is a real one: a 256 KiB tmpfs, filled, when this process may mount one (root); elsewhere every write
-of the package's one output helper (:class:`xcit.data.outputs.atomic_write`) is made to fail with ``ENOSPC``.
+through the package's output helpers (:class:`xcit.data.outputs.atomic_write`,
+:func:`xcit.models.weights.write_atomically`) is made to fail with ``ENOSPC``, and the ``prepare`` commands, whose
+staged dataset folders are written file by file, are skipped.
 """
 from __future__ import annotations
 
@@ -450,6 +452,8 @@ FULL = {
 @pytest.mark.parametrize("name", list(FULL))
 def test_a_full_disk_is_one_line_naming_the_output_and_loses_nothing(name, full_disk, world, tmp_path, capsys):
     folder, real = full_disk
+    if not real and "prepare" in name:
+        pytest.skip("a dataset folder is staged with plain writes: only a real full disk (tmpfs, root) tests it")
     argv = [t.replace("F/", f"{folder}/", 1) for t in _expand(FULL[name], world, tmp_path)]
     before = _snapshot(world, folder)
     code, _, err = run(argv, capsys)
