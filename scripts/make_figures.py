@@ -66,7 +66,8 @@ def attention(paths: list[Path], out: Path, *, checkpoint: str | None = None, mo
     """``xcit attention PATHS [--checkpoint C | --model M] -o OUT --img-size S --xca-block -1 --palette --dpi 80``."""
     inf = load_for_inference(checkpoint, model)
     short_side = short_side or min(inf.img_size)
-    for result in render_attention(inf, paths, out, short_side=short_side, xca_blocks=[-1], palette=True, dpi=80):
+    for result in render_attention(inf, paths, out, short_side=short_side, xca_blocks=[-1], palette=True, dpi=80,
+                                   overwrite=True):  # regenerating the docs' figures replaces them
         print(f"{result.path} -> {', '.join(str(f) for f in result.figures)}", flush=True)
 
 
@@ -74,14 +75,11 @@ def predict(names: list[str], checkpoint: str, output: Path, top_k: int = 3) -> 
     """``xcit predict NAMES --checkpoint C --top-k 3 -o OUTPUT`` (the CSV of the docs)."""
     inf = load_for_inference(checkpoint)
     k = min(top_k, inf.num_classes)
-    writer = PredictionWriter(output, top_k=k)
-    try:
+    with PredictionWriter(output, top_k=k, overwrite=True) as writer:  # the earlier CSV stays if anything fails
         for pred in Predictor(inf).predict(names, top_k=k):
             if pred.error is not None:
                 sys.exit(f"{pred.path}: {pred.error}")
             writer.write(pred)
-    finally:
-        writer.close()
     print(f"wrote {output}")
 
 

@@ -257,3 +257,74 @@ def test_32bit_and_float_images_scale_by_depth(tmp_path):
     for name in ("int32.tif", "unit.tif", "bytes.tif", "u16.tif"):
         got = np.asarray(load_image(tmp_path / name, in_chans=1), dtype=int)
         assert np.abs(got - levels).max() <= 1, name
+
+
+def test_folders_are_walked_through_links_once_and_no_image_is_dropped_or_read_twice(tmp_path):
+    """A linked folder is followed (its images were silently left out); a link back up the tree lists nothing twice;
+    a class-folder dataset refuses an image reached twice (it was read again, under the wrong label)."""
+    from xcit.data.datasets import DataError, scan_image_folder
+    from xcit.data.images import collect_images, list_images
+
+    digits = _digit_images()
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.fromarray(digits[cls == "b"]).save(tmp_path / "train" / cls / f"{cls}.png")
+    (tmp_path / "more").mkdir()
+    Image.fromarray(digits[2]).save(tmp_path / "more" / "m.png")
+    (tmp_path / "train" / "b" / "linked").symlink_to(tmp_path / "more")
+    (tmp_path / "train" / "b" / "loop").symlink_to("..")
+    found = list_images(tmp_path / "train")
+    assert found == [tmp_path / "train" / p for p in ("a/a.png", "b/b.png", "b/linked/m.png")]
+    assert collect_images([tmp_path / "train"]) == [str(p) for p in found]
+    with pytest.raises(DataError, match=r"b/loop/a/a\.png is .*a/a\.png again, through the symbolic link .*b/loop"):
+        scan_image_folder(tmp_path / "train")
+    (tmp_path / "train" / "b" / "loop").unlink()
+    samples, classes = scan_image_folder(tmp_path / "train")
+    assert classes == ["a", "b"] and sorted((os.path.relpath(p, tmp_path), c) for p, c in samples) == [
+        ("train/a/a.png", 0), ("train/b/b.png", 1), ("train/b/linked/m.png", 1)]
+    (tmp_path / "train" / "a" / "again.png").symlink_to(tmp_path / "train" / "b" / "b.png")
+    with pytest.raises(DataError, match="again.png"):
+        scan_image_folder(tmp_path / "train")
+
+
+def _digit_images() -> list[np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    return [np.kron(img * 15, np.ones((4, 4))).astype(np.uint8) for img in load_digits().images[:3]]
+
+
+def test_list_files_keep_names_that_are_not_utf8_and_every_output_names_them_in_utf8(tmp_path):
+    from xcit.data.images import collect_images, display_path
+
+    name = os.fsdecode(b"caf\xe9.png")
+    Image.fromarray(_digit_images()[0]).save(tmp_path / name)
+    (tmp_path / "list.txt").write_bytes(b"# images\n" + os.fsencode(tmp_path / name) + b"\n\n")
+    assert collect_images([], [tmp_path / "list.txt"]) == [str(tmp_path / name)]
+    assert collect_images([tmp_path]) == [str(tmp_path / name)]
+    assert display_path(tmp_path / name) == f"{tmp_path}/caf\\xe9.png"
+    assert display_path("two\nlines.png") == "two\\nlines.png"
+
+
+def test_output_names_are_unique_when_inputs_share_a_stem():
+    from xcit.data.outputs import unique_stems
+
+    assert unique_stems(["x/a.png", "x/b.png"]) == ["a", "b"]
+    assert unique_stems(["x/a.png", "x/a.jpg", "x/b.png"]) == ["a.png", "a.jpg", "b"]
+    assert unique_stems(["x/a.png", "y/a.png"]) == ["x_a.png", "y_a.png"]
+    assert unique_stems(["x/A.png", "x/b.png", "x/a.PNG"]) == ["A.png", "b", "a.PNG_2"]  # case-insensitive file systems
+    assert unique_stems(["x/a.png", "x/a.png"]) == ["a.png", "a.png_2"]  # the same file twice
+    names = unique_stems(["a.png", "a.jpg", "a.png.tif", "sub/a.png"])
+    assert len({n.casefold() for n in names}) == 4
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding(tmp_path, monkeypatch, recwarn):
+    """Every read names the file and the limit (PIL.Image.MAX_IMAGE_PIXELS): no traceback, no warning, no allocation."""
+    from xcit.data import images
+
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "g.png")
+    for limit in (1999, 1200, 999):  # below PIL's own limit, between it and its error (2x), above that
+        monkeypatch.setattr(images.Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(ValueError, match=rf"g\.png': (50x40 = )?2,000 pixels, above the limit of {limit:,}"):
+            images.read_image(tmp_path / "g.png")
+    assert images.load_image(tmp_path / "g.png", max_pixels=2000).size == (50, 40)  # a caller may allow more
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]

@@ -1,5 +1,6 @@
 """Checkpoint integrity: every file this project writes records the SHA-256 of its tensors, and reading
 checks it; damaged or foreign files are one-line CheckpointErrors, never different weights or tracebacks."""
+import copy
 import json
 import random
 import zipfile
@@ -189,3 +190,65 @@ def test_dense_task_checkpoints_say_where_they_belong(tmp_path, capsys):
 
     pyramid = create_pyramid(checkpoint=tmp_path / "det.pt")  # a detector's backbone starts a new dense model
     assert torch.equal(pyramid.blocks[0].attn.qkv.weight, detector.backbone.body.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_changed_class_name_or_setting_is_refused_like_a_changed_tensor(model, tmp_path, suffix):
+    """The digest covers every value of the file, not only its tensors: labels and preprocessing are as guarded."""
+    path = xcit.save_checkpoint(model, tmp_path / f"m{suffix}",
+                                extra={"classes": [f"class{i}" for i in range(9)] + ["dog"],
+                                       "data": {"dataset": "digits", "crop_pct": 0.875}})
+    good = path.read_bytes()
+    edits = [(b"dog", b"cat"), (b"digits", b"digitz")] + ([(b"0.875", b"0.975")] if suffix == ".safetensors" else [])
+    assert all(good.count(old) == 1 for old, _ in edits) and read_state_dict(path)
+    for old, new in edits:
+        damaged = tmp_path / f"damaged{suffix}"
+        damaged.write_bytes(good.replace(old, new))
+        with pytest.raises(CheckpointError, match=f"{damaged}: corrupted") as err:
+            xcit.create_model(checkpoint=damaged)
+        assert "\n" not in str(err.value)
+    if suffix == ".pth":  # the same edit made by re-saving the file (valid zip, valid pickle), the digest kept
+        saved = torch.load(path, weights_only=True)
+        saved["classes"][-1] = "cat"
+        torch.save(saved, tmp_path / "edited.pth")
+        with pytest.raises(CheckpointError, match="corrupted"):
+            read_state_dict(tmp_path / "edited.pth")
+
+
+def test_files_with_the_earlier_tensor_only_digest_are_read_and_still_checked(model, tmp_path):
+    from xcit.models.weights import LEGACY_DIGEST_KEY
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    payload = {"model": state, "classes": list("abcdefghij")}
+    torch.save({**payload, LEGACY_DIGEST_KEY: tensor_digest(payload)}, tmp_path / "old.pth")
+    assert tensor_digest(read_state_dict(tmp_path / "old.pth")) == tensor_digest(state)
+    assert xcit.models.weights.read_metadata(tmp_path / "old.pth") == {"classes": list("abcdefghij")}
+    state["head.bias"][0] += 1
+    torch.save({**payload, LEGACY_DIGEST_KEY: tensor_digest({"model": model.state_dict(), "classes": []})},
+               tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match="bad.pth: corrupted: its tensor data"):
+        read_state_dict(tmp_path / "bad.pth")
+
+
+def test_the_content_digest_tells_values_of_other_types_and_orders_apart():
+    from xcit.models.weights import content_digest
+
+    values = [1, 1.0, "1", True, None, [1], (1,), {"1": 1}, {1: 1}, b"1", torch.tensor(1), 0.1, 0.1 + 1e-17 + 1e-16]
+    assert len({content_digest(v) for v in values}) == len(values)
+    assert content_digest({"a": 1, "b": [2, 3]}) == content_digest({"b": [2, 3], "a": 1})  # key order is free
+    assert content_digest([2, 3]) != content_digest([3, 2]) and content_digest(["ab", "c"]) != content_digest(["a", "bc"])
+
+
+def test_weights_that_hold_nan_or_infinity_are_refused_naming_the_first_tensor(model, tmp_path):
+    from xcit.inference import load_for_inference
+
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.blocks[1].attn.qkv.weight[2, 3] = float("nan")
+        broken.head.weight[0, 0] = float("inf")
+    path = xcit.save_checkpoint(broken, tmp_path / "diverged.pth")
+    for call in (lambda: load_for_inference(path), lambda: xcit.create_model(checkpoint=path),
+                 lambda: xcit.load_checkpoint(copy.deepcopy(model), path),
+                 lambda: xcit.models.create_pyramid(checkpoint=path)):
+        with pytest.raises(CheckpointError, match=r"diverged.pth: .*'blocks.1.attn.qkv.weight' \(1 NaN, 0 infinite"):
+            call()

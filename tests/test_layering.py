@@ -287,7 +287,10 @@ ONE_HOME = {
     "collect_images": "xcit.data.images", "pick_device": "xcit.train.distributed",
     "create_model": "xcit.models.registry", "create_pyramid": "xcit.models.registry",
     "read_trunk": "xcit.models.weights", "StepSchedule": "xcit.train.optim", "PolySchedule": "xcit.train.optim",
-    "option": "xcit.config", "coerce": "xcit.config",
+    "option": "xcit.config", "coerce": "xcit.config", "read_yaml": "xcit.config",
+    "open_image": "xcit.data.images", "display_path": "xcit.data.images", "walk_images": "xcit.data.images",
+    "atomic_write": "xcit.data.outputs", "claim_file": "xcit.data.outputs", "unique_stems": "xcit.data.outputs",
+    "fit": "xcit.train.loop", "cadence": "xcit.train.options", "resolve_lr": "xcit.train.options",
 }
 
 

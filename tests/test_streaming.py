@@ -273,3 +273,31 @@ def test_an_optimised_copy_is_refused_with_a_message():
     model = xcit.create_model("xcit_nano_12_p16").eval()
     with pytest.raises(ValueError, match="optimised copy"):
         xcit.streaming(xcit.optimize(model))
+
+
+def test_deep_greyscale_images_stream_scaled_by_their_bit_depth_as_every_reader_scales_them(tmp_path, capsys):
+    """A 16-bit greyscale PNG or TIFF, and a float TIFF, give the streaming reader (embed, large predict / attention)
+    the 8-bit pixels load_image gives every other command (it refused them, or clipped a PNG to white)."""
+    from PIL import Image
+    from skimage import data
+
+    from xcit.cli import main
+    from xcit.data.images import load_image
+    from xcit.data.large_images import read_large_image
+
+    camera = data.camera()[::4, ::4]  # 128 x 128, uint8
+    deep = camera.astype(np.uint16) * 257
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    _tiff(tmp_path, deep, "deep.tif")
+    _tiff(tmp_path, camera.astype(np.float32) / 255, "float.tif")
+    for name in ("deep.png", "deep.tif", "float.tif"):
+        grey = read_large_image(tmp_path / name, in_chans=1)
+        assert grey.dtype == np.uint8 and grey.shape == (128, 128, 1), name
+        assert np.abs(grey[..., 0].astype(int) - camera).max() == 0, name
+        assert np.array_equal(grey[..., 0], np.asarray(load_image(tmp_path / name, 1))), name
+    ckpt = _checkpoint(tmp_path, _model(16, seed=3))
+    code = main(["embed", str(tmp_path / "deep.png"), str(tmp_path / "deep.tif"), "--checkpoint", str(ckpt),
+                 "-o", str(tmp_path / "e.npz")])
+    assert code == 0, capsys.readouterr().err
+    saved = np.load(tmp_path / "e.npz")
+    np.testing.assert_allclose(saved["cls"][0], saved["cls"][1], atol=1e-6)  # the same pixels, whatever the format

@@ -4,15 +4,19 @@ A field is declared with :func:`option` (default, help text, group, choices); it
 (``int``, ``float | None``, ``list[float]``...) is its type. :func:`coerce` is the one place where a
 value a user wrote (a YAML file, a Python dict given to ``resolve_config``) becomes a typed option
 value; the command line uses the same types through argparse. Every mistake is a one-line
-``ValueError`` naming the option. This module imports nothing else of :mod:`xcit`.
+``ValueError`` naming the option. :func:`read_yaml` is the one reader of YAML files a user wrote. This module
+imports nothing else of :mod:`xcit`.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import os
 import types
 import typing
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -89,3 +93,64 @@ def coerce_fields(values: dict[str, Any], fields: Iterable[dataclasses.Field]) -
         else:
             out[key] = coerce(key, value, kind)
     return out
+
+
+def read_yaml(path: str | os.PathLike, what: str = "config file") -> Any:
+    """The YAML document of a file a user wrote, read strictly: one-line errors naming the file (and line).
+
+    A file that is missing, not UTF-8 text or not valid YAML, and a mapping that repeats a key (YAML
+    itself would keep the last value and silently drop the first), are each a ``ValueError``
+    (``FileNotFoundError`` for a missing file) that says what was expected. An empty file reads as ``None``.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        kind = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} {path} {kind} (expected a YAML file)")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at line {line}); "
+                         "expected a YAML file saved as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 - a SafeLoader that also refuses duplicate keys
+    except DuplicateKeyError as err:
+        raise ValueError(f"{what} {path}: {err}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{what} {path} is not valid YAML{at}: {problem}") from None
+
+
+class DuplicateKeyError(ValueError):
+    """A YAML mapping that holds a key twice."""
+
+
+@functools.cache
+def _strict_loader() -> type:
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """YAML's safe loader, refusing a key that a mapping holds twice."""
+
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.get(key)
+                    except TypeError:  # an unhashable key: the base loader reports it
+                        continue
+                    if first is not None:
+                        raise DuplicateKeyError(f"the key {key!r} appears twice, at lines {first} and "
+                                                f"{key_node.start_mark.line + 1} (expected each key once)")
+                    seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..data.outputs import atomic_write, claim_file
 from . import report
 from .agreement import bf16_agreement
 from .contenders import (
@@ -61,6 +62,13 @@ class BenchSettings:
             raise ValueError(f"expected a preset in {sorted(PRESETS)}, got {self.preset!r}")
         if self.clock not in CLOCKS:
             raise ValueError(f"expected a clock in {sorted(CLOCKS)}, got {self.clock!r}")
+        for name, low in (("batch", 1), ("repeats", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"expected {name} to be an integer >= {low}, got {value!r}")
+        if self.sizes is not None and (not self.sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1
+                                                             for s in self.sizes)):
+            raise ValueError(f"expected sizes to be resolutions >= 1 pixel, got {self.sizes!r}")
         from ..models import resolve_name
 
         resolve_name(self.model)
@@ -234,12 +242,17 @@ class Bench:
 
 
 def run_suite(settings: BenchSettings, out: Path, *, plot: Path | None = None, raw: Path | None = None,
-              command: str = "xcit bench") -> dict:
+              command: str = "xcit bench", overwrite: bool = False) -> dict:
     """Run the suite and write the markdown report ``out``, the plot (default ``scaling.png`` beside it) and
-    the raw results (default ``results.json`` beside it); returns the results."""
+    the raw results (default ``results.json`` beside it); returns the results. The three files are checked
+    before anything is timed: one that exists is refused unless ``overwrite``."""
     import torch
 
     settings.check()
+    out = Path(out)
+    plot = plot or out.with_name("scaling.png")
+    raw = raw or out.with_name("results.json")
+    _claim_outputs(out, plot, raw, overwrite=overwrite)
     try:
         import timm  # noqa: F401
     except ImportError as err:
@@ -249,9 +262,6 @@ def run_suite(settings: BenchSettings, out: Path, *, plot: Path | None = None, r
     if settings.clock == "cpu" and torch.get_num_threads() != 1:
         raise ValueError("--clock cpu measures process CPU time and needs --threads 1 (with more threads it "
                          "would count OpenMP spin-waiting)")
-    out = Path(out)
-    plot = plot or out.with_name("scaling.png")
-    raw = raw or out.with_name("results.json")
     t0 = time.time()
     results = Bench(settings).run()
     results["command"] = os.environ.get("XCIT_BENCH_COMMAND", command)
@@ -260,19 +270,58 @@ def run_suite(settings: BenchSettings, out: Path, *, plot: Path | None = None, r
     results["preset"] = settings.preset
     results["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results["duration_s"] = time.time() - t0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps(results, indent=1))
-    report.plot_scaling(results, plot)
-    out.write_text(report.render(results, plot_path=os.path.relpath(plot, out.parent)))
+    with atomic_write(raw) as tmp:
+        tmp.write_text(json.dumps(results, indent=1))
+    _write_report(results, out, plot)
     return results
 
 
-def render_files(results_json: Path, out: Path, *, plot: Path | None = None, appendix: list[Path] = ()) -> None:
+def render_files(results_json: Path, out: Path, *, plot: Path | None = None, appendix: list[Path] = (),
+                 overwrite: bool = False) -> None:
     """Re-write the report ``out`` and its plot from an earlier run's ``results.json``; ``appendix``: the
-    results files of other runs whose summary and targets are appended (e.g. a ``--clock cpu`` cross-check)."""
+    results files of other runs whose summary and targets are appended (e.g. a ``--clock cpu`` cross-check).
+    An existing ``out`` or plot is refused unless ``overwrite``; a results file is never written over."""
     out = Path(out)
     plot = plot or out.with_name("scaling.png")
-    results = json.loads(Path(results_json).read_text())
-    others = [json.loads(Path(p).read_text()) for p in appendix]
-    report.plot_scaling(results, plot)
-    out.write_text(report.render(results, plot_path=os.path.relpath(plot, out.parent), appendix=others))
+    _claim_outputs(out, plot, overwrite=overwrite, inputs=[results_json, *appendix])
+    results = read_results(results_json)
+    others = [read_results(p) for p in appendix]
+    _write_report(results, out, plot, others)
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """The results of an earlier suite run (its ``results.json``); a one-line ``ValueError`` naming the file for
+    anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"expected the results.json of an earlier `xcit bench` run, got {path}, which "
+                                f"{'is a folder' if path.is_dir() else 'does not exist'}")
+    try:
+        results = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: expected the results.json of an earlier `xcit bench` "
+                         "run") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}): expected the "
+                         "results.json of an earlier `xcit bench` run") from None
+    if not isinstance(results, dict) or not isinstance(results.get("cases"), dict):
+        raise ValueError(f"{path} holds no benchmark cases: expected the results.json of an earlier `xcit bench` run")
+    return results
+
+
+def _claim_outputs(*paths: Path, overwrite: bool, inputs=()) -> None:
+    options = ("--out", "--plot", "--json")
+    for option, path in zip(options, paths):
+        claim_file(path, overwrite=overwrite, option=option, inputs=inputs)
+
+
+def _write_report(results: dict, out: Path, plot: Path, appendix: list[dict] = ()) -> None:
+    try:
+        text = report.render(results, plot_path=os.path.relpath(plot, out.parent), appendix=list(appendix))
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"the results lack what the report needs ({type(err).__name__}: {err}); expected the "
+                         "results.json of an earlier `xcit bench` run") from None
+    with atomic_write(plot) as tmp:
+        report.plot_scaling(results, tmp)
+    with atomic_write(out) as tmp:
+        tmp.write_text(text)

@@ -102,7 +102,11 @@ def evaluate(
     from ..models import create_model, resolve_name
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise ValueError(f"expected img_size >= 1, got {img_size!r}")
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f"expected crop_pct in (0, 1], got {crop_pct!r}")
     if int8 and (amp != "none" or device not in ("auto", "cpu") or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         raise ValueError("int8 evaluation runs in one CPU process in float32 around the int8 kernels: "
                          "use --device cpu (or auto), --amp none and no torchrun")
@@ -128,7 +132,8 @@ def evaluate(
         log.warning("class folders differ from the checkpoint's class names; assuming the same (sorted) order")
     if isinstance(dataset, TensorImageDataset) and dataset.in_chans != chans:
         raise DataError(f"{data} has {dataset.in_chans}-channel images, the model takes {chans}")
-    size = img_size or saved.get("img_size") or (dataset.native_size if isinstance(dataset, TensorImageDataset) else default_size)
+    native = dataset.native_size if isinstance(dataset, TensorImageDataset) else default_size
+    size = img_size if img_size is not None else saved.get("img_size") or native
     pct = crop_pct if crop_pct is not None else saved.get("crop_pct", 1.0)
     norm_mean = tuple(mean or saved.get("mean") or dataset.mean)
     norm_std = tuple(std or saved.get("std") or dataset.std)

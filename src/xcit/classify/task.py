@@ -136,6 +136,9 @@ class Classification(Task):
     def train_data(self) -> TrainData:
         return TrainData(self.data.train_set, batch_transform=self.train_tf, repeats=self.cfg.repeated_aug)
 
+    def inputs(self) -> list[str]:
+        return [p for p in (self.cfg.finetune, self.cfg.teacher) if p]
+
     def run_name(self) -> list[str]:
         return [self.cfg.data, self.cfg.model]
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import add_config_option
+from .config import POSITIVE, add_config_option, add_overwrite_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="xcit_small_12_p16", help="XCiT architecture (default xcit_small_12_p16)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    p.add_argument("--sizes", type=int, nargs="+", default=None, help="scaling resolutions (batch 1); overrides the preset")
-    p.add_argument("--batch", type=int, default=32, help="batch of the 224 comparisons (default 32)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds per comparison (default: preset)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, i.e. all cores)")
+    p.add_argument("--sizes", type=POSITIVE, nargs="+", default=None,
+                   help="scaling resolutions (batch 1); overrides the preset")
+    p.add_argument("--batch", type=POSITIVE, default=32, help="batch of the 224 comparisons (default 32)")
+    p.add_argument("--repeats", type=POSITIVE, default=None, help="timed rounds per comparison (default: preset)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's, i.e. all cores)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: perf_counter (default); cpu: process CPU time, with --threads 1 only - robust to other "
                         "processes competing for the cores on a shared machine")
@@ -36,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="only re-write the report and plot from an earlier run's results.json")
     p.add_argument("--appendix", type=Path, nargs="*", default=[], metavar="RESULTS_JSON",
                    help="with --render: append the summary and targets of other runs (e.g. a --clock cpu cross-check)")
+    add_overwrite_option(p, "replace existing --out, --plot and --json files (the repository's own "
+                            "benchmarks/RESULTS.md included)")
     add_config_option(p)
     p.set_defaults(func=run_bench)
 
@@ -46,7 +49,7 @@ def run_bench(args: argparse.Namespace) -> int:
     out = args.out
     plot = args.plot or out.with_name("scaling.png")
     if args.render:
-        render_files(args.render, out, plot=plot, appendix=args.appendix)
+        render_files(args.render, out, plot=plot, appendix=args.appendix, overwrite=args.overwrite)
         print(f"wrote {out}, {plot}")
         return 0
     settings = BenchSettings(
@@ -56,6 +59,6 @@ def run_bench(args: argparse.Namespace) -> int:
     )
     raw = args.json or out.with_name("results.json")
     command = "xcit bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" else "xcit bench"
-    run_suite(settings, out, plot=plot, raw=raw, command=command)
+    run_suite(settings, out, plot=plot, raw=raw, command=command, overwrite=args.overwrite)
     print(f"wrote {out}, {plot}, {raw}")
     return 0

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import coerce
+from ..config import coerce, read_yaml
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -21,6 +19,12 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
                         help="YAML file of option values; repeatable: files apply in order, a later one overriding "
                              "an earlier one, and the command line overrides them all")
     parser.set_defaults(_parser=parser)
+
+
+def add_overwrite_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: the one way, in every command, to let it replace files that already exist (``what``)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"{what} (without it, a command refuses, before any work, to write over an existing file)")
 
 
 def require_options(args: argparse.Namespace, *names: str) -> None:
@@ -35,15 +39,11 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     def error(message: str) -> SystemExit:
         return SystemExit(f"{parser.prog}: error: {message}")
 
-    if not path.is_file():
-        raise error(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise error(f"config file {path} is not valid YAML{at}: {problem}") from None
+        data = read_yaml(path) or {}
+    except (ValueError, OSError) as err:  # missing, a folder, unreadable, not UTF-8, not YAML, a key given twice
+        raise error(str(err) if not isinstance(err, OSError) or err.filename is None
+                    else f"config file {path}: {err.strerror}") from None
     if not isinstance(data, dict):
         raise error(f"config file {path} must hold a mapping of option: value")
     actions = [a for a in parser._actions if a.dest not in ("help", "config", "_parser")]
@@ -86,13 +86,67 @@ def _typed(key: str, value: Any, action: argparse.Action) -> Any:
     if not many:
         if isinstance(value, list):
             raise ValueError(f"{key}: expected a single value, got the list {value!r}")
-        return value if action.type is None else coerce(key, value, action.type)
+        return value if action.type is None else _coerce(key, value, action.type)
     values = value if isinstance(value, list) else [value]  # `img_size: 224` reads as `--img-size 224`
     if isinstance(action.nargs, int) and len(values) != action.nargs:
         raise ValueError(f"{key}: expected {action.nargs} values, got {value!r}")
     if action.nargs == "+" and not values:
         raise ValueError(f"{key}: expected at least one value, got {value!r}")
-    return values if action.type is None else [coerce(key, v, action.type) for v in values]
+    return values if action.type is None else [_coerce(key, v, action.type) for v in values]
+
+
+def _coerce(key: str, value: Any, kind) -> Any:
+    """:func:`xcit.config.coerce`, except that a ranged option type (:func:`number`) states its own rule."""
+    if isinstance(kind, NumberOption):
+        try:
+            return kind(value)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"{key}: {err}") from None
+    return coerce(key, value, kind)
+
+
+class NumberOption:
+    """An option type: an integer or a number within bounds; a mistake is argparse's one-line error."""
+
+    def __init__(self, kind: type, low: float | None, high: float | None, low_open: bool) -> None:
+        self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
+        self.__name__ = kind.__name__  # argparse names the type in its messages
+
+    def rule(self) -> str:
+        what = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{what} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{what} {'>' if self.low_open else '>='} {self.low:g}"
+        return what if self.high is None else f"{what} <= {self.high:g}"
+
+    def __call__(self, text: Any) -> int | float:
+        fail = argparse.ArgumentTypeError(f"expected {self.rule()}, got {text!r}")
+        if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+            raise fail
+        try:
+            value = coerce("", text, self.kind)
+        except ValueError:
+            raise fail from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise fail
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise fail
+        if self.high is not None and value > self.high:
+            raise fail
+        return value
+
+
+def number(kind: type = int, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False) -> NumberOption:
+    """An option ``type=`` that accepts ``kind`` (int or float) values in ``[low, high]`` (``(low, high]`` with
+    ``low_open``; either bound may be None), so that an out-of-range value is refused before anything runs."""
+    return NumberOption(kind, low, high, low_open)
+
+
+#: option types of the counts and sizes most commands take
+POSITIVE = number(int, 1)
+NON_NEGATIVE = number(int, 0)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import add_config_option, require_options
+from .config import NON_NEGATIVE, POSITIVE, add_config_option, add_overwrite_option, number, require_options
 from .options import add_training_command
 from .unreadable import Unreadable, add_policy
 
@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", choices=["trees", "nuclei"])
     p.add_argument("--output", "-o", default=None, help="output folder: images/{train,val}, annotations/{train,val}.json, SOURCE.txt")
     p.add_argument("--out", dest="output", help=argparse.SUPPRESS)
+    add_overwrite_option(p, "replace an earlier dataset in --output (its images/, annotations/ and SOURCE.txt are "
+                            "removed once the new one is complete)")
     p.add_argument("--source", default=None, metavar="PATH", help="the package's .whl file or unpacked folder (default: installed)")
     p.add_argument("--in-domain", action="store_true",
                    help="trees: also train on three quadrants of OSBS_029 and hold out its bottom-right one (a same-site check)")
@@ -39,10 +41,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None, help="image root (default: ROOT/images, else the JSON's folder)")
     _test_options(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=POSITIVE, default=None)
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--overlays", default=None, metavar="DIR", help="also write an overlay PNG per image here")
+    add_overwrite_option(p, "replace an existing --output file and earlier overlays in --overlays")
     add_config_option(p)
     p.set_defaults(func=run_eval)
 
@@ -50,21 +53,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy(p, ', and under "unreadable" in predictions.json')
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="detection checkpoint, an official COCO file or its name (maskrcnn_xcit_tiny_12_p16)")
-    p.add_argument("--output", "-o", default="detections", help="output folder (NAME_overlay.png, predictions.json)")
+    p.add_argument("--output", "-o", default="detections",
+                   help="output folder (NAME_overlay.png, predictions.json; NAME is the file's stem, or its name where "
+                        "two inputs share a stem: a.png_overlay.png, a.jpg_overlay.png)")
     p.add_argument("--out", dest="output", help=argparse.SUPPRESS)
-    p.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    add_overwrite_option(p, "replace files of an earlier run in --output (NAME_overlay.png, predictions.json)")
+    p.add_argument("--score-thresh", type=number(float, 0, 1), default=0.5,
+                   help="keep detections scoring at least this, in [0, 1] (default 0.5)")
     _test_options(p)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=POSITIVE, default=None)
     add_config_option(p)
     p.set_defaults(func=run_predict)
 
 
 def _test_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--test-size", type=int, default=None,
+    p.add_argument("--test-size", type=NON_NEGATIVE, default=None,
                    help="shorter side at test time (default: the checkpoint's; 0: each image at its own resolution)")
-    p.add_argument("--max-size", type=int, default=None, help="cap on the longer side (default: the checkpoint's)")
-    p.add_argument("--detections", type=int, default=None, help="detections kept per image (default: the checkpoint's, 100)")
+    p.add_argument("--max-size", type=POSITIVE, default=None, help="cap on the longer side (default: the checkpoint's)")
+    p.add_argument("--detections", type=POSITIVE, default=None,
+                   help="detections kept per image (default: the checkpoint's, 100)")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -73,7 +81,8 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.in_domain and args.dataset != "trees":
         raise ValueError("expected --in-domain only with trees (nuclei always holds out one quadrant of its image)")
     require_options(args, "output")
-    paths = prepare(args.dataset, args.output, args.source, **({"in_domain": True} if args.in_domain else {}))
+    paths = prepare(args.dataset, args.output, args.source, overwrite=args.overwrite,
+                    **({"in_domain": True} if args.in_domain else {}))
     print(f"wrote {args.dataset} to {args.output}: {paths['train']} (training), {paths['val']} (held out); see SOURCE.txt")
     return 0
 
@@ -87,7 +96,7 @@ def _load(args: argparse.Namespace):
     require_options(args, "checkpoint")
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, meta = load_detector(args.checkpoint)
+    model, meta = load_detector(args.checkpoint)  # weights holding NaN or infinity are refused there
     if args.test_size is not None or args.max_size is not None:
         set_test_size(model, model.transform.test_size if args.test_size is None else args.test_size, args.max_size)
     if args.detections is not None:
@@ -102,26 +111,33 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..detect.config import image_root
     from ..detect.train import flat_metrics
 
+    from ..data.outputs import atomic_write, claim_file, claim_files, unique_stems
+    from ..detect.predict import prediction_files, predict_files
+
     if args.coco_json is None and args.data:
         args.coco_json = str(Path(args.data) / "annotations" / "val.json")
     require_options(args, "coco_json")
+    if args.output:  # before any work
+        claim_file(args.output, overwrite=args.overwrite, inputs=[args.coco_json, args.checkpoint])
     model, meta, device = _load(args)
     masks = model.roi_heads.has_mask()
     path = Path(args.coco_json)
     dataset = CocoDetection(path, image_root(path, args.images), masks=masks, strict=args.strict)
     if dataset.class_names != meta.get("classes", dataset.class_names):
         raise ValueError(f"{path} has categories {dataset.class_names}, the checkpoint was trained on {meta['classes']}")
+    files = [dataset.root / im["file_name"] for im in dataset.images]
+    if args.overlays:
+        claim_files(args.overlays, prediction_files(unique_stems(files)), overwrite=args.overwrite, option="--overlays")
     results = predict_dataset(model, dataset, device, progress=True)
     metrics = evaluate_results(dataset, results, masks)
     print(f"{path}: {dataset.report.summary()}")
     print(format_metrics(metrics))
     if args.output:
-        Path(args.output).write_text(json.dumps({"json": str(path), **flat_metrics(metrics)}, indent=2))
+        with atomic_write(args.output) as tmp:
+            tmp.write_text(json.dumps({"json": str(path), **flat_metrics(metrics)}, indent=2))
     if args.overlays:
-        from ..detect.predict import predict_files
-
-        predict_files(model, [dataset.root / im["file_name"] for im in dataset.images], args.overlays,
-                      meta.get("classes", []), meta.get("category_ids", []), device)
+        predict_files(model, files, args.overlays, meta.get("classes", []), meta.get("category_ids", []), device,
+                      overwrite=args.overwrite)
     return 0
 
 
@@ -129,13 +145,17 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..detect.predict import predict_files
     from .predict import input_images
 
+    from ..data.outputs import claim_files, unique_stems
+    from ..detect.predict import prediction_files
+
     require_options(args, "checkpoint", "inputs")
     files = [Path(f) for f in input_images(args.inputs)]
+    claim_files(args.output, prediction_files(unique_stems(files)), overwrite=args.overwrite)  # before any work
     model, meta, device = _load(args)
     n = model.roi_heads.box_predictor.cls_score.out_features - 1
     classes = meta.get("classes") or [f"class{i}" for i in range(1, n + 1)]
     unreadable = Unreadable("detect predict")
     summary = predict_files(model, files, args.output, classes, meta.get("category_ids") or list(range(1, n + 1)), device,
-                            args.score_thresh, on_error=unreadable)
+                            args.score_thresh, on_error=unreadable, overwrite=args.overwrite)
     print(f"wrote {summary['images']} overlays and {args.output}/predictions.json ({summary['detections']} detections)")
     return unreadable.finish(len(files))

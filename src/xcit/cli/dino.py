@@ -10,7 +10,7 @@ import argparse
 import json
 import os
 
-from .config import add_config_option
+from .config import NON_NEGATIVE, POSITIVE, add_config_option, number
 from .options import add_training_command
 
 
@@ -66,17 +66,18 @@ def _register_knn(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--random-init", action="store_true", help="the checkpoint's architecture, randomly initialised")
     p.add_argument("--pool", choices=["cls", "avg", "cls+avg"], default="cls",
                    help="feature: cls token after the final norm (DINO's), mean patch token, or both")
-    p.add_argument("--k", type=int, default=20, help="neighbours")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(cos / T)")
-    p.add_argument("--crop-pct", type=float, default=None,
+    p.add_argument("--k", type=POSITIVE, default=20, help="neighbours")
+    p.add_argument("--temperature", type=number(float, 0, low_open=True), default=0.07,
+                   help="vote weight exp(cos / T), T > 0")
+    p.add_argument("--crop-pct", type=number(float, 0, 1, low_open=True), default=None,
                    help="preprocessing: resize to size / crop-pct, centre crop (default: DINO's 0.875 for image "
                         "folders; 1.0 for Fashion-MNIST, digits and IDX data)")
-    p.add_argument("--batch-size", type=int, default=500, help="images per forward pass when embedding")
+    p.add_argument("--batch-size", type=POSITIVE, default=500, help="images per forward pass when embedding")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--workers", type=int, default=4, help="loader workers (class folders)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=4, help="loader workers (class folders)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
     p.add_argument("--seed", type=int, default=0, help="seed of --random-init")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_config_option(p)
     p.set_defaults(func=run_knn)

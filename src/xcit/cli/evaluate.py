@@ -5,7 +5,7 @@ import argparse
 import json
 import os
 
-from .config import add_config_option
+from .config import NON_NEGATIVE, POSITIVE, add_config_option, number
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,20 +20,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the dataset the checkpoint records it was trained on; required when it records none)")
     p.add_argument("--split", default="val", help="split to evaluate (Fashion-MNIST: val = test = its 10k test images)")
     p.add_argument("--model", default=None, help="architecture name when the checkpoint does not say (official files)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=None, help="default: the checkpoint's, else 224 (native for small data)")
-    p.add_argument("--crop-pct", type=float, default=None, help="crop ratio (default: the checkpoint's, else 1.0)")
-    p.add_argument("--in-chans", type=int, default=None)
-    p.add_argument("--mean", type=float, nargs="+", default=None)
-    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--batch-size", type=POSITIVE, default=256)
+    p.add_argument("--img-size", type=POSITIVE, default=None,
+                   help="default: the checkpoint's, else 224 (native for small data)")
+    p.add_argument("--crop-pct", type=number(float, 0, 1, low_open=True), default=None,
+                   help="crop ratio in (0, 1] (default: the checkpoint's, else 1.0)")
+    p.add_argument("--in-chans", type=POSITIVE, default=None)
+    p.add_argument("--mean", type=number(float), nargs="+", default=None)
+    p.add_argument("--std", type=number(float, 0, low_open=True), nargs="+", default=None)
     p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"], default=None)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--workers", type=int, default=4, help="loader workers (image folders)")
+    p.add_argument("--workers", type=NON_NEGATIVE, default=4, help="loader workers (image folders)")
     p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
     p.add_argument("--int8", action="store_true",
                    help="evaluate the post-training int8 model (xcit.quantize, CPU, needs torchao) calibrated on "
                         "--calibration-images images of the same data's --calibration-split")
-    p.add_argument("--calibration-images", type=int, default=512, metavar="N", help="with --int8 (default 512)")
+    p.add_argument("--calibration-images", type=POSITIVE, default=512, metavar="N", help="with --int8 (default 512)")
     p.add_argument("--calibration-split", default="train", metavar="SPLIT", help="with --int8 (default train)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     add_config_option(p)

@@ -7,8 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..data.outputs import claim_folder
 from ..models.quantize import DEFAULT_CALIBRATION_IMAGES
-from .config import add_config_option
+from .config import POSITIVE, add_config_option, number
 from .predict import add_model_options, load_model
 
 
@@ -45,12 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"images drawn (fixed seed) from DATA to calibrate on (default {DEFAULT_CALIBRATION_IMAGES})")
     q.add_argument("--calibration-split", default="train", metavar="SPLIT",
                    help="the split of a dataset to draw from (default train)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=number(int, 7), default=None, help="ONNX opset (default 18)")
     p.add_argument("--exporter", choices=["auto", "dynamo", "torchscript"], default="auto",
                    help="ONNX exporter: dynamo (torch.export-based, needs onnxscript) or torchscript; auto prefers dynamo")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+    p.add_argument("--img-size", type=POSITIVE, nargs="+", default=None, metavar="PX",
                    help="example / check size H [W] (default: the checkpoint's eval size, else 224)")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance on the logits (default 1e-4)")
+    p.add_argument("--atol", type=number(float, 0), default=1e-4, help="parity tolerance on the logits (default 1e-4)")
     p.add_argument("--no-check", action="store_true", help="skip the parity check (onnxruntime / loaded program vs PyTorch)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export of the same NAME in DIR (its files are removed first)")
@@ -65,6 +66,7 @@ def run_export(args: argparse.Namespace) -> int:
     stem = _stem(args)
     _check_int8_options(args)
     earlier = _earlier_export(out, stem, args.overwrite)  # refused here, before any work
+    claim_folder(out)  # a file, or a folder that cannot be written: refused before any work too
     inf = load_model(args, img_size=args.img_size)
     if args.int8:
         return _run_int8_export(args, inf, out, stem, earlier)

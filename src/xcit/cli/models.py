@@ -5,7 +5,7 @@ import argparse
 
 import torch
 
-from .config import add_config_option
+from .config import NON_NEGATIVE, POSITIVE, add_config_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="one architecture: layers, parameters and GMACs at a chosen resolution")
     p.add_argument("name", help="model name (official or timm style)")
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="PX", help="H [W] (default 224)")
-    p.add_argument("--in-chans", type=int, default=3)
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--img-size", type=POSITIVE, nargs="+", default=[224], metavar="PX", help="H [W] (default 224)")
+    p.add_argument("--in-chans", type=POSITIVE, default=3)
+    p.add_argument("--num-classes", type=NON_NEGATIVE, default=1000)
     add_config_option(p)
     p.set_defaults(func=run_info)
 

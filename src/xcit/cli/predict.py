@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import add_config_option
+from .config import NON_NEGATIVE, POSITIVE, add_config_option, add_overwrite_option, number
 from .unreadable import Unreadable, add_policy
 
 
@@ -22,9 +22,9 @@ def add_streaming_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming", choices=["auto", "always", "never"], default="auto",
                    help="exact bounded-memory forward at the image's native resolution (xcit.streaming): auto = for "
                         "images above --large-pixels, always, or never (default auto)")
-    p.add_argument("--large-pixels", type=int, default=None, metavar="N",
+    p.add_argument("--large-pixels", type=POSITIVE, default=None, metavar="N",
                    help="pixel count above which --streaming auto applies (default 8192 x 8192 = 67,108,864)")
-    p.add_argument("--tokens-per-chunk", type=int, default=16384, metavar="N",
+    p.add_argument("--tokens-per-chunk", type=POSITIVE, default=16384, metavar="N",
                    help="streaming forward: tokens per chunk / tile, which bounds its temporaries (default 16384)")
 
 
@@ -86,15 +86,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_input_options(p)
     add_model_options(p)
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="write predictions to FILE.csv or FILE.jsonl")
+    add_overwrite_option(p, "replace an existing --output file")
     p.add_argument("--format", choices=["csv", "jsonl"], default=None, help="output format (default: from the extension)")
-    p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--top-k", type=POSITIVE, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--threads", type=POSITIVE, default=None,
                    help="torch threads for the model and, when > 1, as many image-decoding workers")
-    p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+    p.add_argument("--img-size", type=POSITIVE, nargs="+", default=None, metavar="PX",
                    help="eval size H [W] (default: the checkpoint's, else 224)")
-    p.add_argument("--crop-pct", type=float, default=None, help="centre-crop ratio (default: the checkpoint's, else 1.0)")
-    p.add_argument("--show", type=int, default=20,
+    p.add_argument("--crop-pct", type=number(float, 0, 1, low_open=True), default=None,
+                   help="centre-crop ratio (default: the checkpoint's, else 1.0)")
+    p.add_argument("--show", type=NON_NEGATIVE, default=20,
                    help="with --output, also print the table when there are at most this many images (default 20)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-optimize", dest="optimize", action="store_false",
@@ -107,13 +109,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     from ..inference.predict import PredictionWriter, Predictor, format_row, table_header, table_width
 
+    from ..data.images import display_path
+    from ..data.outputs import claim_file
+
     paths = input_images(args.inputs, args.lists)
     if args.top_k < 1:
         raise ValueError(f"expected --top-k >= 1, got {args.top_k}")
+    if args.output:  # before the model is loaded: a refusal costs nothing
+        claim_file(args.output, overwrite=args.overwrite, inputs=[*paths, *args.lists, args.checkpoint])
     inf = load_model(args, img_size=args.img_size, crop_pct=args.crop_pct)
     predictor = Predictor(inf, next(inf.model.parameters()).device, optimize=args.optimize)
     k = min(args.top_k, inf.num_classes)
-    writer = PredictionWriter(args.output, args.format, k) if args.output else None
+    writer = PredictionWriter(args.output, args.format, k, overwrite=args.overwrite) if args.output else None
     show = writer is None or len(paths) <= args.show  # the table streams to stdout as batches complete
     width = table_width(paths)
     if show:
@@ -127,12 +134,15 @@ def run_predict(args: argparse.Namespace) -> int:
                 writer.write(pred)
             if show:
                 print(format_row(pred, width))
-    finally:
+    except BaseException:
         if writer is not None:
-            writer.close()
+            writer.abort()  # an earlier --output file stays as it was
+        raise
+    if writer is not None:
+        writer.close()
     summary = f"{len(paths)} image(s), {len(paths) - len(unreadable)} classified, {len(unreadable)} unreadable"
     if writer is not None:
-        summary += f"; wrote {writer.format.upper()} to {writer.path}"
+        summary += f"; wrote {writer.format.upper()} to {display_path(writer.path)}"
     print(summary, file=sys.stderr)
     return unreadable.finish(len(paths))
 

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import add_config_option, require_options
+from .config import POSITIVE, add_config_option, add_overwrite_option, number, require_options
 from .options import add_training_command
 from .unreadable import Unreadable, add_policy
 
@@ -40,8 +40,9 @@ def _eval_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}mode", choices=["whole", "slide"], default=None, help="whole image or sliding window")
     g.add_argument(f"--{prefix}scale", nargs="+", default=None, metavar="PX",
                    help="keep-ratio rescale before inference: LONG SHORT (ADE20k 2048 512) or 'none' for the native size")
-    g.add_argument(f"--{prefix}crop-size", type=int, nargs="+", default=None, metavar="PX", help="slide window H [W]")
-    g.add_argument(f"--{prefix}stride", type=int, nargs="+", default=None, metavar="PX", help="slide step H [W]")
+    g.add_argument(f"--{prefix}crop-size", type=POSITIVE, nargs="+", default=None, metavar="PX",
+                   help="slide window H [W]")
+    g.add_argument(f"--{prefix}stride", type=POSITIVE, nargs="+", default=None, metavar="PX", help="slide step H [W]")
     g.add_argument(f"--{prefix}flip", action=argparse.BooleanOptionalAction, default=None, help="add the mirrored prediction")
 
 
@@ -75,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dataset", choices=["nuclei", "trees"])
     p.add_argument("--output", "-o", default=None, help="output folder (ADE20k layout)")
     p.add_argument("--out", dest="output", help=argparse.SUPPRESS)
+    add_overwrite_option(p, "replace an earlier dataset in --output (its images/, annotations/, dataset.yaml and "
+                            "SOURCE.txt are removed once the new one is complete)")
     p.add_argument("--source", default=None, metavar="PATH",
                    help="the package's .whl file or unpacked folder (default: the installed stardist / deepforest)")
     add_config_option(p)
@@ -92,14 +95,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=False, default=None, help="segmentation checkpoint (best.pt / last.pt), an official ADE20k file or its name (upernet_xcit_small_12_p16, sem_fpn_...)")
     p.add_argument("--data", default=None, help="dataset root")
     p.add_argument("--split", default="validation")
-    p.add_argument("--num-classes", type=int, default=None)
-    p.add_argument("--ignore-index", type=int, default=None)
+    p.add_argument("--num-classes", type=POSITIVE, default=None)
+    p.add_argument("--ignore-index", type=number(int, 0, 65535), default=None)
     p.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction, default=None)
     _eval_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=AMP_MODES, default="none", help="mixed precision: none, bf16, fp16 (CUDA only), auto")
     p.add_argument("--output", "-o", default=None, metavar="FILE", help="also write the metrics as JSON")
     p.add_argument("--json", dest="output", help=argparse.SUPPRESS)
+    add_overwrite_option(p, "replace an existing --output file")
     add_config_option(p)
     p.set_defaults(func=run_eval)
 
@@ -107,9 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_policy(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="segmentation checkpoint, an official ADE20k file or its name (upernet_xcit_small_12_p16)")
-    p.add_argument("--output", "-o", default="predictions", help="output folder (NAME_mask.png, NAME_overlay.png)")
+    p.add_argument("--output", "-o", default="predictions",
+                   help="output folder (NAME_mask.png, NAME_overlay.png; NAME is the file's stem, or its name where "
+                        "two inputs share a stem: a.png_mask.png, a.jpg_mask.png)")
     p.add_argument("--out", dest="output", help=argparse.SUPPRESS)
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask")
+    add_overwrite_option(p, "replace files of an earlier run in --output (NAME_mask.png, NAME_overlay.png)")
+    p.add_argument("--alpha", type=number(float, 0, 1), default=0.5, help="overlay opacity of the mask")
     _eval_options(p)
     p.add_argument("--device", default="auto")
     add_config_option(p)
@@ -120,18 +127,21 @@ def run_prepare(args: argparse.Namespace) -> int:
     from ..segment.prepare import prepare
 
     require_options(args, "output")
-    out = prepare(args.dataset, args.output, args.source)
+    out = prepare(args.dataset, args.output, args.source, overwrite=args.overwrite)
     print(f"wrote {args.dataset} to {out} (training: 3 quadrants, validation: the held-out bottom-right quadrant)")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from ..data.outputs import atomic_write, claim_file
     from ..segment.metrics import format_metrics
     from ..segment.model import load_segmenter
     from ..segment.config import EvalSettings
     from ..segment.evaluate import evaluate_checkpoint
 
     require_options(args, "checkpoint", "data")
+    if args.output:  # before any work
+        claim_file(args.output, overwrite=args.overwrite, inputs=[args.checkpoint])
     _, meta = load_segmenter(args.checkpoint)
     settings = _eval_settings(args, EvalSettings(**meta.get("eval", {})))
     metrics, classes = evaluate_checkpoint(args.checkpoint, args.data, args.split, settings, args.device, args.amp,
@@ -141,14 +151,21 @@ def run_eval(args: argparse.Namespace) -> int:
           + (f", window {settings.crop_size} stride {settings.stride}" if settings.mode == "slide" else "")
           + (", flip" if settings.flip else ""))
     if args.output:
-        Path(args.output).write_text(json.dumps({**metrics, "classes": classes, "split": args.split}, indent=2))
+        with atomic_write(args.output) as tmp:
+            tmp.write_text(json.dumps({**metrics, "classes": classes, "split": args.split}, indent=2))
     return 0
+
+
+def prediction_files(stem: str) -> list[str]:
+    """The names `xcit segment predict` writes for an image of output name ``stem``."""
+    return [f"{stem}_mask.png", f"{stem}_overlay.png"]
 
 
 def run_predict(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.images import read_image
+    from ..data.images import display_path, read_image
+    from ..data.outputs import atomic_write, claim_files, unique_stems
     from ..segment.data import colorize, infer, overlay
     from ..segment.model import load_segmenter, normalization
     from ..segment.config import EvalSettings
@@ -159,6 +176,9 @@ def run_predict(args: argparse.Namespace) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
     files = [Path(f) for f in input_images(args.inputs)]
+    stems = unique_stems(files)
+    out = Path(args.output)
+    claim_files(out, [n for stem in stems for n in prediction_files(stem)], overwrite=args.overwrite)  # before any work
     model, meta = load_segmenter(args.checkpoint)
     device = pick_device(args.device)
     model.to(device)
@@ -170,24 +190,24 @@ def run_predict(args: argparse.Namespace) -> int:
 
         palette = default_palette(model.num_classes)
     classes = meta.get("classes") or [f"class{i}" for i in range(model.num_classes)]
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     unreadable = Unreadable("segment predict")
-    for path in files:
+    for path, stem in zip(files, stems):
         try:
             image = read_image(path)
+            with torch.inference_mode():  # an image the model cannot take (too small) is named and skipped too
+                pred = infer(model, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
+                             stride=settings.stride, flip=settings.flip, mean=mean, std=std).argmax(0)
         except ValueError as err:
             unreadable(str(path), str(err))
             continue
-        with torch.inference_mode():
-            pred = infer(model, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
-                         stride=settings.stride, flip=settings.flip, mean=mean, std=std).argmax(0)
         mask = colorize(pred, palette)
-        mask.save(out / f"{path.stem}_mask.png")
-        overlay(image, mask, args.alpha).save(out / f"{path.stem}_overlay.png")
+        with atomic_write(out / f"{stem}_mask.png") as tmp:
+            mask.save(tmp, format="PNG")
+        with atomic_write(out / f"{stem}_overlay.png") as tmp:
+            overlay(image, mask, args.alpha).save(tmp, format="PNG")
         counts = torch.bincount(pred.flatten(), minlength=model.num_classes).float() / pred.numel()
         top = sorted(((c.item(), classes[i]) for i, c in enumerate(counts) if c > 0), reverse=True)[:3]
-        print(f"{path}: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name in top))
-    print(f"wrote {2 * (len(files) - len(unreadable))} files to {out} (NAME_mask.png: palette PNG whose pixel values "
-          "are class indices)")
+        print(f"{display_path(path)}: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name in top))
+    print(f"wrote {2 * (len(files) - len(unreadable))} files to {display_path(out)} (NAME_mask.png: palette PNG whose "
+          "pixel values are class indices)")
     return unreadable.finish(len(files))

@@ -2,9 +2,11 @@
 
 ``xcit predict``, ``xcit attention``, ``xcit embed``, ``xcit segment predict`` and ``xcit detect
 predict`` all process every readable image and write its output; each input that cannot be read
-(missing, corrupt, not an image) is reported on stderr as one line, ``xcit CMD: skipped PATH:
-REASON``, and in the output where the format has room for it; the exit status is 0 when every input
-was processed and :data:`UNREADABLE_EXIT` when any was not, after everything else is written.
+(missing, corrupt, not an image, larger than the pixel limit, too small for the model) is reported
+on stderr as one line, ``xcit CMD: skipped PATH: REASON``, and in the output where the format has
+room for it; the exit status is 0 when every input was processed and :data:`UNREADABLE_EXIT` when
+any was not, after everything else is written. ``PATH`` is printable UTF-8 whatever the file's name
+(:func:`xcit.data.images.display_path`).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ UNREADABLE_EXIT = 1
 def add_policy(p: argparse.ArgumentParser, where: str = "") -> None:
     """State the rule at the end of ``p``'s --help; ``where`` names the output's own record (', and as ...')."""
     p.epilog = (
-        "Unreadable inputs (missing, corrupt, not an image) never stop the run: every readable image is processed "
+        "Unreadable inputs (missing, corrupt, not an image, above the pixel limit, too small for the model) never "
+        "stop the run: every readable image is processed "
         f"and its output written; each unreadable one is reported on stderr as one line ('skipped PATH: REASON')"
         f"{where}. Exit status: 0 if every input was processed, {UNREADABLE_EXIT} if any could not be read (after "
         "writing everything else), 2 for a usage error."
@@ -35,10 +38,12 @@ class Unreadable:
     def __call__(self, path: str, reason: str) -> None:
         from tqdm import tqdm
 
+        from ..data.images import display_path
+
         reason = " ".join(str(reason).split())  # one line whatever the decoder said
-        self.failures.append((str(path), reason))
+        self.failures.append((display_path(path), reason))
         # tqdm.write: a line of its own even while a progress bar is drawn on stderr
-        tqdm.write(f"xcit {self.command}: skipped {path}: {reason}", file=sys.stderr)
+        tqdm.write(f"xcit {self.command}: skipped {display_path(path)}: {reason}", file=sys.stderr)
 
     def __len__(self) -> int:
         return len(self.failures)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets import IMAGE_EXTENSIONS, NAMED_DATASETS, TensorImageDataset, build_dataset, dataset_kind
-from .images import load_image
+from .datasets import NAMED_DATASETS, TensorImageDataset, build_dataset, dataset_kind
+from .images import list_images, load_image
 
 
 def calibration_images(
@@ -41,7 +41,7 @@ def calibration_images(
             return batch_transform(dataset.images[_subset(len(dataset), n, seed)])
         files = [file for file, _ in dataset.samples]
     elif path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+        files = list_images(path)
     else:
         raise ValueError(f"calibration data {os.fspath(data)!r} is neither a known dataset "
                          f"({', '.join(NAMED_DATASETS)}) nor a folder of images")

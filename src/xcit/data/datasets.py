@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image
+from .images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, load_image, walk_images
 
 log = logging.getLogger("xcit.data")
 
@@ -162,7 +162,9 @@ def scan_image_folder(
     """``(samples, classes)`` of a ``split_dir/<class>/<image>`` tree; DataError if empty or mis-laid.
 
     ``classes`` fixes the class list (the training split's), so that a validation split with a
-    missing class keeps the training indices; a class folder unknown to it is an error.
+    missing class keeps the training indices; a class folder unknown to it is an error. Symbolic links
+    are followed (:func:`xcit.data.images.walk_images`), but an image file reached twice, by a link loop
+    or a link into another class, is an error naming both paths: never read twice or under a second label.
     """
     if not split_dir.is_dir():
         raise DataError(f"{split_dir} is not a directory")
@@ -188,13 +190,15 @@ def scan_image_folder(
     index = {name: i for i, name in enumerate(classes)}
     samples: list[tuple[str, int]] = []
     empty = []
+    first_seen: dict[str, str] = {}  # real file -> the path it was first found under
     for name in class_dirs:
         found = 0
-        for dirpath, _, files in os.walk(split_dir / name, followlinks=True):
-            for file in sorted(files):
-                if file.lower().endswith(IMAGE_EXTENSIONS):
-                    samples.append((os.path.join(dirpath, file), index[name]))
-                    found += 1
+        for path, real in walk_images(split_dir / name):
+            if real in first_seen:
+                raise DataError(_twice(split_dir, first_seen[real], str(path)))
+            first_seen[real] = str(path)
+            samples.append((str(path), index[name]))
+            found += 1
         if not found:
             empty.append(name)
     if not samples:
@@ -205,6 +209,19 @@ def scan_image_folder(
     if empty:
         log.warning("%s: %d class folder(s) without images: %s", split_dir, len(empty), ", ".join(empty[:10]))
     return samples, list(classes)
+
+
+def _twice(root: Path, first: str, second: str) -> str:
+    """The error for an image file reached by two paths: which symbolic link leads to it again."""
+    for path, other in ((second, first), (first, second)):
+        current = root
+        for part in Path(path).relative_to(root).parts:
+            current = current / part
+            if current.is_symlink():
+                return (f"{path} is {other} again, through the symbolic link {current} -> {os.readlink(current)}; "
+                        "expected each image once, in the folder of its one class (the link would read it twice, "
+                        "or under a second label)")
+    return f"{second} is {first} again; expected each image once, in the folder of its one class"
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:

@@ -11,8 +11,8 @@ import io
 import os
 
 import numpy as np
-from PIL import Image
 
+from .images import open_image
 from .packaged import package_file
 from .split import HELD_OUT_QUADRANT, TRAIN_QUADRANTS, quadrant_slices
 
@@ -20,15 +20,16 @@ PIP = "pip install --no-deps stardist==0.9.2"
 CLASSES = ["background", "nucleus"]
 
 
-def _tif(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
+def _tif(relpath: str, source: str | os.PathLike | None) -> np.ndarray:
+    name = f"{os.fspath(source)}/stardist/{relpath}" if source is not None else f"stardist/{relpath}"
+    with open_image(io.BytesIO(package_file("stardist", relpath, source, PIP)), name=name) as img:
         return np.array(img)
 
 
 def load_nuclei(source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image uint16 (512, 512), instance labels uint16 (512, 512), 0 = background)."""
-    image = _tif(package_file("stardist", "data/images/img2d.tif", source, PIP))
-    labels = _tif(package_file("stardist", "data/images/mask2d.tif", source, PIP))
+    image = _tif("data/images/img2d.tif", source)
+    labels = _tif("data/images/mask2d.tif", source)
     if image.shape != labels.shape:
         raise ValueError(f"stardist nuclei: image {image.shape} and mask {labels.shape} differ")
     return image, labels

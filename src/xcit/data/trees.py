@@ -11,8 +11,8 @@ import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
-from PIL import Image
 
+from .images import open_image
 from .packaged import package_file
 
 PIP = "pip install --no-deps deepforest==2.1.0"
@@ -22,10 +22,17 @@ CLASSES = ["background", "tree"]
 def read_voc(stem: str, source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 RGB image (H, W, 3), boxes float (N, 4) as x0, y0, x1, y1 in pixels) of deepforest's
     ``data/<stem>.png`` and its Pascal VOC ``data/<stem>.xml``; ``source``: the wheel or its folder."""
-    with Image.open(io.BytesIO(package_file("deepforest", f"data/{stem}.png", source, PIP))) as img:
+    where = f"{os.fspath(source)}/" if source is not None else ""  # messages name the file inside the wheel
+    data = package_file("deepforest", f"data/{stem}.png", source, PIP)
+    with open_image(io.BytesIO(data), name=f"{where}deepforest/data/{stem}.png") as img:
         image = np.array(img.convert("RGB"))
-    root = ET.fromstring(package_file("deepforest", f"data/{stem}.xml", source, PIP))
-    boxes = [[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")] for o in root.iter("object")]
+    try:
+        root = ET.fromstring(package_file("deepforest", f"data/{stem}.xml", source, PIP))
+        boxes = [[float(o.find("bndbox").find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")]
+                 for o in root.iter("object")]
+    except (ET.ParseError, AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"cannot read the boxes of {where}deepforest/data/{stem}.xml: expected Pascal VOC XML with "
+                         f"object/bndbox/xmin..ymax numbers ({err})") from None
     return image, np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 

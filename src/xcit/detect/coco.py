@@ -5,13 +5,14 @@ boxes as ``[x, y, width, height]`` in pixels, optional ``segmentation`` as polyg
 Validation rules (documented in docs/detection.md):
 
 * unreadable file or broken JSON, missing ``images`` / ``categories``, an image entry without
-  ``id`` / ``file_name``, duplicate image or category ids, an image file that does not exist:
-  :class:`CocoFormatError` naming the file and the problem;
+  ``id`` / ``file_name``, an image or category id that is not an integer, duplicate image or category
+  ids, a ``width`` / ``height`` that is not a positive integer, an image file that does not exist:
+  :class:`CocoFormatError` naming the file, the entry and the problem;
 * an annotation with an unknown ``image_id`` or ``category_id``, a malformed ``bbox``, a box with a
   non-finite coordinate (NaN, infinity), a box with no area, a box entirely outside its image, or a
   malformed ``segmentation`` (a polygon of non-numbers, an odd number of coordinates or fewer than 3
-  points; an RLE without ``counts`` / ``size`` or of another size than its image): skipped, and
-  counted in :class:`ValidationReport`;
+  points; an RLE without ``counts`` / ``size``, of another size than its image, or whose counts do not
+  cover exactly its image's pixels): skipped, and counted in :class:`ValidationReport`;
 * a box partly outside its image: clipped to the image, counted;
 * an image without annotations: kept (a negative example for training), counted;
 * ``iscrowd`` annotations: not trained on; COCO evaluation treats them as crowd regions;
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data.images import read_image
+from ..data.images import open_image, read_image
 
 log = logging.getLogger("xcit.data")
 
@@ -104,10 +105,32 @@ def _unique_ids(path: Path, entries: list, what: str, required: tuple[str, ...])
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or any(k not in entry for k in required):
             raise CocoFormatError(f"{path}: {what} entry {i} needs {', '.join(required)}, got {str(entry)[:120]}")
+        if not _is_int(entry["id"]):
+            raise CocoFormatError(f"{path}: {what} entry {i} has id {entry['id']!r}; expected an integer "
+                                  f"(COCO {what} ids are integers)")
         if entry["id"] in out:
             raise CocoFormatError(f"{path}: duplicate {what} id {entry['id']!r}")
         out[entry["id"]] = entry
     return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_image_entry(path: Path, img: dict) -> None:
+    """``file_name`` a non-empty string; ``width`` / ``height``, where given, positive whole numbers of pixels."""
+    where = f"image {img['id']}"
+    if not isinstance(img["file_name"], str) or not img["file_name"]:
+        raise CocoFormatError(f"{path}: {where}: file_name {img['file_name']!r}; expected the image's file name")
+    for key in ("width", "height"):
+        value = img.get(key)
+        if value is None:
+            continue
+        if not (_is_number(value) and math.isfinite(value) and value == int(value) and value >= 1):
+            raise CocoFormatError(f"{path}: {where} ({img['file_name']}): {key} {value!r}; expected the image's {key} "
+                                  "in pixels, a positive integer (or leave it out to read it from the file)")
+        img[key] = int(value)
 
 
 def clean_coco(data: dict[str, Any], path: str | os.PathLike = "<coco>", *, image_root: str | os.PathLike | None = None,
@@ -122,7 +145,9 @@ def clean_coco(data: dict[str, Any], path: str | os.PathLike = "<coco>", *, imag
     cats = _unique_ids(path, data["categories"], "category", ("id",))
     report = ValidationReport(images=len(images), annotations=len(data.get("annotations", [])))
     missing = []
+    images = {k: dict(v) for k, v in images.items()}  # the caller's data stays as it was
     for img in images.values():
+        _check_image_entry(path, img)
         file = Path(image_root) / img["file_name"] if image_root is not None else None
         if file is not None and not file.is_file():
             missing.append(img["file_name"])
@@ -130,10 +155,11 @@ def clean_coco(data: dict[str, Any], path: str | os.PathLike = "<coco>", *, imag
         if not img.get("width") or not img.get("height"):
             if file is None:
                 raise CocoFormatError(f"{path}: image {img['id']} has no width/height and no image folder was given")
-            from PIL import Image
-
-            with Image.open(file) as im:
-                img["width"], img["height"] = im.size
+            try:
+                with open_image(file) as im:
+                    img["width"], img["height"] = im.size
+            except ValueError as err:
+                raise CocoFormatError(f"{path}: image {img['id']}: {err}") from None
     if missing:
         raise CocoFormatError(f"{path}: {len(missing)} image files missing under {image_root} (e.g. {', '.join(missing[:3])})")
     kept, used = [], set()
@@ -211,12 +237,48 @@ def _segmentation_problem(seg: Any, img: dict) -> str | None:
         return None
     if isinstance(seg, dict):
         counts, size = seg.get("counts"), seg.get("size")
-        if not (isinstance(counts, (str, bytes)) or (isinstance(counts, list) and all(isinstance(c, int) for c in counts))):
+        if not (isinstance(counts, (str, bytes)) or (isinstance(counts, list) and all(_is_int(c) for c in counts))):
             return f"RLE without counts (a string or a list of integers), got {str(counts)[:60]}"
-        if list(size or []) != [img["height"], img["width"]]:
+        if not isinstance(size, (list, tuple)) or list(size) != [img["height"], img["width"]]:
             return f"RLE of size {size!r} in a {img['height']}x{img['width']} (height x width) image"
+        runs = rle_counts(counts)
+        pixels = img["height"] * img["width"]
+        if runs is None:
+            return f"RLE counts {str(counts)[:40]!r} are not a valid compressed RLE string"
+        if any(r < 0 for r in runs) or sum(runs) != pixels:
+            return (f"RLE counts cover {sum(runs)} pixels{' (some negative)' if any(r < 0 for r in runs) else ''}; "
+                    f"expected the {img['height']}x{img['width']} = {pixels} pixels of its image")
         return None
     return f"expected polygons (a list) or an RLE (an object), got {type(seg).__name__}"
+
+
+def rle_counts(counts: str | bytes | list[int]) -> list[int] | None:
+    """The run lengths of an RLE's ``counts``: a list as it is, a compressed string (COCO's LEB128-like
+    encoding, as pycocotools' ``rleFrString`` reads it) decoded; None for a string that is not one. Checked
+    here because pycocotools reads a damaged string without an error, or crashes on it."""
+    if isinstance(counts, list):
+        return counts
+    text = counts.decode("ascii", "replace") if isinstance(counts, bytes) else counts
+    runs: list[int] = []
+    p = 0
+    while p < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                return None  # the last number is cut off
+            c = ord(text[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value -= 1 << shift  # sign extension
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def _area(ann: dict, img: dict) -> float:

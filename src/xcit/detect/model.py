@@ -23,7 +23,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD
 from ..models import MODELS, XCiTPyramid, create_pyramid, resolve_name
-from ..models.weights import CheckpointError, check_layout, infer_architecture, load_file
+from ..models.weights import CheckpointError, check_finite, check_layout, infer_architecture, load_file
 from .mmdet_compat import (
     COCO_CATEGORY_IDS,
     COCO_CLASSES,
@@ -239,7 +239,10 @@ def load_detector(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         other = load_file(path)
         if not is_mmdet_checkpoint(other):
             raise
-        return load_mmdet_detector(path, other)
+        model, meta = load_mmdet_detector(path, other)
+        check_finite(model.state_dict(), path)
+        return model, meta
+    check_finite(raw["model"], path)  # NaN weights would predict nothing: refused, naming the tensor
     model = detector_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..data.images import read_image
+from ..data.images import display_path, read_image
+from ..data.outputs import atomic_write, claim_files, unique_stems
 from .evaluation import to_coco_results
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -44,44 +45,60 @@ def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: 
     return img
 
 
+def prediction_files(stems: list[str], overlays: bool = True) -> list[str]:
+    """The names :func:`predict_files` writes for images of output names ``stems``."""
+    return [*(f"{stem}_overlay.png" for stem in stems if overlays), "predictions.json"]
+
+
 def predict_files(model, files: list[Path], out: str | os.PathLike, classes: list[str], category_ids: list[int],
                   device: torch.device, score_thresh: float = 0.5, overlays: bool = True,
-                  on_error: Callable[[str, str], None] | None = None) -> dict[str, Any]:
+                  on_error: Callable[[str, str], None] | None = None, *, overwrite: bool = False) -> dict[str, Any]:
     """Run ``model`` on every file (each in one pass at the model's test size), write NAME_overlay.png
     and ``predictions.json`` (COCO: images, categories and the detections as annotations with scores).
 
-    An unreadable file raises ``ValueError``, or, with ``on_error``, is passed to ``on_error(path, message)``,
-    listed under ``"unreadable"`` in the JSON (``[{"path", "error"}]``) and skipped.
+    NAME is the file's stem, or more of its name where two inputs share a stem
+    (:func:`xcit.data.outputs.unique_stems`: ``a.png`` and ``a.jpg`` give ``a.png_overlay.png`` and
+    ``a.jpg_overlay.png``). Every file to be written is checked first: one that exists is refused unless
+    ``overwrite``. An unreadable file raises ``ValueError``, or, with ``on_error``, is passed to
+    ``on_error(path, message)``, listed under ``"unreadable"`` in the JSON (``[{"path", "error"}]``) and skipped.
     """
+    if not (isinstance(score_thresh, (int, float)) and 0.0 <= score_thresh <= 1.0):
+        raise ValueError(f"expected a score threshold in [0, 1] (scores are probabilities), got {score_thresh!r}")
+    files = [Path(f) for f in files]
+    stems = unique_stems(files)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_files(out, prediction_files(stems, overlays), overwrite=overwrite)
     label_to_cat = {i + 1: cid for i, cid in enumerate(category_ids)}
     images, detections, timings, unreadable = [], [], [], []
     masks = model.roi_heads.has_mask()
-    for image_id, path in enumerate(files, start=1):
+    for image_id, (path, stem) in enumerate(zip(files, stems), start=1):
         try:
             image = read_image(path)
         except ValueError as err:
             if on_error is None:
                 raise
-            unreadable.append({"path": str(path), "error": str(err)})
+            unreadable.append({"path": display_path(path), "error": str(err)})
             on_error(str(path), str(err))
             continue
         t = time.time()
         with torch.inference_mode():
             output = {k: v.cpu() for k, v in model([image.to(device).float().div_(255)])[0].items()}
         timings.append(time.time() - t)
-        images.append({"id": image_id, "file_name": str(path), "height": int(image.shape[1]), "width": int(image.shape[2])})
+        images.append({"id": image_id, "file_name": display_path(path), "height": int(image.shape[1]),
+                       "width": int(image.shape[2])})
         kept = {k: v[output["scores"] >= score_thresh] for k, v in output.items()}
         for det in to_coco_results(kept, image_id, label_to_cat, masks=masks):
             det.update(id=len(detections) + 1, area=round(det["bbox"][2] * det["bbox"][3], 2), iscrowd=0)
             detections.append(det)
         if overlays:
-            draw_overlay(image, output, classes, score_thresh).save(out / f"{path.stem}_overlay.png")
-        print(f"{path}: {int(kept['scores'].numel())} objects with score >= {score_thresh} ({timings[-1]:.2f} s)")
+            with atomic_write(out / f"{stem}_overlay.png") as tmp:
+                draw_overlay(image, output, classes, score_thresh).save(tmp, format="PNG")
+        print(f"{display_path(path)}: {int(kept['scores'].numel())} objects with score >= {score_thresh} "
+              f"({timings[-1]:.2f} s)")
     coco = {"images": images, "annotations": detections,
             "categories": [{"id": cid, "name": n} for cid, n in zip(category_ids, classes)]}
     if unreadable:
         coco["unreadable"] = unreadable
-    (out / "predictions.json").write_text(json.dumps(coco))
+    with atomic_write(out / "predictions.json") as tmp:
+        tmp.write_text(json.dumps(coco))
     return {"images": len(images), "detections": len(detections), "seconds": timings, "unreadable": len(unreadable)}

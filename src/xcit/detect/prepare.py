@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.outputs import staged_folder
 from ..data.split import HELD_OUT_QUADRANT, TRAIN_QUADRANTS, quadrant_slices
 from ..data.trees import read_voc
 
@@ -151,17 +152,26 @@ def prepare_nuclei(out: Path, source=None, min_pixels: int = 16) -> dict:
     return {**writers, "notes": notes}
 
 
-def prepare(name: str, out: str | os.PathLike, source: str | os.PathLike | None = None, **options) -> dict[str, Path]:
-    """Write dataset ``name`` to ``out``; returns the paths of the train and val COCO files."""
-    out = Path(out)
-    if name == "trees":
-        parts = prepare_trees(out, source, **options)
-    elif name == "nuclei":
-        parts = prepare_nuclei(out, source, **options)
-    else:
+#: what :func:`prepare` writes in its output folder (an earlier dataset there is refused unless overwrite)
+OUTPUTS = ("images/train", "images/val", "annotations/train.json", "annotations/val.json", "SOURCE.txt")
+
+
+def prepare(name: str, out: str | os.PathLike, source: str | os.PathLike | None = None, *, overwrite: bool = False,
+            **options) -> dict[str, Path]:
+    """Write dataset ``name`` to ``out``; returns the paths of the train and val COCO files.
+
+    The dataset is written into a temporary folder beside ``out`` and moved into it once complete
+    (:func:`xcit.data.outputs.staged_folder`): a source that cannot be read, or a full disk, leaves ``out``
+    as it was. An earlier dataset in ``out`` (any of :data:`OUTPUTS`) is refused unless ``overwrite``.
+    """
+    if name not in DATASETS:
         raise ValueError(f"expected a dataset in {DATASETS}, got {name!r}")
-    paths = {split: parts[split].write(f"xcit detect prepare {name} ({split})") for split in ("train", "val")}
-    counts = "".join(f"{split}: {len(parts[split].images)} images, {len(parts[split].annotations)} objects\n"
-                     for split in ("train", "val"))
-    (out / "SOURCE.txt").write_text(_LICENCE[name] + parts["notes"] + counts)
-    return paths
+    out = Path(out)
+    with staged_folder(out, OUTPUTS, overwrite=overwrite) as stage:
+        parts = (prepare_trees if name == "trees" else prepare_nuclei)(stage, source, **options)
+        for split in ("train", "val"):
+            parts[split].write(f"xcit detect prepare {name} ({split})")
+        counts = "".join(f"{split}: {len(parts[split].images)} images, {len(parts[split].annotations)} objects\n"
+                         for split in ("train", "val"))
+        (stage / "SOURCE.txt").write_text(_LICENCE[name] + parts["notes"] + counts)
+    return {split: out / "annotations" / f"{split}.json" for split in ("train", "val")}

@@ -81,6 +81,9 @@ class Detection(Task):
     def train_data(self) -> TrainData:
         return TrainData(self.train_set, collate=collate)
 
+    def inputs(self) -> list[str]:
+        return [self.cfg.pretrained] if self.cfg.pretrained else []
+
     def run_name(self) -> list[str]:
         return [self.cfg.data or Path(self.cfg.train_json).stem, self.cfg.model or "custom"]
 

@@ -8,6 +8,7 @@ and the hit counts are summed.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -93,6 +94,16 @@ def load_feature_model(checkpoint: str | os.PathLike | None = None, *, pixels: b
     return FeatureSource(FeatureModel(model, pool), label, data.get("img_size"), model.in_chans,
                          tuple(data["mean"]) if data.get("mean") else None, tuple(data["std"]) if data.get("std") else None,
                          str(data["dataset"]) if data.get("dataset") else None)
+
+
+def check_eval_options(*, batch_size: int, workers: int, crop_pct: float | None) -> None:
+    """``ValueError`` for the shared options of the feature evaluations that cannot run, before any work."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"expected batch_size >= 1, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"expected workers >= 0, got {workers!r}")
+    if crop_pct is not None and not (isinstance(crop_pct, (int, float)) and 0 < crop_pct <= 1):
+        raise ValueError(f"expected crop_pct in (0, 1], got {crop_pct!r}")
 
 
 DINO_CROP_PCT = 0.875  # eval_knn.py / eval_linear.py: Resize(256) + CenterCrop(224)
@@ -226,8 +237,11 @@ def knn_evaluate(checkpoint: str | os.PathLike | None = None, data: str | None =
     Preprocessing as DINO's ``eval_knn.py``: resize to size / ``crop_pct`` and centre crop (default
     :func:`default_crop_pct`: 0.875 for image folders, 1.0 for the small in-memory datasets). ``data``
     defaults to the dataset the checkpoint records (:func:`evaluation_data`)."""
-    if batch_size < 1:
-        raise ValueError(f"expected batch_size >= 1, got {batch_size}")
+    check_eval_options(batch_size=batch_size, workers=workers, crop_pct=crop_pct)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"expected k >= 1 neighbours, got {k!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"expected a temperature > 0, got {temperature!r}")
     source = load_feature_model(checkpoint, pixels=pixels, random_init=random_init, pool=pool, seed=seed)
     data = evaluation_data(source, data)
     env = dist_utils.setup(device)

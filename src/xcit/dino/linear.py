@@ -186,10 +186,10 @@ class LinearProbe(Task):
             nn.init.zeros_(self.model.weight)
             nn.init.zeros_(self.model.bias)
             self.train_tf = None
-            self.inputs = feature_dataset(self.source, self.data, cfg.test_split)[1:]
+            self.input_preprocessing = feature_dataset(self.source, self.data, cfg.test_split)[1:]
             return
         dataset, size, mean, std = feature_dataset(self.source, self.data, cfg.train_split)
-        self.inputs = (size, mean, std)  # what the features were computed from, as the saved classifier must
+        self.input_preprocessing = (size, mean, std)  # what the features were computed from
         aug = dict(mean=mean, std=std, crop="random-resized", crop_scale_min=0.08, hflip=0.5, interpolation="bilinear")
         if isinstance(dataset, TensorImageDataset):
             self.train_tf = BatchTrainTransform(size, auto_augment=None, reprob=0.0, **aug)
@@ -210,6 +210,9 @@ class LinearProbe(Task):
     def train_data(self) -> TrainData:
         collate = torch.utils.data.default_collate if self.cfg.protocol == "precomputed" else None
         return TrainData(self.train_set, collate=collate, batch_transform=self.train_tf)
+
+    def inputs(self) -> list[str]:
+        return [self.cfg.checkpoint] if self.cfg.checkpoint else []
 
     def run_name(self) -> list[str]:
         return [self.data, Path(self.cfg.checkpoint).stem if self.cfg.checkpoint else "pixels"]
@@ -283,7 +286,7 @@ class LinearProbe(Task):
         with torch.no_grad():  # head((f - mean) / std) = (W / std) f + (b - W mean / std)
             model.head.weight.copy_(head.weight / self.std)
             model.head.bias.copy_(head.bias - (head.weight * (self.mean / self.std)).sum(1))
-        size, mean, std = self.inputs
+        size, mean, std = self.input_preprocessing
         data = {"img_size": size, "in_chans": backbone.in_chans, "mean": list(mean), "std": list(std),
                 "crop_pct": self.crop_pct, "interpolation": "bicubic", "dataset": str(self.data)}
         return save_checkpoint(model, path, extra={"classes": self.classes, "data": data, "linear_probe": info})

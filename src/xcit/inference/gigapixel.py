@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import display_path
 from ..data.large_images import image_size, read_large_image
+from ..data.outputs import atomic_write, claim_file
 from .loading import InferenceModel
 from .predict import Prediction
 from .streaming import DEFAULT_TOKENS_PER_CHUNK, StreamingXCiT, streaming
@@ -58,14 +60,17 @@ class Embeddings:
     mean_patch: np.ndarray
     grid: np.ndarray  # (n, 2): Hp, Wp
 
-    def save(self, path: str | os.PathLike, meta: dict | None = None) -> Path:
-        """Write ``.npz`` (arrays ``paths``, ``cls``, ``mean_patch``, ``grid`` and a JSON ``meta`` string)."""
+    def save(self, path: str | os.PathLike, meta: dict | None = None, *, overwrite: bool = False) -> Path:
+        """Write ``.npz`` (arrays ``paths``, ``cls``, ``mean_patch``, ``grid`` and a JSON ``meta`` string); an existing
+        file is refused unless ``overwrite``, and is replaced only once the new one is complete. ``paths`` are
+        valid UTF-8 (:func:`xcit.data.images.display_path`)."""
         path = Path(path)
         if path.suffix != ".npz":
-            raise ValueError(f"expected an output file ending in .npz, got {os.fspath(path)!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, paths=np.array(self.paths, dtype=str), cls=self.cls, mean_patch=self.mean_patch, grid=self.grid,
-                 meta=np.array(json.dumps(meta or {})))
+            raise ValueError(f"expected an output file ending in .npz, got {display_path(path)!r}")
+        claim_file(path, overwrite=overwrite)
+        with atomic_write(path) as tmp:
+            np.savez(tmp, paths=np.array([display_path(p) for p in self.paths], dtype=str), cls=self.cls,
+                     mean_patch=self.mean_patch, grid=self.grid, meta=np.array(json.dumps(meta or {})))
         return path
 
 

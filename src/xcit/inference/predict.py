@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.images import load_image
+from ..data.images import display_path, load_image
+from ..data.outputs import atomic_write, claim_file
 from .loading import InferenceModel, load_for_inference
 
 
@@ -49,7 +50,7 @@ class ImageFiles(Dataset):
         except ValueError as err:
             return i, None, str(err)
         except Exception as err:  # noqa: BLE001 - a decoder failure on one file must not end a batch job
-            return i, None, f"cannot read image {self.paths[i]!r}: {type(err).__name__}: {err}"
+            return i, None, f"cannot read image {display_path(self.paths[i])!r}: {type(err).__name__}: {err}"
 
 
 def _collate(items):
@@ -144,43 +145,81 @@ class Predictor:
 
 
 class PredictionWriter:
-    """Streams predictions to CSV (``path, label_1, prob_1, ..., label_k, prob_k, error``) or JSON Lines."""
+    """Streams predictions to CSV (``path, label_1, prob_1, ..., label_k, prob_k, error``) or JSON Lines.
 
-    def __init__(self, path: str | os.PathLike, fmt: str | None = None, top_k: int = 5) -> None:
+    The rows go to a temporary file beside ``path``, renamed onto it by :meth:`close`; :meth:`abort` (or an
+    error inside a ``with`` block) removes it, so an earlier file is never replaced by a partial one. An existing
+    ``path`` is refused unless ``overwrite``. Paths are written as valid UTF-8 (:func:`xcit.data.images.display_path`:
+    the bytes of a name that is not UTF-8 as ``\\xNN``).
+    """
+
+    def __init__(self, path: str | os.PathLike, fmt: str | None = None, top_k: int = 5, *,
+                 overwrite: bool = False) -> None:
         self.path = Path(path)
         fmt = fmt or {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}.get(self.path.suffix.lower())
         if fmt not in ("csv", "jsonl"):
             raise ValueError(f"expected an output ending in .csv or .jsonl (or --format csv|jsonl), got {str(path)!r}")
+        claim_file(self.path, overwrite=overwrite)
         self.format = fmt
         self.top_k = top_k
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", newline="" if fmt == "csv" else None, encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._output = atomic_write(self.path)
+        tmp = self._output.begin()
+        self._file = open(tmp, "w", newline="" if fmt == "csv" else None, encoding="utf-8")  # noqa: SIM115 - close()
         self._csv = None
         if fmt == "csv":
             self._csv = csv.writer(self._file)
-            header = ["path"] + [f"{kind}_{r}" for r in range(1, top_k + 1) for kind in ("label", "prob")] + ["error"]
-            self._csv.writerow(header)
+            self._row(["path"] + [f"{kind}_{r}" for r in range(1, top_k + 1) for kind in ("label", "prob")] + ["error"])
+
+    def _row(self, cells: list) -> None:
+        try:
+            if self._csv is not None:
+                self._csv.writerow(cells)
+            else:
+                self._file.write(json.dumps(cells[0], ensure_ascii=False) + "\n")
+        except OSError as err:  # a full disk: name the file the user asked for, and leave no partial file
+            self.abort()
+            raise OSError(err.errno, err.strerror or str(err), display_path(self.path)) from err
 
     def write(self, pred: Prediction) -> None:
         if self._csv is not None:
-            cells: list = [pred.path]
+            cells: list = [display_path(pred.path)]
             for r in range(self.top_k):
                 has = r < len(pred.labels)
                 cells += [pred.labels[r] if has else "", f"{pred.probs[r]:.6f}" if has else ""]
-            self._csv.writerow(cells + [pred.error or ""])
+            self._row(cells + [pred.error or ""])
         else:
             row = asdict(pred)
+            row["path"] = display_path(pred.path)
             row["probs"] = [round(p, 6) for p in pred.probs]
-            self._file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._row([row])
 
     def close(self) -> None:
-        self._file.close()
+        """Finish the file and put it in place."""
+        if self._file.closed:
+            return
+        try:
+            self._file.close()
+        except OSError as err:
+            self._output.discard()
+            raise OSError(err.errno, err.strerror or str(err), display_path(self.path)) from err
+        self._output.commit()
+
+    def abort(self) -> None:
+        """Drop what was written: ``path`` stays as it was."""
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self._output.discard()
 
     def __enter__(self) -> PredictionWriter:  # noqa: PYI034
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _short(path: str, max_path: int) -> str:
@@ -189,7 +228,7 @@ def _short(path: str, max_path: int) -> str:
 
 def table_width(paths: Sequence[str], max_path: int = 48) -> int:
     """Width of the path column of :func:`format_row` for these paths."""
-    return max([len(_short(p, max_path)) for p in paths] + [5])
+    return max([len(_short(display_path(p), max_path)) for p in paths] + [5])
 
 
 def table_header(width: int, top_k: int) -> str:
@@ -202,7 +241,7 @@ def format_row(pred: Prediction, width: int, max_path: int = 48) -> str:
         body = f"ERROR {pred.error}"
     else:
         body = ", ".join(f"{label} ({100 * prob:.1f}%)" for label, prob in zip(pred.labels, pred.probs))
-    return f"{_short(pred.path, max_path).ljust(width)}  {body}"
+    return f"{_short(display_path(pred.path), max_path).ljust(width)}  {body}"
 
 
 def format_table(preds: Sequence[Prediction], top_k: int = 5, max_path: int = 48) -> str:

@@ -4,18 +4,24 @@ Files are read with ``torch.load(weights_only=True)`` (never arbitrary unpicklin
 safetensors. The format is detected from the content; everything is converted to the official
 layout (``pos_embeder.*``, fused class-attention ``qkv``) before loading.
 
-Every file this project writes records :func:`tensor_digest` of its tensors (``DIGEST_KEY``: a
-top-level entry of ``.pth`` / ``.pt`` dicts, a safetensors metadata value); reading checks it, so a
-corrupted file is an error rather than silently different weights. Files without it still load.
+Every file this project writes records :func:`content_digest` of everything it holds, tensors and
+plain values alike (``DIGEST_KEY``: a top-level entry of ``.pth`` / ``.pt`` dicts; in safetensors
+metadata it covers the tensors and every other metadata value); reading checks it, so a corrupted
+file, a changed class name or preprocessing value included, is an error rather than silently
+different weights or labels. Files written before (``LEGACY_DIGEST_KEY``: the tensors only) are
+still checked as they were, and files without any digest still load. Weights that hold NaN or
+infinity are refused when a model is built from them (:func:`check_finite`).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
 import secrets
+import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -32,7 +38,8 @@ _DINO_KEYS = ("teacher", "student")  # DINO training checkpoints (official and `
 _BACKBONE_PREFIXES = ("module.backbone.", "backbone.body.", "backbone.", "encoder.")  # backbone.body.: our detectors
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 _CA_QKV = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.([qkv])\.(weight|bias)$")
-DIGEST_KEY = "tensor_sha256"
+DIGEST_KEY = "content_sha256"  # content_digest: every value
+LEGACY_DIGEST_KEY = "tensor_sha256"  # tensor_digest: the tensors only (files written before content_sha256)
 _EXPECTED = "expected a PyTorch .pth/.pt file or a .safetensors file of model weights"
 
 
@@ -44,7 +51,8 @@ def tensor_digest(obj) -> str:
     """SHA-256 (hex) over the name, dtype, shape and bytes of every tensor in ``obj``, in name order.
 
     ``obj`` is a tensor dict or any nesting of dicts, lists and tuples (a training state); a tensor's
-    name is its key path (``model/blocks.0.norm1.weight``). Other values are not covered.
+    name is its key path (``model/blocks.0.norm1.weight``). Other values are not covered: the digest of files
+    written before :func:`content_digest`, which covers every value.
     """
     sha = hashlib.sha256()
     for name, tensor in sorted(_named_tensors(obj, ""), key=lambda item: item[0]):
@@ -65,27 +73,99 @@ def _named_tensors(obj, prefix: str):
             yield from _named_tensors(value, f"{prefix}/{i}")
 
 
+def content_digest(obj) -> str:
+    """SHA-256 (hex) over every value in ``obj``: tensors by name, dtype, shape and bytes, and every other value
+    (strings, numbers, booleans, None, bytes, the structure of dicts, lists and tuples) by type and value.
+
+    Dict keys are taken in sorted order (by type and text), so the digest does not depend on insertion
+    order; a float is hashed exactly (``float.hex``), so ``0.1`` and ``0.10000000000000002`` differ.
+    """
+    sha = hashlib.sha256()
+    _feed(sha, obj)
+    return sha.hexdigest()
+
+
+def _feed(sha, value) -> None:
+    """Hash ``value`` with a type tag and a length prefix for each part, so that no two values share a stream."""
+    def part(tag: bytes, data: bytes) -> None:
+        sha.update(tag + len(data).to_bytes(8, "little") + data)
+
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        part(b"T", f"{tensor.dtype}\0{tuple(tensor.shape)}".encode())
+        sha.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        items = sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        part(b"D", str(len(items)).encode())
+        for key, item in items:
+            _feed(sha, key)
+            _feed(sha, item)
+    elif isinstance(value, (list, tuple)):
+        part(b"L" if isinstance(value, list) else b"U", str(len(value)).encode())
+        for item in value:
+            _feed(sha, item)
+    elif isinstance(value, str):
+        part(b"S", value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray)):
+        part(b"Y", bytes(value))
+    elif isinstance(value, bool) or value is None:
+        part(b"B", repr(value).encode())
+    elif isinstance(value, int):
+        part(b"I", str(value).encode())
+    elif isinstance(value, float):
+        part(b"F", value.hex().encode())
+    else:  # other objects torch.load(weights_only=True) allows (torch.Size, dtypes, devices...)
+        part(b"O", f"{type(value).__module__}.{type(value).__qualname__}:{value!r}".encode())
+
+
 def with_digest(payload: dict) -> dict:
-    """``payload`` plus its :func:`tensor_digest` under ``DIGEST_KEY``, ready for ``torch.save``."""
-    return {**payload, DIGEST_KEY: tensor_digest(payload)}
+    """``payload`` plus its :func:`content_digest` under ``DIGEST_KEY``, ready for ``torch.save``."""
+    return {**payload, DIGEST_KEY: content_digest(payload)}
 
 
 def verify_digest(obj, path: PathLike):
-    """``obj`` (a loaded ``.pth`` / ``.pt`` object) without its digest entry, after checking the digest
-    where one was recorded; :class:`CheckpointError` saying the file is corrupted otherwise."""
-    if not isinstance(obj, dict) or DIGEST_KEY not in obj:
+    """``obj`` (a loaded ``.pth`` / ``.pt`` object) without its digest entries, after checking the digest where one
+    was recorded (:func:`content_digest`, or :func:`tensor_digest` in files written before it);
+    :class:`CheckpointError` saying the file is corrupted otherwise."""
+    if not isinstance(obj, dict) or not (DIGEST_KEY in obj or LEGACY_DIGEST_KEY in obj):
         return obj
-    body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
-    _check(obj[DIGEST_KEY], body, path)
+    body = {k: v for k, v in obj.items() if k not in (DIGEST_KEY, LEGACY_DIGEST_KEY)}
+    if DIGEST_KEY in obj:
+        _check(obj[DIGEST_KEY], content_digest, body, path)
+    else:
+        _check(obj[LEGACY_DIGEST_KEY], tensor_digest, body, path)
     return body
 
 
-def _check(recorded, tensors, path: PathLike) -> None:
-    if not isinstance(recorded, str) or recorded != tensor_digest(tensors):
+def _check(recorded, digest, content, path: PathLike) -> None:
+    if not isinstance(recorded, str) or recorded != digest(content):
+        what = "tensor data" if digest is tensor_digest else "content (weights, names and settings)"
         raise CheckpointError(
-            f"{path}: corrupted: its tensor data does not match the SHA-256 recorded when it was written "
+            f"{path}: corrupted: its {what} does not match the SHA-256 recorded when it was written "
             "(the file was changed or damaged after saving; re-copy or re-create it)"
         )
+
+
+def check_finite(state: dict[str, torch.Tensor], path: PathLike) -> None:
+    """:class:`CheckpointError` naming the file and the first tensor (in ``state``'s order) that holds NaN or
+    infinity: such weights (a diverged training run, a damaged export) would predict nothing but NaN."""
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor) or not (tensor.is_floating_point() or tensor.is_complex()):
+            continue
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = tensor[~finite]
+            nans = int(torch.isnan(bad).sum())
+            raise CheckpointError(
+                f"{path}: the weights hold non-finite values, first in {name!r} ({nans} NaN, {bad.numel() - nans} "
+                f"infinite of {tensor.numel()}); expected finite weights (a diverged training run?)"
+            )
+
+
+def _safetensors_content(tensors: dict, metadata: dict) -> dict:
+    """What :func:`content_digest` covers in a safetensors file: its tensors and its metadata (the digest aside)."""
+    return {"tensors": tensors,
+            "metadata": {k: v for k, v in metadata.items() if k not in (DIGEST_KEY, LEGACY_DIGEST_KEY)}}
 
 
 def _reason(err: BaseException) -> str:
@@ -113,7 +193,9 @@ def _read(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
         except Exception as err:  # a damaged header can fail in many ways; all mean the same here
             raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(err)}; {_EXPECTED})") from err
         if DIGEST_KEY in meta:
-            _check(meta[DIGEST_KEY], raw, path)
+            _check(meta[DIGEST_KEY], content_digest, _safetensors_content(raw, meta), path)
+        elif LEGACY_DIGEST_KEY in meta:
+            _check(meta[LEGACY_DIGEST_KEY], tensor_digest, raw, path)
         try:
             arch = json.loads(meta["arch"]) if "arch" in meta else {}
         except json.JSONDecodeError as err:
@@ -181,7 +263,7 @@ def read_metadata(path: PathLike) -> dict:
                 raw = f.metadata() or {}
         except Exception as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({_reason(err)}; {_EXPECTED})") from err
-        raw = {k: v for k, v in raw.items() if k != DIGEST_KEY}
+        raw = {k: v for k, v in raw.items() if k not in (DIGEST_KEY, LEGACY_DIGEST_KEY)}
         meta = {}
         for key, value in raw.items():
             try:
@@ -192,7 +274,7 @@ def read_metadata(path: PathLike) -> dict:
     obj = load_file(path, mmap=True, verify=False)  # metadata only: the weights are checked when they are read
     if not isinstance(obj, dict):
         return {}
-    skip = _WRAPPER_KEYS + ("model_ema", DIGEST_KEY)
+    skip = _WRAPPER_KEYS + ("model_ema", DIGEST_KEY, LEGACY_DIGEST_KEY)
     return {k: v for k, v in obj.items() if k not in skip and not _holds_tensors(v)}
 
 
@@ -360,6 +442,7 @@ def read_trunk(path: PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     trunk = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
     if not any(k.startswith("blocks.") for k in trunk):
         raise CheckpointError(f"{path}: no XCiT blocks found (expected keys like 'blocks.0.attn.qkv.weight')")
+    check_finite(trunk, path)
     return trunk, {**infer_architecture(state), **{k: v for k, v in saved.items() if k != "task"}}
 
 
@@ -382,7 +465,8 @@ def load_checkpoint(
     Returns:
         ``{"missing": [...], "unexpected": [...], "mismatched": [...]}``.
     Raises:
-        CheckpointError: listing every problem and naming the architecture the file holds.
+        CheckpointError: listing every problem and naming the architecture the file holds; naming the first
+            tensor that holds NaN or infinity (:func:`check_finite`).
     """
     state = read_state_dict(path)
     if skip_head:
@@ -411,6 +495,7 @@ def load_checkpoint(
             lines.append("Only the classifier head differs: pass skip_head=True to fine-tune to new classes.")
         raise CheckpointError("\n".join(lines))
     loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    check_finite(loadable, path)
     model.load_state_dict(loadable, strict=False)
     return report
 
@@ -420,28 +505,50 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, extra: dict | None = No
 
     ``.pth`` files load with the official code, timm's converter and :func:`load_checkpoint`;
     ``extra`` (plain Python values) is stored beside ``'model'`` (or as safetensors metadata), with
-    the :func:`tensor_digest` that loading checks. The model's preprocessing (``model.data_config``, e.g. from
+    the :func:`content_digest` that loading checks. The model's preprocessing (``model.data_config``, e.g. from
     the checkpoint it was created from) is stored as ``data`` unless ``extra`` gives one. The file is written
-    to a temporary name and renamed, so a crash never leaves half a file; it gets the umask's permissions.
+    to a temporary name and renamed, so a crash never leaves half a file; it gets the umask's permissions; a
+    write that fails (a full disk) is an ``OSError`` naming ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     arch = getattr(model, "arch_config", None)
     extra = {**preprocessing_entry(model), **(extra or {})}
-    tmp = new_temporary_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        meta = {str(k): json.dumps(v) for k, v in {**({"arch": arch} if arch else {}), **extra}.items()}
+        write = lambda tmp: save_file(  # noqa: E731
+            state, tmp, metadata={**meta, DIGEST_KEY: content_digest(_safetensors_content(state, meta))})
+    else:
+        payload = {"model": state, **({"arch": dict(arch)} if arch else {}), **extra}
+        write = lambda tmp: torch.save(with_digest(payload), tmp)  # noqa: E731
+    return write_atomically(path, write)
+
+
+def write_atomically(path: PathLike, write) -> Path:
+    """``write(tmp)`` to a temporary file beside ``path``, then renamed onto it: never half a file, and the file gets
+    the umask's permissions. Any failure to write (torch's and safetensors' writers report a full disk as
+    ``RuntimeError`` / ``SafetensorError``) is an ``OSError`` naming ``path``, the temporary file removed."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new_temporary_file(path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
     mode = os.stat(tmp).st_mode & 0o777  # the umask's; safetensors re-creates the file 0600
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            meta = {str(k): json.dumps(v) for k, v in {**({"arch": arch} if arch else {}), **(extra or {})}.items()}
-            save_file(state, tmp, metadata={**meta, DIGEST_KEY: tensor_digest(state)})
-        else:
-            payload = {"model": state, **({"arch": dict(arch)} if arch else {}), **(extra or {})}
-            torch.save(with_digest(payload), tmp)
+        write(tmp)
         os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
+    except Exception as err:  # noqa: BLE001 - torch's and safetensors' writer errors: say what happened, and where
+        if not isinstance(err, RuntimeError) and type(err).__name__ != "SafetensorError":
+            raise
+        full = shutil.disk_usage(path.parent).free < (1 << 20)
+        reason = "No space left on device" if full else f"could not write the file ({_reason(err)})"
+        raise OSError(errno.ENOSPC if full else errno.EIO, reason, os.fspath(path)) from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -17,9 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..data.images import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, list_images, read_image
+from ..config import read_yaml
+from ..data.images import (
+    IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, display_path, list_images, open_image, read_image,
+)
 
 MASK_EXTS = (".png", ".tif", ".tiff", ".bmp")
 MASK_DIRS = ("annotations", "masks", "labels")
@@ -37,22 +40,50 @@ class DatasetInfo:
 
     @classmethod
     def load(cls, root: str | os.PathLike) -> DatasetInfo | None:
+        """``ROOT/dataset.yaml`` (None when there is none); a one-line ``ValueError`` naming the file and the key
+        for a file that is not YAML, repeats a key, or holds a key or value of the wrong kind."""
         path = Path(root) / "dataset.yaml"
-        if not path.is_file():
+        if not path.exists():
             return None
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml(path, "dataset description") or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(data) - known
+            raise ValueError(f"{path}: expected a mapping of {', '.join(cls.__dataclass_fields__)}, "
+                             f"got a {type(data).__name__}")
+        known = list(cls.__dataclass_fields__)
+        unknown = [str(k) for k in data if k not in known]
         if unknown:
-            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {known}")
+        for key, value in data.items():
+            problem = _INFO_RULES[key][0](value)
+            if problem:
+                raise ValueError(f"{path}: {key}: expected {_INFO_RULES[key][1]}, got {value!r}")
+        if "classes" in data:
+            data["classes"] = [str(c) for c in data["classes"]]
+        if "name" in data:
+            data["name"] = str(data["name"])
         return cls(**data)
 
     def save(self, root: str | os.PathLike) -> Path:
         path = Path(root) / "dataset.yaml"
         path.write_text(yaml.safe_dump(self.__dict__, sort_keys=False))
         return path
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# key of dataset.yaml -> (whether a value is wrong, what is expected)
+_INFO_RULES = {
+    "classes": (lambda v: not (isinstance(v, list) and all(isinstance(c, (str, int)) and not isinstance(c, bool)
+                                                            for c in v)), "a list of class names"),
+    "palette": (lambda v: not (isinstance(v, list) and all(
+        isinstance(c, list) and len(c) == 3 and all(_is_int(x) and 0 <= x <= 255 for x in c) for c in v)),
+        "a list of [R, G, B] colours (integers 0..255)"),
+    "ignore_index": (lambda v: not (_is_int(v) and 0 <= v <= 65535), "an integer 0..65535 (the mask value to ignore)"),
+    "reduce_zero_label": (lambda v: not isinstance(v, bool), "true or false"),
+    "name": (lambda v: not isinstance(v, (str, int)) or isinstance(v, bool), "a name"),
+}
 
 
 def default_palette(num_classes: int) -> list[list[int]]:
@@ -77,23 +108,32 @@ def split_dirs(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
 
 
 def read_mask(path: str | os.PathLike) -> torch.Tensor:
-    """int64 (H, W) class indices from a single-channel (grey, 16-bit or palette) mask image."""
+    """int64 (H, W) class indices from a single-channel (grey, 16-bit or palette) mask image; ValueError naming the
+    file if it cannot be read (:func:`xcit.data.images.open_image`: also above the pixel limit) or holds colours."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
-            if img.mode not in ("L", "P", "1", "I;16", "I;16B", "I;16L", "I"):
-                raise ValueError(
-                    f"mask {os.fspath(path)!r} has mode {img.mode}; expected a single-channel image of class "
-                    "indices (grey 'L', palette 'P' or 16-bit), not colours"
-                )
-            arr = np.array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise ValueError(f"cannot read mask {os.fspath(path)!r}: {err}") from err
+            mode = img.mode
+            arr = np.array(img) if mode in ("L", "P", "1", "I;16", "I;16B", "I;16L", "I") else None
+    except ValueError as err:
+        raise ValueError(str(err).replace("cannot read image", "cannot read mask", 1)) from err
+    if arr is None:
+        raise ValueError(f"mask {display_path(path)!r} has mode {mode}; expected a single-channel image of class "
+                         "indices (grey 'L', palette 'P' or 16-bit), not colours")
     return torch.from_numpy(arr.astype(np.int64))
 
 
 def _by_stem(folder: Path, exts: Sequence[str]) -> dict[str, Path]:
-    return {p.stem: p for p in list_images(folder, recursive=False, extensions=exts)}
+    """Files of ``folder`` by name without extension; two files of one name (``a.png``, ``a.jpg``) are an error
+    rather than one of them silently left out."""
+    found: dict[str, Path] = {}
+    for path in list_images(folder, recursive=False, extensions=exts):
+        if path.stem in found:
+            raise ValueError(f"{display_path(folder)} holds {display_path(found[path.stem].name)} and "
+                             f"{display_path(path.name)}: images and masks are matched by name without extension, "
+                             "so expected one file per name")
+        found[path.stem] = path
+    return found
 
 
 class SegmentationFolder(torch.utils.data.Dataset):

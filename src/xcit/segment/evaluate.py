@@ -31,9 +31,12 @@ def evaluate(model, dataset: SegmentationFolder, settings: EvalSettings, ctx: di
     bar = progress_bar(len(indices), "eval", progress and ctx.is_main)
     for i in indices:
         image, mask = dataset.load(i)
-        probs = infer(net, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
-                      stride=settings.stride, flip=settings.flip, amp_dtype=amp_dtype, mean=normalization[0],
-                      std=normalization[1])
+        try:
+            probs = infer(net, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
+                          stride=settings.stride, flip=settings.flip, amp_dtype=amp_dtype, mean=normalization[0],
+                          std=normalization[1])
+        except ValueError as err:  # an image the model cannot take (too small): name it
+            raise ValueError(f"{dataset.samples[i][0]}: {err}") from None
         cm.update(probs.argmax(0), mask)
         bar.update(1)
     bar.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..models import XCiTPyramid, create_pyramid
-from ..models.weights import CheckpointError
+from ..models.weights import CheckpointError, check_finite
 from .heads import Segmenter
 
 FORMAT = "xcit-segmenter-1"
@@ -58,7 +58,8 @@ def save_segmenter(model: Segmenter, path: str | os.PathLike, meta: dict | None 
 
 def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Segmenter, dict]:
     """(model in eval mode, meta) from a checkpoint written by :func:`save_segmenter` or by training, or from
-    an official ADE20k release file (mmseg 0.11 layout; a path or a name such as ``upernet_xcit_tiny_12_p16``)."""
+    an official ADE20k release file (mmseg 0.11 layout; a path or a name such as ``upernet_xcit_tiny_12_p16``).
+    Weights holding NaN or infinity are a :class:`CheckpointError` naming the first such tensor."""
     from ..models.hub import dense_release_arch, weights_file
     from ..train.checkpoint import read_task_checkpoint
 
@@ -73,7 +74,10 @@ def load_segmenter(path: str | os.PathLike, map_location: str | torch.device = "
         other = load_file(path)
         if not is_mmseg_checkpoint(other):
             raise
-        return load_mmseg_segmenter(path, other)
+        model, meta = load_mmseg_segmenter(path, other)
+        check_finite(model.state_dict(), path)
+        return model, meta
+    check_finite(raw["model"], path)
     model = segmenter_from_config(raw["config"])
     model.load_state_dict(raw["model"])
     return model.eval(), raw.get("meta", {})

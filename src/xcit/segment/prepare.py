@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..data.outputs import staged_folder
 from ..data.split import HELD_OUT_QUADRANT, TRAIN_QUADRANTS, quadrant_slices
 from .data import DatasetInfo
 
@@ -27,10 +28,30 @@ _NOTES = {
 }
 
 
-def prepare(name: str, out: str | os.PathLike, source: str | os.PathLike | None = None) -> Path:
+#: what :func:`prepare` writes in its output folder (an earlier dataset there is refused unless overwrite)
+OUTPUTS = ("images/training", "images/validation", "annotations/training", "annotations/validation", "dataset.yaml",
+           "SOURCE.txt")
+
+
+def prepare(name: str, out: str | os.PathLike, source: str | os.PathLike | None = None, *,
+            overwrite: bool = False) -> Path:
     """Write dataset ``name`` (nuclei or trees) to ``out``: images/{training,validation},
     annotations/{training,validation}, dataset.yaml and SOURCE.txt. Training = three quadrants,
-    validation = the held-out one (:mod:`xcit.data.split`)."""
+    validation = the held-out one (:mod:`xcit.data.split`).
+
+    The files go to a temporary folder moved into ``out`` once complete (:func:`xcit.data.outputs.staged_folder`):
+    a source that cannot be read, or a full disk, leaves ``out`` as it was. An earlier dataset in ``out`` (any of
+    :data:`OUTPUTS`) is refused unless ``overwrite``, before the source is read.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"expected a dataset in {DATASETS}, got {name!r}")
+    out = Path(out)
+    with staged_folder(out, OUTPUTS, overwrite=overwrite) as stage:  # refused here, before the source is read
+        _write(name, stage, source)
+    return out
+
+
+def _write(name: str, out: Path, source: str | os.PathLike | None) -> None:
     if name == "nuclei":
         from ..data.nuclei import CLASSES, load_nuclei, to_uint8
 
@@ -39,16 +60,13 @@ def prepare(name: str, out: str | os.PathLike, source: str | os.PathLike | None 
         mask = (labels > 0).astype(np.uint8)
         extra = f"Intensity window: {lo:g} .. {hi:g} (of 16-bit values).\n"
         palette = [[0, 0, 0], [255, 70, 70]]
-    elif name == "trees":
+    else:
         from ..data.trees import CLASSES, boxes_to_mask, load_trees
 
         image, boxes = load_trees(source)
         mask = boxes_to_mask(boxes, *image.shape[:2])
         extra = f"{len(boxes)} boxes.\n"
         palette = [[0, 0, 0], [40, 220, 60]]
-    else:
-        raise ValueError(f"expected a dataset in {DATASETS}, got {name!r}")
-    out = Path(out)
     h, w = mask.shape
     for split, quadrants in (("training", TRAIN_QUADRANTS), ("validation", (HELD_OUT_QUADRANT,))):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -62,4 +80,3 @@ def prepare(name: str, out: str | os.PathLike, source: str | os.PathLike | None 
         _NOTES[name] + extra + f"Split: training = {', '.join(TRAIN_QUADRANTS)} quadrants; validation = {HELD_OUT_QUADRANT} "
         "(xcit.data.split).\n"
     )
-    return out

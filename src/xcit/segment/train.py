@@ -78,6 +78,9 @@ class Segmentation(Task):
     def train_data(self) -> TrainData:
         return TrainData(self.train_set, collate=torch.utils.data.default_collate)
 
+    def inputs(self) -> list[str]:
+        return [self.cfg.pretrained] if self.cfg.pretrained else []
+
     def run_name(self) -> list[str]:
         return [self.cfg.data, self.cfg.model or "custom"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..models.weights import CheckpointError, load_file, new_temporary_file, with_digest
+from ..models.weights import CheckpointError, load_file, with_digest, write_atomically
 
 STATE_VERSION = 2  # 2: the one training loop (task, options, the task's own entries); 1: the loops before it
 
@@ -48,17 +48,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_state(path: Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` through a temporary file and a rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_temporary_file(path)  # created with the umask's permissions, as every other run file
-    try:
-        torch.save(with_digest({"version": STATE_VERSION, **state}), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write ``state`` to ``path`` through a temporary file and a rename (never a half-written file); a failed write
+    (a full disk) is an ``OSError`` naming ``path``."""
+    return write_atomically(path, lambda tmp: torch.save(with_digest({"version": STATE_VERSION, **state}), tmp))
 
 
 def load_state(path: str | os.PathLike, task: str | None = None, command: str = "xcit train") -> dict[str, Any]:

@@ -117,7 +117,8 @@ def _fit(task_type: type[Task], cfg: Any, env: dist_utils.DistEnv, validate: Cal
             thread_note += f"{'; ' if thread_note else ''}the run's length changed to {total} steps"
     run = Run.open(cfg, env, default_run_name(task.name, *task.run_name()), resuming=state is not None,
                    output=Path(state["path"]).parent if state is not None and not cfg.output else None,
-                   elapsed_before=float(state["elapsed"]) if state else 0.0)
+                   elapsed_before=float(state["elapsed"]) if state else 0.0, inputs=task.inputs(),
+                   need_bytes=run_bytes(task.model))
     try:
         return Training(task, run, state, sampler, loader, steps_per_epoch, total, (lr, lr_from), thread_note).fit()
     finally:
@@ -372,6 +373,13 @@ def _due(cadence_: str, step: int, steps_per_epoch: int) -> bool:
     """Whether a cadence (``N`` steps, ``Nep`` epochs, ``0`` never) falls on ``step``."""
     interval = every(cadence_, steps_per_epoch)
     return bool(interval) and step % interval == 0
+
+
+def run_bytes(model: nn.Module) -> int:
+    """About what a run's files take: ``last.pt`` and ``best.pt`` (weights and two AdamW moments each), the model
+    file, and a few MiB of logs, metrics and figures."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return 7 * weights + 4 * 2**20
 
 
 def _apply(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:

@@ -333,12 +333,10 @@ def validate_dense_options(cfg: PyramidOptions) -> None:
 
 def load_config_file(path: str | Path) -> dict:
     """The option mapping of a YAML file (a run's ``config.yaml``, or one written by hand)."""
-    import yaml
+    from ..config import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}  # strict: not UTF-8, invalid YAML or a key given twice is a one-line error
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value")
     data.pop("_derived", None)

@@ -24,7 +24,7 @@ import shutil
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -151,16 +151,20 @@ def _interrupt(signum, frame) -> None:
 
 
 def prepare_run_dir(output: str | os.PathLike | None, default: str | os.PathLike, env: dist_utils.DistEnv, *,
-                    resuming: bool = False, overwrite: bool = False) -> Path:
+                    resuming: bool = False, overwrite: bool = False, inputs: Sequence[str | os.PathLike] = (),
+                    need_bytes: int = 0) -> Path:
     """The run folder (``output``, else ``default``), made on rank 0 and checked before anything is written.
 
     A folder that holds another run's files (``RUN_FILES``) is refused unless the run resumes it
     or ``overwrite`` is set; with ``overwrite`` those files are removed first, so logs and metrics
-    never mix two runs. Temporary files left by a killed run are removed. A path that is a file, or
-    a folder that cannot be written, is a :class:`RunFolderError`.
+    never mix two runs, but never a file the run reads (``inputs``: fine-tuning weights, a teacher, the
+    checkpoint probed). Temporary files left by a killed run are removed. A path that is a file, a folder
+    that cannot be written, or a disk with less free space than ``need_bytes`` (what the run's checkpoints
+    take) is a :class:`RunFolderError`, before anything is written.
     """
     path = Path(dist_utils.broadcast_object(str(output or default), env))
-    error = _claim_run_dir(path, resuming, overwrite) if env.is_main else None
+    error = _claim_run_dir(path, resuming, overwrite, [Path(p) for p in inputs if p], need_bytes) if env.is_main \
+        else None
     error = dist_utils.broadcast_object(error, env)  # every process stops with rank 0's reason
     if error is not None:
         raise RunFolderError(error)
@@ -170,10 +174,23 @@ def prepare_run_dir(output: str | os.PathLike | None, default: str | os.PathLike
 LOCK_FILE = "run.lock"
 
 
-def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
+def _claim_run_dir(path: Path, resuming: bool, overwrite: bool, inputs: list[Path], need_bytes: int) -> str | None:
     """Check, make and lock the run folder on rank 0; the reason it cannot be used, or None."""
+    for source in inputs:
+        if _same_file(path, source):
+            return (f"--output {path} is the command's input {source}: writing a run there would replace what is "
+                    "being read; choose another --output")
     if path.exists() and not path.is_dir():
         return f"expected --output to be a folder, got {path}, which is a file"
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot write the run folder {path}: {ancestor} is a file, not a folder"
+    free = shutil.disk_usage(ancestor).free
+    if free < need_bytes:
+        return (f"cannot write the run folder {path}: No space left on device ({free / 2**20:.1f} MiB free on its "
+                f"disk; the run's checkpoints take about {need_bytes / 2**20:.0f} MiB)")
     locked = in_use(path)
     if locked is not None:
         return locked
@@ -182,6 +199,10 @@ def _claim_run_dir(path: Path, resuming: bool, overwrite: bool) -> str | None:
         if not overwrite:
             return (f"{path} holds another run's files ({', '.join(held)}); continue that run with --resume, "
                     "replace it with --overwrite, or choose another --output")
+        read = [source for source in inputs for name in held if _same_file(path / name, source)]
+        if read:
+            return (f"{path} holds the command's input {read[0]}, which --overwrite would delete with the earlier "
+                    "run's files; choose another --output")
         for name in held:
             target = path / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
@@ -212,6 +233,16 @@ def in_use(path: Path) -> str | None:
         return None
     return (f"{path} is in use by a run still training ({holder}); wait for it to end or stop it, or choose another "
             f"--output (a lock left by a run known to be dead can be removed: {path / LOCK_FILE})")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (the same path, or the same inode through links)."""
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def lock_holder(path: Path) -> str | None:
@@ -286,11 +317,13 @@ class Run:
 
     @classmethod
     def open(cls, cfg: Any, env: dist_utils.DistEnv, default: str | os.PathLike, *, resuming: bool = False,
-             output: str | os.PathLike | None = None, elapsed_before: float = 0.0) -> Run:
+             output: str | os.PathLike | None = None, elapsed_before: float = 0.0,
+             inputs: Sequence[str | os.PathLike] = (), need_bytes: int = 0) -> Run:
         """The run of ``cfg`` (its ``output``, ``overwrite``, ``tensorboard`` and ``progress`` options);
-        ``output`` overrides ``cfg.output`` (a resumed run's own folder)."""
+        ``output`` overrides ``cfg.output`` (a resumed run's own folder); ``inputs`` are files the run reads;
+        ``need_bytes`` the free space its files need."""
         path = prepare_run_dir(output or cfg.output, default, env, resuming=resuming,
-                               overwrite=getattr(cfg, "overwrite", False))
+                               overwrite=getattr(cfg, "overwrite", False), inputs=inputs, need_bytes=need_bytes)
         return cls(path, env, tensorboard=getattr(cfg, "tensorboard", False), progress=cfg.progress,
                    elapsed_before=elapsed_before)
 

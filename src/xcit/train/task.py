@@ -86,6 +86,10 @@ class Task:
     def train_data(self) -> TrainData:
         raise NotImplementedError
 
+    def inputs(self) -> list[str]:
+        """Files the run reads (weights, a teacher): never deleted or replaced by its run folder."""
+        return []
+
     def run_name(self) -> list[str]:
         """Parts of the default run folder name (``runs/<task>-<parts>-<time>``)."""
         return []

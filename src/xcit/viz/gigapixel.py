@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import display_path
 from ..data.large_images import read_large_image
+from ..data.outputs import atomic_write, claim_files
 from ..inference.gigapixel import stream_model
 from ..inference.loading import InferenceModel
 from ..inference.streaming import DEFAULT_TOKENS_PER_CHUNK
@@ -48,10 +50,15 @@ def render_large_attention(
     dpi: int = 100,
     palette: bool = False,
     tokens_per_chunk: int = DEFAULT_TOKENS_PER_CHUNK,
+    overwrite: bool = False,
 ) -> LargeAttentionResult:
-    """Class attention of one image at native resolution, written as described in the module docstring."""
+    """Class attention of one image at native resolution, written as described in the module docstring; files that
+    exist are refused unless ``overwrite`` (before the image is read)."""
     if thumbnail < 1:
         raise ValueError(f"expected a positive thumbnail size in pixels, got {thumbnail}")
+    stem = stem or Path(path).stem
+    out_dir = Path(out_dir)
+    claim_files(out_dir, large_attention_files(stem), overwrite=overwrite)
     pixels = read_large_image(path, inf.in_chans)
     stream = stream_model(inf, tokens_per_chunk)
     out = stream.run(pixels, attention_layer=cls_layer)
@@ -59,14 +66,12 @@ def render_large_attention(
     if renormalise:
         maps = maps / maps.sum(dim=(-2, -1), keepdim=True)
     maps = maps.cpu().numpy()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = stem or Path(path).stem
     npy = out_dir / f"{stem}_attention.npy"
-    stored = np.lib.format.open_memmap(npy, mode="w+", dtype=np.float32, shape=maps.shape)
-    stored[:] = maps
-    stored.flush()
-    del stored
+    with atomic_write(npy) as tmp:
+        stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=maps.shape)
+        stored[:] = maps
+        stored.flush()
+        del stored
 
     h, w = pixels.shape[:2]
     step = max(1, math.ceil(max(h, w) / thumbnail))
@@ -82,7 +87,8 @@ def render_large_attention(
     top = [(inf.classes[int(idx)], float(prob))]
     kind = "renormalised over patches" if renormalise else "raw softmax weights"
     layer = cls_layer % len(stream.model.cls_attn_blocks)
-    title = (f"{Path(path).name} ({w}x{h} px, {out.grid[1]}x{out.grid[0]} patches, shown 1:{step}) - class attention "
+    title = (f"{display_path(Path(path).name)} ({w}x{h} px, {out.grid[1]}x{out.grid[0]} patches, shown 1:{step}) - "
+             "class attention "
              f"of layer {layer}, {kind}\ntop-1: {top[0][0]} ({100 * top[0][1]:.1f}%)")
     fig = class_attention_figure(image, overlays, title=title, cmap=cmap, alpha=alpha)
     files = [npy, save_png(fig, out_dir / f"{stem}_attention.png", dpi=dpi, palette=palette)]
@@ -99,5 +105,11 @@ def _overlay_png(image: np.ndarray, heat: np.ndarray, path: Path, cmap: str, alp
     scaled = (heat - heat.min()) / span if span > 0 else np.zeros_like(heat)
     colour = colormaps[cmap](scaled)[..., :3]
     blended = (1 - alpha) * image + alpha * colour
-    Image.fromarray((blended * 255).round().clip(0, 255).astype(np.uint8)).save(path, optimize=True)
+    with atomic_write(path) as tmp:
+        Image.fromarray((blended * 255).round().clip(0, 255).astype(np.uint8)).save(tmp, format="PNG", optimize=True)
     return path
+
+
+def large_attention_files(stem: str) -> list[str]:
+    """The names :func:`render_large_attention` writes for an image of output name ``stem``."""
+    return [f"{stem}_attention.npy", f"{stem}_attention.png", f"{stem}_attention_map.png"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from ..data.images import load_image
+from ..data.images import display_path, load_image
+from ..data.outputs import claim_files, unique_stems
 from ..inference.loading import InferenceModel
 from .attention import AttentionMaps, forward_with_attention
 from .plot import channel_attention_figure, class_attention_figure, save_png, to_display
@@ -37,13 +38,10 @@ class AttentionResult:
     figures: list[Path]
 
 
-def _unique_stem(path: Path, taken: set[str]) -> str:
-    stem, k = path.stem, 1
-    while stem in taken:
-        k += 1
-        stem = f"{path.stem}_{k}"
-    taken.add(stem)
-    return stem
+def attention_files(stem: str, xca_blocks: Sequence[int] = ()) -> list[str]:
+    """The names :func:`render_attention` writes for one image of output name ``stem`` (``xca_blocks`` as
+    non-negative indices)."""
+    return [f"{stem}_attention.png", *(f"{stem}_xca{b}.png" for b in xca_blocks)]
 
 
 def render_attention(
@@ -61,17 +59,29 @@ def render_attention(
     palette: bool = False,
     device: str | torch.device = "cpu",
     on_error=None,
+    stems: Sequence[str] | None = None,
+    overwrite: bool = False,
 ):
     """For each image: ``<stem>_attention.png`` (input + per-head class attention) and one
     ``<stem>_xca<block>.png`` per requested XCA block. Yields an :class:`AttentionResult` per
     readable image; unreadable ones are passed to ``on_error(path, message)`` (or raise if None).
+
+    ``stems`` are the output names (default :func:`xcit.data.outputs.unique_stems`: distinct also for
+    ``a.png`` and ``a.jpg``). Before the first image, every file to be written is checked: one that
+    exists is refused unless ``overwrite``.
     """
     out = Path(out_dir)
     transform = keep_aspect_transform(short_side, inf.mean, inf.std)
-    taken: set[str] = set()
     model = inf.model
+    paths = list(paths)
+    stems = unique_stems(paths) if stems is None else list(stems)
+    if len(stems) != len(paths):
+        raise ValueError(f"expected one output name per image, got {len(stems)} for {len(paths)}")
+    depth = len(model.blocks)
+    blocks = [b % depth if -depth <= b < depth else b for b in xca_blocks]  # out-of-range ones are refused below
+    claim_files(out, [n for stem in stems for n in attention_files(stem, blocks)], overwrite=overwrite)
     label = (inf.source if inf.random_init else Path(inf.source).name) + (f" [{inf.dataset}]" if inf.dataset else "")
-    for path in paths:
+    for path, stem in zip(paths, stems):
         path = Path(path)
         try:
             x = transform(load_image(path, inf.in_chans))
@@ -85,12 +95,11 @@ def render_attention(
         probs = maps.logits.float().softmax(-1)[0]
         p, i = probs.max(0)
         top = [(inf.classes[int(i)], float(p))]
-        stem = _unique_stem(path, taken)
         h, w = x.shape[-2:]
         overlays = maps.upsampled((h, w))[0].cpu().numpy()
         kind = "renormalised over patches" if renormalise else "raw softmax weights"
         title = (
-            f"{path.name} ({w}x{h} px, {maps.grid[1]}x{maps.grid[0]} patches) - class attention of layer "
+            f"{display_path(path.name)} ({w}x{h} px, {maps.grid[1]}x{maps.grid[0]} patches) - class attention of layer "
             f"{maps.cls_layer} (of 0..{len(model.cls_attn_blocks) - 1}), {kind}\n"
             f"{label} - top-1: {top[0][0]} ({100 * top[0][1]:.1f}%)"
         )
@@ -100,7 +109,8 @@ def render_attention(
             d = attn.shape[-1]
             fig = channel_attention_figure(
                 attn[0].float().cpu().numpy(),
-                title=f"{path.name} - XCA channel attention, block {b} (of 0..{len(model.blocks) - 1}), {d}x{d} per head",
+                title=f"{display_path(path.name)} - XCA channel attention, block {b} (of 0..{len(model.blocks) - 1}), "
+                      f"{d}x{d} per head",
             )
             figures.append(save_png(fig, out / f"{stem}_xca{b}.png", dpi=dpi, palette=palette))
         yield AttentionResult(str(path), x, maps, top, figures)

@@ -12,6 +12,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..data.outputs import atomic_write
+
 
 def to_display(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Undo the normalisation of one (C, H, W) image: (H, W, 3) floats in [0, 1] (grey is repeated)."""
@@ -103,15 +105,15 @@ def channel_attention_figure(
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 100, palette: bool = False) -> Path:
     """Write ``fig`` as PNG; ``palette`` reduces it to 256 colours (about 3x smaller, for docs)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not palette:
-        fig.savefig(path, dpi=dpi)
-        return path
-    from PIL import Image
+    with atomic_write(path) as tmp:  # a full disk or an interruption never leaves half a PNG
+        if palette:
+            from PIL import Image
 
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=dpi, format="png")
-    buf.seek(0)
-    with Image.open(buf) as img:
-        img.convert("RGB").quantize(256).save(path, optimize=True)
+            buf = io.BytesIO()
+            fig.savefig(buf, dpi=dpi, format="png")
+            buf.seek(0)
+            with Image.open(buf) as img:
+                img.convert("RGB").quantize(256).save(tmp, format="PNG", optimize=True)
+        else:
+            fig.savefig(tmp, dpi=dpi, format="png")
     return path
