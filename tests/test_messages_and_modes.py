@@ -12,19 +12,11 @@ import pytest
 import torch
 
 import xcit
-from xcit.cli import main
+from test_cli_errors import run
+
 from xcit.detect.evaluation import to_coco_results
 from xcit.detect.predict import draw_overlay
 from xcit.models.weights import download_file
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_the_export_refusal_names_only_options_help_shows(tmp_path, capsys):
