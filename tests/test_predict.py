@@ -161,3 +161,26 @@ def test_metadata_and_fallbacks(ckpt, tmp_path):
     assert inf.classes == ["class_0", "class_1", "class_2"] and len(inf.mean) == 1
     with pytest.raises(ValueError, match="expected a checkpoint or a model name"):
         load_for_inference()
+
+
+def test_the_progress_bar_counts_every_image_when_the_caller_stops_at_the_last(ckpt, folder, monkeypatch):
+    """``xcit predict`` takes exactly one prediction per input (``next``), so the generator never resumes after the
+    last one: the bar must already count it."""
+    import tqdm.auto
+
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "disable": True})
+            self.counted = 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.counted += n
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    paths = collect_images([folder])
+    predictions = Predictor(load_for_inference(ckpt)).predict(paths, batch_size=3, progress=True)
+    taken = [next(predictions) for _ in paths]
+    assert len(taken) == len(paths) > 3 and bars[0].counted == len(paths)

@@ -136,12 +136,14 @@ class Predictor:
                         results[i] = Prediction(paths[i], [classes[j] for j in c], c, p)
                 for i, err in errors.items():
                     results[i] = Prediction(paths[i], error=err)
-                for i in order:
-                    yield results[i]
-                bar.update(len(order))
+                # the bar counts a batch before its predictions are handed out: a caller that stops after the last
+                # one (or writes it and exits) never leaves the bar a batch short
                 if errors:
                     unreadable += len(errors)
-                    bar.set_postfix(unreadable=unreadable)
+                    bar.set_postfix(unreadable=unreadable, refresh=False)
+                bar.update(len(order))
+                for i in order:
+                    yield results[i]
 
 
 class PredictionWriter:
