@@ -82,7 +82,14 @@ def read_large_image(path: str | os.PathLike, in_chans: int = 3) -> np.ndarray:
     except Exception as err:  # noqa: BLE001 - decoder errors of any kind become one readable message
         raise ValueError(f"cannot read image {display_path(path)!r}: {type(err).__name__}: {err}") from err
     if arr.dtype != np.uint8 and (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 1)):
-        arr = _grey_to_8bit(arr.reshape(arr.shape[:2]), _bits(path, arr.dtype))  # as to_8bit does for PIL images
+        arr = grey_to_8bit(arr.reshape(arr.shape[:2]), _bits(path, arr.dtype))  # as to_8bit does for PIL images
+    return conform_channels(arr, in_chans, path)
+
+
+def conform_channels(arr: np.ndarray, in_chans: int, path: str | os.PathLike) -> np.ndarray:
+    """A uint8 (H, W) or (H, W, 1..4) array as (H, W, in_chans), the policy of :func:`read_large_image` (shared
+    with the region reads of :mod:`xcit.data.slides`): grey broadcast to RGB (a view), alpha dropped (a view);
+    ValueError naming ``path`` for other dtypes, layouts or channel counts."""
     if arr.dtype != np.uint8:
         raise ValueError(f"expected an 8-bit image (or deeper greyscale), got {arr.dtype} pixels of shape {arr.shape} "
                          f"in {display_path(path)!r}")
@@ -140,13 +147,16 @@ def _bits(path: Path, dtype: np.dtype) -> int:
         return np.dtype(dtype).itemsize * 8
 
 
-def _grey_to_8bit(arr: np.ndarray, bits: int, rows: int = 1024) -> np.ndarray:
+def grey_to_8bit(arr: np.ndarray, bits: int, rows: int = 1024, peak: float | None = None) -> np.ndarray:
     """A deep greyscale (H, W) array as uint8, scaled by its bit depth as :func:`xcit.data.images.to_8bit` scales a
     PIL image (unsigned and signed integers by ``bits``, negatives to 0; floats as 0..1, or 0..255 above 1), a block of
-    ``rows`` at a time into memory, or into a temporary memory-mapped file above 512 MB (a memory-mapped slide)."""
+    ``rows`` at a time into memory, or into a temporary memory-mapped file above 512 MB (a memory-mapped slide).
+    ``peak``: the largest value of the whole image where ``arr`` is a region of it (floats), so that every region
+    of one image is scaled alike; by default the largest value of ``arr``."""
     h, w = arr.shape
     if arr.dtype.kind == "f":
-        top = 1.0 if float(np.nanmax(arr, initial=0.0)) <= 1.0 else 255.0
+        peak = float(np.nanmax(arr, initial=0.0)) if peak is None else peak
+        top = 1.0 if peak <= 1.0 else 255.0
     elif arr.dtype.kind in "ui":
         top = float((1 << min(bits, 31 if arr.dtype.kind == "i" else 32)) - 1)
     else:

@@ -117,6 +117,27 @@ class StreamingXCiT(nn.Module):
         return tokens, hp, wp
 
     @torch.no_grad()
+    def forward_maps(self, x, indices: Sequence[int], store=None, pad_to: tuple[int, int] | None = None
+                     ) -> tuple[list[torch.Tensor], int, int]:
+        """Outputs of the XCA blocks ``indices`` as (B, N, C) token tensors (``get_intermediate_layers(x, indices)``
+        before its reshape to maps), and the grid (Hp, Wp). The last one is the resident token tensor itself; the
+        others are copied by ``store(tokens)`` (default ``clone``; :mod:`xcit.inference.dense` passes one that
+        writes to a memory-mapped file). ``pad_to`` (H', W') zero-pads the normalised input at the bottom / right."""
+        _check_eval(self.model)
+        wanted = self.model._resolve_indices(indices)
+        store = store or torch.clone
+        device = next(self.model.parameters()).device
+        image = _ImageRows(x, self.model.in_chans, self.mean, self.std, device, pad_to)
+        tokens, hp, wp = self._embed(image)
+        kept: dict[int, torch.Tensor] = {}
+        last = max(wanted)
+        for i, block in enumerate(self.model.blocks[: last + 1]):
+            self._xca_block(block, tokens, hp, wp)
+            if i in wanted:
+                kept[i] = tokens if i == last else store(tokens)
+        return [kept[i] for i in wanted], hp, wp
+
+    @torch.no_grad()
     def run(self, x, *, features: bool = False, attention_layer: int | None = None) -> StreamOutput:
         """One streaming pass: logits, cls and mean-patch embeddings; optionally the full normalised
         features and the cls-to-patch attention of class-attention layer ``attention_layer``."""
@@ -326,52 +347,75 @@ class StreamingXCiT(nn.Module):
 
 # ----- input rows ------------------------------------------------------------------------------
 class _ImageRows:
-    """Rows of an input image batch as float (B, C, rows, W) tensors on ``device``, normalised per tile if uint8."""
+    """Rows of an input image batch as float (B, C, rows, W) tensors on ``device``, normalised per tile if uint8.
+
+    Besides tensors and numpy arrays, any lazy array with ``shape``, ``dtype`` and numpy slicing (a memory map, an
+    :class:`xcit.data.slides.SlideLevel`) is read a row band at a time. ``pad_to`` (H', W') appends zero rows and
+    columns after normalisation, as a detector's batching pads its input."""
 
     def __init__(self, x, in_chans: int, mean: torch.Tensor | None, std: torch.Tensor | None,
-                 device: torch.device) -> None:
+                 device: torch.device, pad_to: tuple[int, int] | None = None) -> None:
         expected = (f"a float or uint8 tensor / numpy array of shape (B, {in_chans}, H, W), or one uint8 "
                     f"(H, W, {in_chans}) numpy array")
         self.channels_last = False
-        if isinstance(x, np.ndarray):
-            if x.ndim == 3:
-                self.channels_last = True
-            elif x.ndim != 4:
-                raise ValueError(f"expected {expected}, got a {x.ndim}-d array of shape {x.shape}")
-            if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
-                raise ValueError(f"expected {expected}, got dtype {x.dtype}")
-            self.is_uint8 = x.dtype == np.uint8
-        elif isinstance(x, torch.Tensor):
+        if isinstance(x, torch.Tensor):
             if x.ndim != 4:
                 raise ValueError(f"expected {expected}, got a {x.ndim}-d tensor of shape {tuple(x.shape)}")
             if x.dtype != torch.uint8 and not x.is_floating_point():
                 raise ValueError(f"expected {expected}, got dtype {x.dtype}")
             self.is_uint8 = x.dtype == torch.uint8
+        elif isinstance(x, np.ndarray) or _is_lazy_array(x):
+            if x.ndim == 3:
+                self.channels_last = True
+            elif x.ndim != 4:
+                raise ValueError(f"expected {expected}, got a {x.ndim}-d array of shape {x.shape}")
+            dtype = np.dtype(x.dtype)
+            if dtype != np.uint8 and not np.issubdtype(dtype, np.floating):
+                raise ValueError(f"expected {expected}, got dtype {dtype}")
+            self.is_uint8 = dtype == np.uint8
         else:
             raise ValueError(f"expected {expected}, got {type(x).__name__}")
         shape = (1, x.shape[2], x.shape[0], x.shape[1]) if self.channels_last else tuple(x.shape)
-        self.batch, c, self.height, self.width = shape
+        self.batch, c, self.image_height, self.image_width = shape
+        self.channels = c
         if c != in_chans:
             raise ValueError(f"expected {expected}, got {c} channels (shape {tuple(x.shape)})")
         if min(shape) < 1:
             raise ValueError(f"expected {expected} with B, H, W >= 1, got shape {tuple(x.shape)}")
         if self.is_uint8 and (mean is None or std is None):
             raise ValueError("uint8 input is normalised tile by tile: pass mean and std to xcit.streaming")
+        self.height, self.width = pad_to or (self.image_height, self.image_width)
+        if self.height < self.image_height or self.width < self.image_width:
+            raise ValueError(f"expected pad_to >= the image size {(self.image_height, self.image_width)}, got {pad_to}")
         self.x, self.device = x, device
         self.mean = None if mean is None else mean.to(device)
         self.std = None if std is None else std.to(device)
 
     def rows(self, lo: int, hi: int) -> torch.Tensor:
+        real = min(hi, self.image_height)
+        if real <= lo:
+            return torch.zeros(self.batch, self.channels, hi - lo, self.width, device=self.device)
+        t = self._read(lo, real)
+        if (hi, self.width) == (real, self.image_width):
+            return t
+        return F.pad(t, (0, self.width - self.image_width, 0, hi - real))
+
+    def _read(self, lo: int, hi: int) -> torch.Tensor:
         if self.channels_last:
-            t = torch.from_numpy(np.array(self.x[lo:hi])).permute(2, 0, 1)[None]
-        elif isinstance(self.x, np.ndarray):
-            t = torch.from_numpy(np.array(self.x[:, :, lo:hi]))
+            t = torch.from_numpy(np.ascontiguousarray(self.x[lo:hi])).permute(2, 0, 1)[None]
+        elif not isinstance(self.x, torch.Tensor):
+            t = torch.from_numpy(np.ascontiguousarray(self.x[:, :, lo:hi]))
         else:
             t = self.x[:, :, lo:hi]
         if not self.is_uint8:
             return t.to(self.device)
         t = t.to(self.device).float().div(255)
         return (t - self.mean).div(self.std)
+
+
+def _is_lazy_array(x) -> bool:
+    """An object read like a numpy array (``shape``, ``dtype``, ``ndim``, slicing) without being one."""
+    return all(hasattr(x, a) for a in ("shape", "dtype", "ndim", "__getitem__"))
 
 
 def normalise(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Whole-image dense prediction tile by tile: the windowed pyramid and the tiled heads equal the whole-image forward."""
+from __future__ import annotations
+
+import glob
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+from xcit.inference.dense import stream_pyramid
+from xcit.models import create_pyramid
+from xcit.segment.model import build_segmenter
+from xcit.segment.tiled import TiledSegmenter, Window, resize, segment_large
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _randomise_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics away from the identity, so a wrong window shows."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _normalised(img: np.ndarray) -> torch.Tensor:
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth image with edges (not noise), so the classes vary over it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(yy / 17.0 + c) * np.cos(xx / 23.0 - c) for c in range(3)], -1) * 100 + 128
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", ["xcit_nano_12_p16", "xcit_nano_12_p8"])
+@pytest.mark.parametrize("resident", [None, 0])
+def test_pyramid_windows_equal_the_whole_pyramid(name, resident):
+    torch.manual_seed(0)
+    pyramid = _randomise_norms(create_pyramid(name))
+    img = _image(150, 230)
+    with torch.no_grad():
+        ref = pyramid(torch.nn.functional.pad(_normalised(img), (0, 26, 0, 10)))  # pad_to (160, 256)
+    before = set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*"))
+    stream = stream_pyramid(pyramid, MEAN, STD, tokens_per_chunk=37, max_resident_bytes=resident)
+    with stream.maps(img, pad_to=(160, 256)) as maps:
+        assert maps.sizes == [tuple(r.shape[-2:]) for r in ref.values()]
+        spilled = set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*")) - before
+        assert bool(spilled) == (resident == 0)  # a zero bound sends the kept block outputs to a temporary file
+        for level, full in enumerate(ref.values()):
+            h, w = maps.sizes[level]
+            torch.testing.assert_close(maps.window(level, 0, h, 0, w), full, rtol=0, atol=2e-5)
+            y0, y1, x0, x1 = 1, max(h - 2, 2), 3, w - 1  # odd offsets: inside a transposed convolution's 2x2 output
+            torch.testing.assert_close(maps.window(level, y0, y1, x0, x1), full[:, :, y0:y1, x0:x1], rtol=0, atol=2e-5)
+    assert not (set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*")) - before)  # removed on close
+
+
+def test_the_temporary_file_is_removed_on_error():
+    pyramid = create_pyramid("xcit_nano_12_p16").eval()
+    before = set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*"))
+    stream = stream_pyramid(pyramid, MEAN, STD, max_resident_bytes=0)
+    with pytest.raises(ZeroDivisionError):
+        with stream.maps(_image(64, 64)):
+            raise ZeroDivisionError
+    assert not (set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*")) - before)
+
+
+CASES = [  # backbone, head, head options, image size, tile
+    ("xcit_nano_12_p16", "fpn", {}, (200, 328), 96),
+    ("xcit_nano_12_p16", "upernet", {}, (301, 157), 128),
+    ("xcit_nano_12_p8", "fpn", {"fpn_upsample": "x2"}, (145, 203), 64),
+    ("xcit_nano_12_p8", "upernet", {}, (96, 160), 64),
+]
+
+
+@pytest.mark.parametrize("name,head,options,size,tile", CASES)
+def test_tiled_segmentation_equals_the_whole_image_forward(name, head, options, size, tile):
+    torch.manual_seed(0)
+    model = _randomise_norms(build_segmenter(5, name, head=head, channels=32, **options))
+    img = _image(*size)
+    with torch.no_grad():
+        ref = model(_normalised(img))[0]
+    labels, logits = segment_large(model, img, MEAN, STD, tile=tile, logits=True, tokens_per_chunk=200)
+    assert labels.shape == size
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-4)
+    assert torch.equal(labels, ref.argmax(0))
+    assert len(labels.unique()) > 1  # the check means something
+
+
+def test_tiles_come_in_row_major_order_and_cover_the_image():
+    model = build_segmenter(3, "xcit_nano_12_p16", head="fpn", channels=16).eval()
+    tiler = TiledSegmenter(model, MEAN, STD, tile=64)
+    seen = [(t.y0, t.y1, t.x0, t.x1) for t in tiler.tiles(_image(100, 150))]
+    assert seen == [(y, min(y + 64, 100), x, min(x + 64, 150)) for y in (0, 64) for x in (0, 64, 128)]
+
+
+def test_resize_windows_match_interpolate_for_odd_sizes():
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(1, 2, 13, 17, generator=g)
+    for mode in ("bilinear", "nearest"):
+        for size in [(29, 40), (26, 34), (13, 17), (50, 51)]:
+            kwargs = {"align_corners": False} if mode == "bilinear" else {}
+            ref = torch.nn.functional.interpolate(full, size=size, mode=mode, **kwargs)
+            win = Window(full[:, :, 3:11, 2:15], 3, 2, 13, 17)
+            out = resize(win, size, mode)
+            (r0, r1), (c0, c1) = out.rows, out.cols
+            assert r1 - r0 > 0 and c1 - c0 > 0
+            torch.testing.assert_close(out.t, ref[:, :, r0:r1, c0:c1], rtol=0, atol=1e-5)
+
+
+def test_bad_settings_are_refused():
+    model = build_segmenter(3, "xcit_nano_12_p16", head="fpn", channels=16).eval()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        TiledSegmenter(model, MEAN, STD, tile=100)
+    gn = build_segmenter(3, "xcit_nano_12_p16", head="fpn", channels=16, norm="gn").eval()
+    with pytest.raises(ValueError, match="GroupNorm"):
+        TiledSegmenter(gn, MEAN, STD)
+    with pytest.raises(RuntimeError, match="eval"):
+        TiledSegmenter(model.train(), MEAN, STD)
+    with pytest.raises(ValueError, match="at least 17x17"):
+        segment_large(model.eval(), _image(16, 400), MEAN, STD)
