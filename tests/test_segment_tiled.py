@@ -125,3 +125,62 @@ def test_bad_settings_are_refused():
         TiledSegmenter(model.train(), MEAN, STD)
     with pytest.raises(ValueError, match="at least 17x17"):
         segment_large(model.eval(), _image(16, 400), MEAN, STD)
+
+
+# ----- xcit segment predict on a whole-slide TIFF -----------------------------------------------------------------------
+@pytest.fixture
+def slide_and_checkpoint(tmp_path):
+    """A 3-level pyramidal TIFF (level 1: 160 x 224 px, 0.5 um per pixel) and a small segmentation checkpoint."""
+    import tifffile
+
+    from xcit.segment.model import save_segmenter
+
+    torch.manual_seed(0)
+    model = _randomise_norms(build_segmenter(4, "xcit_nano_12_p16", head="fpn", channels=16))
+    ckpt = save_segmenter(model, tmp_path / "seg.pt", meta={"classes": ["a", "b", "c", "d"]})
+    base = _image(320, 448)
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(base, tile=(64, 64), compression="zlib", subifds=2, resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+        for k in (1, 2):
+            tif.write(base[:: 2**k, :: 2**k], tile=(64, 64), compression="zlib", subfiletype=1)
+    return model, ckpt, path, base[::2, ::2]
+
+
+def test_segment_predict_streams_a_slide_level_to_a_pyramidal_label_tiff(slide_and_checkpoint, tmp_path, capsys):
+    import json
+
+    import tifffile
+
+    from test_cli_errors import run
+
+    model, ckpt, path, level1 = slide_and_checkpoint
+    out = tmp_path / "out"
+    argv = ["segment", "predict", str(path), "--checkpoint", str(ckpt), "--streaming", "always", "--mpp", "2",
+            "--tile", "64", "--max-resident-gb", "0", "--device", "cpu", "-o", str(out)]
+    code, stdout, err = run(argv, capsys)
+    assert code == 0, err
+    with torch.no_grad():
+        ref = model(_normalised(np.ascontiguousarray(level1)))[0].argmax(0).numpy()
+    with tifffile.TiffFile(out / "slide_labels.tif") as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.compression != 1  # (sub-resolutions: tests/test_slides.py)
+        labels = page.asarray()
+        description = json.loads(page.description)
+    np.testing.assert_array_equal(labels, ref)  # equal to the whole-image forward
+    assert description["classes"] == ["a", "b", "c", "d"] and description["level"] == 1
+    areas = json.loads((out / "slide_areas.json").read_text())
+    assert areas["size"] == [160, 224] and areas["level"] == 1 and areas["mpp"] == [2.0, 2.0]
+    assert [c["pixels"] for c in areas["classes"]] == np.bincount(ref.ravel(), minlength=4).tolist()
+    assert abs(sum(c["area_um2"] for c in areas["classes"]) - 160 * 224 * 4.0) < 1e-6
+    assert (out / "slide_overlay.png").stat().st_size > 0
+
+    before = (out / "slide_labels.tif").read_bytes()
+    code, _, err = run(argv, capsys)  # the outputs exist: refused, nothing changed
+    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "slide_labels.tif").read_bytes() == before
+
+    argv = [a if a != "--mpp" else "--level" for a in argv[:-1]] + [str(tmp_path / "o2")]
+    code, _, err = run([a if a != "2" else "7" for a in argv], capsys)  # --level 7: a level the file does not have
+    assert code == 1 and "level 7 does not exist" in err and str(path) in err
+    assert not list((tmp_path / "o2").glob("*.tif"))

@@ -28,6 +28,21 @@ def add_streaming_options(p: argparse.ArgumentParser) -> None:
                    help="streaming forward: tokens per chunk / tile, which bounds its temporaries (default 16384)")
 
 
+def add_slide_options(p: argparse.ArgumentParser) -> None:
+    """--level / --mpp / --tile / --max-resident-gb: how dense prediction reads and tiles a large image (shared by
+    ``segment predict`` and ``detect predict``)."""
+    g = p.add_argument_group("large and whole-slide images (the streaming path)")
+    g.add_argument("--level", type=NON_NEGATIVE, default=None, metavar="N",
+                   help="pyramid level of a whole-slide TIFF / OME-TIFF / SVS to read (0 = full resolution; default 0)")
+    g.add_argument("--mpp", type=number(float, 0, low_open=True), default=None, metavar="UM",
+                   help="read the pyramid level nearest this many microns per pixel (as the file states it)")
+    g.add_argument("--tile", type=POSITIVE, default=None, metavar="PX",
+                   help="tile side in pixels, a multiple of 32 (default: segment 1024, detect 1024)")
+    g.add_argument("--max-resident-gb", type=number(float, 0), default=2.0, metavar="GB",
+                   help="the backbone's kept block outputs above this size go to a temporary file (TMPDIR), removed "
+                        "afterwards (default 2)")
+
+
 def streamed(args: argparse.Namespace, path: str) -> bool:
     """Whether ``path`` goes through the streaming forward under the --streaming options."""
     from ..inference.gigapixel import LARGE_IMAGE_PIXELS, is_large

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import POSITIVE, add_config_option, add_overwrite_option, number, require_options
 from .options import add_training_command
+from .predict import add_slide_options, add_streaming_options
 from .unreadable import Unreadable, add_policy
 
 
@@ -107,7 +108,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(p)
     p.set_defaults(func=run_eval)
 
-    p = tasks.add_parser("predict", help="coloured PNG masks and overlays for images or folders")
+    p = tasks.add_parser(
+        "predict", help="coloured PNG masks and overlays for images or folders; large and whole-slide images tile by tile",
+        description="Segment images. Images above --large-pixels (or all, with --streaming always) are segmented whole "
+                    "at native resolution, tile by tile with the exact global context of the whole image (the result "
+                    "equals the whole-image forward), into NAME_labels.tif (tiled, compressed, pyramidal; pixel values "
+                    "are class indices), NAME_overlay.png (downsampled) and NAME_areas.json (per-class areas). "
+                    "--mode / --scale / --flip apply to the other images only.")
     add_policy(p)
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="segmentation checkpoint, an official ADE20k file or its name (upernet_xcit_small_12_p16)")
@@ -119,6 +126,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=number(float, 0, 1), default=0.5, help="overlay opacity of the mask")
     _eval_options(p)
     p.add_argument("--device", default="auto")
+    add_streaming_options(p)
+    add_slide_options(p)
     add_config_option(p)
     p.set_defaults(func=run_predict)
 
@@ -166,19 +175,28 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from ..data.images import display_path, read_image
     from ..data.outputs import atomic_write, claim_files, unique_stems
+    from ..segment.config import EvalSettings
     from ..segment.data import colorize, infer, overlay
     from ..segment.model import load_segmenter, normalization
-    from ..segment.config import EvalSettings
+    from ..segment.tiled import DEFAULT_TILE
+    from ..segment.whole_slide import output_names, segment_file
     from ..train.distributed import pick_device
-    from .predict import input_images
+    from .predict import input_images, streamed
 
     require_options(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"expected --alpha in [0, 1], got {args.alpha}")
+    tile = DEFAULT_TILE if args.tile is None else args.tile
+    if tile % 32:
+        raise ValueError(f"expected --tile to be a multiple of 32 pixels, got {tile}")
+    if args.level is not None and args.mpp is not None:
+        raise ValueError("expected --level or --mpp, not both")
     files = [Path(f) for f in input_images(args.inputs)]
     stems = unique_stems(files)
+    large = [streamed(args, str(f)) for f in files]
     out = Path(args.output)
-    claim_files(out, [n for stem in stems for n in prediction_files(stem)], overwrite=args.overwrite)  # before any work
+    names = [n for stem, big in zip(stems, large) for n in (output_names(stem) if big else prediction_files(stem))]
+    claim_files(out, names, overwrite=args.overwrite)  # before any work
     model, meta = load_segmenter(args.checkpoint)
     device = pick_device(args.device)
     model.to(device)
@@ -191,8 +209,21 @@ def run_predict(args: argparse.Namespace) -> int:
         palette = default_palette(model.num_classes)
     classes = meta.get("classes") or [f"class{i}" for i in range(model.num_classes)]
     unreadable = Unreadable("segment predict")
-    for path, stem in zip(files, stems):
+    written = 0
+    for path, stem, big in zip(files, stems, large):
         try:
+            if big:
+                summary = segment_file(
+                    model, path, out, stem, mean=mean, std=std, classes=classes, palette=palette, level=args.level,
+                    mpp=args.mpp, tile=tile, tokens_per_chunk=args.tokens_per_chunk,
+                    max_resident_bytes=int(args.max_resident_gb * 2**30), alpha=args.alpha, overwrite=args.overwrite,
+                    meta={"checkpoint": str(args.checkpoint)})
+                written += 3
+                top = sorted(summary["classes"], key=lambda c: -c["pixels"])[:3]
+                h, w = summary["size"]
+                print(f"{display_path(path)} ({w} x {h}, level {summary['level']}, {summary['seconds']:.0f} s): "
+                      + ", ".join(f"{c['name']} {100 * c['fraction']:.1f}%" for c in top if c["pixels"]))
+                continue
             image = read_image(path)
             with torch.inference_mode():  # an image the model cannot take (too small) is named and skipped too
                 pred = infer(model, image, mode=settings.mode, scale=settings.scale, crop_size=settings.crop_size,
@@ -205,9 +236,10 @@ def run_predict(args: argparse.Namespace) -> int:
             mask.save(tmp, format="PNG")
         with atomic_write(out / f"{stem}_overlay.png") as tmp:
             overlay(image, mask, args.alpha).save(tmp, format="PNG")
+        written += 2
         counts = torch.bincount(pred.flatten(), minlength=model.num_classes).float() / pred.numel()
         top = sorted(((c.item(), classes[i]) for i, c in enumerate(counts) if c > 0), reverse=True)[:3]
         print(f"{display_path(path)}: " + ", ".join(f"{name} {100 * share:.1f}%" for share, name in top))
-    print(f"wrote {2 * (len(files) - len(unreadable))} files to {display_path(out)} (NAME_mask.png: palette PNG whose "
-          "pixel values are class indices)")
+    print(f"wrote {written} files to {display_path(out)} (NAME_mask.png: palette PNG whose pixel values are class "
+          "indices; NAME_labels.tif for large images: pyramidal TIFF of class indices)")
     return unreadable.finish(len(files))
