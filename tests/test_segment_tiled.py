@@ -184,3 +184,22 @@ def test_segment_predict_streams_a_slide_level_to_a_pyramidal_label_tiff(slide_a
     code, _, err = run([a if a != "2" else "7" for a in argv], capsys)  # --level 7: a level the file does not have
     assert code == 1 and "level 7 does not exist" in err and str(path) in err
     assert not list((tmp_path / "o2").glob("*.tif"))
+
+
+def test_segment_predict_names_a_bad_slide_in_one_line_and_writes_nothing(slide_and_checkpoint, tmp_path, capsys):
+    import tifffile
+
+    from test_cli_errors import run
+
+    _, ckpt, path, _ = slide_and_checkpoint
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, _image(12, 40), tile=(16, 16))
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for bad, words in ((small, "at least 17x17"), (cut, "truncated")):
+        out = tmp_path / f"out_{bad.stem}"
+        code, _, err = run(["segment", "predict", str(bad), "--checkpoint", str(ckpt), "--streaming", "always",
+                            "--device", "cpu", "-o", str(out)], capsys)
+        lines = [line for line in err.strip().splitlines() if str(bad) in line]
+        assert code == 1 and len(lines) == 1 and words in lines[0], err
+        assert not list(out.glob("*"))
