@@ -1,8 +1,8 @@
 """Whole-image segmentation of large images: peak memory and time per pixel against the image side.
 
-Each measurement runs in its own process (peak RSS = the process's ``VmHWM``): the tiled path is the command users
-run, ``xcit segment predict IMAGE --streaming always`` (reading a tiled, compressed TIFF, writing the pyramidal label
-TIFF, the overlay and the areas: input and output included); the reference is the whole-image forward
+Each measurement runs in its own process (peak RSS = the process's ``VmHWM``): the tiled path is what
+``xcit segment predict IMAGE --streaming always`` runs (:func:`xcit.segment.segment_file`: reading a tiled, compressed
+TIFF, writing the pyramidal label TIFF, the overlay and the areas: input and output included); the reference is the whole-image forward
 ``Segmenter(x).argmax(1)`` on the image in memory (forward only), where it fits. The images are mosaics of a real
 aerial photograph (deepforest's 2019_YELL_2_528000_4978000_image_crop2.png, NEON, CC0), the model an
 ``xcit_tiny_12_p16`` Semantic FPN with ADE20k's 150 classes (weights random: time and memory do not depend on them).
@@ -81,16 +81,20 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    if args.mode == "tiled":
-        from xcit.cli import main
+    if args.task == "detect":
+        seconds = detect_child(args)
+    elif args.mode == "tiled":  # what `xcit segment predict IMAGE --streaming always --tile T` runs
+        from xcit.segment import load_segmenter, segment_file
+        from xcit.segment.data import default_palette
+        from xcit.segment.model import normalization
 
-        out = Path(args.out)
         started = time.perf_counter()
-        code = main(["segment", "predict", args.image, "--checkpoint", args.checkpoint, "--streaming", "always",
-                     "--device", "cpu", "--tile", str(args.tile), "-o", str(out), "--overwrite"])
+        model, meta = load_segmenter(args.checkpoint)
+        mean, std = normalization(meta)
+        segment_file(model, args.image, args.out, "mosaic", mean=mean, std=std, tile=args.tile, overwrite=True,
+                     classes=[f"class{i}" for i in range(model.num_classes)], palette=default_palette(model.num_classes),
+                     progress=False)
         seconds = time.perf_counter() - started
-        if code != 0:
-            raise SystemExit(code)
     else:
         import tifffile
 
@@ -109,9 +113,36 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak}))
 
 
-def measure(mode: str, side: int, image: Path, checkpoint: Path, threads: int, tile: int, work: Path) -> dict:
+def detect_child(args: argparse.Namespace) -> float:
+    """Detection: the tiled path is what ``xcit detect predict IMAGE --streaming always`` runs
+    (:func:`xcit.detect.tiled.predict_large_file`: COCO JSON, overlay); the whole-image forward is ``model([x])`` at
+    native resolution (``--test-size 0``), forward only."""
+    import torch
+
+    from xcit.detect.model import load_detector, set_test_size
+
+    if args.mode == "tiled":
+        from xcit.detect.tiled import predict_large_file
+
+        started = time.perf_counter()
+        model, meta = load_detector(args.checkpoint)
+        predict_large_file(model, meta, args.image, args.out, tile=args.tile, overwrite=True, progress=False)
+        return time.perf_counter() - started
+    import tifffile
+
+    model, _ = load_detector(args.checkpoint)
+    set_test_size(model, 0)
+    x = torch.from_numpy(tifffile.imread(args.image)).permute(2, 0, 1).float().div_(255)
+    started = time.perf_counter()
+    with torch.no_grad():
+        model([x])
+    return time.perf_counter() - started
+
+
+def measure(mode: str, side: int, image: Path, checkpoint: Path, threads: int, tile: int, work: Path,
+            task: str = "segment") -> dict:
     cmd = [sys.executable, __file__, "_child", "--mode", mode, "--image", str(image), "--checkpoint", str(checkpoint),
-           "--threads", str(threads), "--tile", str(tile), "--out", str(work / f"out_{side}")]
+           "--threads", str(threads), "--tile", str(tile), "--out", str(work / f"out_{task}_{side}"), "--task", task]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -131,7 +162,8 @@ def report(runs: list[dict], meta: dict, out: Path) -> None:
     ok = [r for r in runs if "error" not in r]
     whole = {r["side"]: r for r in ok if r["mode"] == "whole"}
     base = min(whole.values(), key=lambda r: abs(r["side"] - 2048)) if whole else None
-    lines = [f"CPU: {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}; command: `{meta['command']}`", "",
+    lines = [f"{meta['task']}: {meta['model']}, tile {meta['tile']}. CPU: {meta['cpu']}, {meta['threads']} threads, "
+             f"torch {meta['torch']}; command: `{meta['command']}`", "",
              "| side | path | seconds | s / megapixel | vs whole-image forward at "
              f"{base['side'] if base else '-'} | peak RSS |", "|---:|---|---:|---:|---:|---:|"]
     for r in runs:
@@ -154,7 +186,7 @@ def report(runs: list[dict], meta: dict, out: Path) -> None:
         ax.set_xlabel("image side (px)")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"xcit_tiny_12_p16 Semantic FPN, 150 classes; {meta['cpu']}, {meta['threads']} threads", fontsize=9)
+    fig.suptitle(f"{meta['task']}: {meta['model']}; {meta['cpu']}, {meta['threads']} threads", fontsize=9)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
 
@@ -162,7 +194,7 @@ def report(runs: list[dict], meta: dict, out: Path) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         p = argparse.ArgumentParser()
-        for name in ("--mode", "--image", "--checkpoint", "--out"):
+        for name in ("--mode", "--image", "--checkpoint", "--out", "--task"):
             p.add_argument(name)
         p.add_argument("--threads", type=int)
         p.add_argument("--tile", type=int)
@@ -172,7 +204,11 @@ def main() -> None:
     p.add_argument("--sides", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     p.add_argument("--whole", type=int, nargs="*", default=[1024, 2048], help="sides to run the whole-image forward at")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tile", type=int, default=1024)
+    p.add_argument("--tile", type=int, default=None, help="tile side (default: segment 2048, detect 1024)")
+    p.add_argument("--task", choices=["segment", "detect"], default="segment")
+    p.add_argument("--detector", default=None,
+                   help="detect: a detector checkpoint, e.g. the trees model of docs/detection.md (runs/detect/trees/"
+                        "best.pt); the model's weights decide how many proposals survive, so random weights would not do")
     p.add_argument("--output", default=str(HERE / "dense_large"))
     p.add_argument("--work", default=None, help="folder for the images and outputs (default: a temporary one)")
     args = p.parse_args()
@@ -180,10 +216,18 @@ def main() -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="xcit-dense-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = work / "fpn_tiny_150.pt"
-    if not checkpoint.exists():
-        make_checkpoint(checkpoint)
-    meta = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "tile": args.tile,
+    if args.task == "detect":
+        if not args.detector:
+            raise SystemExit("--task detect needs --detector CHECKPOINT")
+        checkpoint = Path(args.detector)
+    else:
+        checkpoint = work / "fpn_tiny_150.pt"
+        if not checkpoint.exists():
+            make_checkpoint(checkpoint)
+    if args.tile is None:
+        args.tile = 2048 if args.task == "segment" else 1024
+    meta = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "tile": args.tile, "task": args.task,
+            "model": "xcit_tiny_12_p16 Semantic FPN, 150 classes" if args.task == "segment" else str(checkpoint),
             "command": "python benchmarks/dense_large.py " + " ".join(sys.argv[1:])}
     runs = []
     for side in sorted(set(args.sides) | set(args.whole)):
@@ -192,7 +236,7 @@ def main() -> None:
             make_image(side, image)
         modes = (["whole"] if side in args.whole else []) + (["tiled"] if side in args.sides else [])
         for mode in modes + (["whole"] if side in args.whole and len(modes) > 1 else []):  # baseline twice, around
-            runs.append(measure(mode, side, image, checkpoint, args.threads, args.tile, work))
+            runs.append(measure(mode, side, image, checkpoint, args.threads, args.tile, work, args.task))
             print(json.dumps(runs[-1]), flush=True)
     out = Path(args.output)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import NON_NEGATIVE, POSITIVE, add_config_option, add_overwrite_option, number, require_options
 from .options import add_training_command
+from .predict import add_slide_options, add_streaming_options
 from .unreadable import Unreadable, add_policy
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,7 +50,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_config_option(p)
     p.set_defaults(func=run_eval)
 
-    p = tasks.add_parser("predict", help="PNG overlays and a COCO-format JSON of the detections in images or folders")
+    p = tasks.add_parser(
+        "predict", help="PNG overlays and a COCO-format JSON of the detections in images or folders",
+        description="Detect objects in images. Images above --large-pixels (or all, with --streaming always) are "
+                    "processed whole at native resolution: the backbone once over the whole image (exact global "
+                    "context), the FPN, RPN and RoI heads over overlapping tiles, detections merged across tiles, into "
+                    "NAME_predictions.json (COCO), NAME.geojson (georeferenced TIFFs) and NAME_overlay.png.")
     add_policy(p, ', and under "unreadable" in predictions.json')
     p.add_argument("inputs", nargs="*", metavar="IMAGE", help="image files and/or folders")
     p.add_argument("--checkpoint", default=None, help="detection checkpoint, an official COCO file or its name (maskrcnn_xcit_tiny_12_p16)")
@@ -63,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _test_options(p)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=POSITIVE, default=None)
+    add_streaming_options(p)
+    add_slide_options(p)
+    p.add_argument("--overlap", type=NON_NEGATIVE, default=None, metavar="PX",
+                   help="streaming path: overlap of neighbouring tiles, a multiple of 32; objects up to this size lie "
+                        "whole in the tile that owns their centre (default 256)")
     add_config_option(p)
     p.set_defaults(func=run_predict)
 
@@ -142,20 +153,45 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..detect.predict import predict_files
-    from .predict import input_images
-
+    from ..data.images import display_path
     from ..data.outputs import claim_files, unique_stems
-    from ..detect.predict import prediction_files
+    from ..detect.predict import prediction_files, predict_files
+    from ..detect.tiled import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, large_prediction_files, predict_large_file
+    from .predict import input_images, streamed
 
     require_options(args, "checkpoint", "inputs")
+    tile = DEFAULT_TILE if args.tile is None else args.tile
+    overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
+    check_tiling(tile, overlap)
+    if args.level is not None and args.mpp is not None:
+        raise ValueError("expected --level or --mpp, not both")
     files = [Path(f) for f in input_images(args.inputs)]
-    claim_files(args.output, prediction_files(unique_stems(files)), overwrite=args.overwrite)  # before any work
+    stems = unique_stems(files)
+    large = [streamed(args, str(f)) for f in files]
+    small = [f for f, big in zip(files, large) if not big]
+    names = prediction_files(unique_stems(small)) if small else []
+    names += [n for stem, big in zip(stems, large) if big for n in large_prediction_files(stem, False)]
+    claim_files(args.output, names, overwrite=args.overwrite)  # before any work
     model, meta, device = _load(args)
     n = model.roi_heads.box_predictor.cls_score.out_features - 1
     classes = meta.get("classes") or [f"class{i}" for i in range(1, n + 1)]
     unreadable = Unreadable("detect predict")
-    summary = predict_files(model, files, args.output, classes, meta.get("category_ids") or list(range(1, n + 1)), device,
-                            args.score_thresh, on_error=unreadable, overwrite=args.overwrite)
-    print(f"wrote {summary['images']} overlays and {args.output}/predictions.json ({summary['detections']} detections)")
+    for path, stem, big in zip(files, stems, large):
+        if not big:
+            continue
+        try:
+            summary = predict_large_file(
+                model, meta, path, args.output, tile=tile, overlap=overlap, score_thresh=args.score_thresh,
+                level=args.level, mpp=args.mpp, tokens_per_chunk=args.tokens_per_chunk,
+                max_resident_bytes=int(args.max_resident_gb * 2**30), stem=stem, overwrite=args.overwrite)
+        except ValueError as err:
+            unreadable(str(path), str(err))
+            continue
+        print(f"{display_path(path)}: {summary['detections']} objects with score >= {args.score_thresh} "
+              f"({summary['tiles']} tiles, {sum(summary['seconds'].values()):.0f} s) -> {stem}_predictions.json")
+    if small:
+        summary = predict_files(model, small, args.output, classes, meta.get("category_ids") or list(range(1, n + 1)),
+                                device, args.score_thresh, on_error=unreadable, overwrite=args.overwrite)
+        print(f"wrote {summary['images']} overlays and {args.output}/predictions.json ({summary['detections']} "
+              "detections)")
     return unreadable.finish(len(files))

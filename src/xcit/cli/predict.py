@@ -37,7 +37,7 @@ def add_slide_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mpp", type=number(float, 0, low_open=True), default=None, metavar="UM",
                    help="read the pyramid level nearest this many microns per pixel (as the file states it)")
     g.add_argument("--tile", type=POSITIVE, default=None, metavar="PX",
-                   help="tile side in pixels, a multiple of 32 (default: segment 1024, detect 1024)")
+                   help="tile side in pixels, a multiple of 32 (default: segment 2048, detect 1024)")
     g.add_argument("--max-resident-gb", type=number(float, 0), default=2.0, metavar="GB",
                    help="the backbone's kept block outputs above this size go to a temporary file (TMPDIR), removed "
                         "afterwards (default 2)")

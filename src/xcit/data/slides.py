@@ -179,6 +179,8 @@ def _tiff_mpp(tif: Any, page: Any) -> tuple[float, float] | None:
         return None
     if um is None or not (xres > 0 and yres > 0 and math.isfinite(xres) and math.isfinite(yres)):
         return None
+    if xres == yres == 1.0:  # the placeholder writers put when they know no pixel size (1 pixel per inch)
+        return None
     return um / yres, um / xres
 
 

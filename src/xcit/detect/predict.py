@@ -21,9 +21,11 @@ COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
 
 
 def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: list[str], score_thresh: float = 0.5,
-                 alpha: float = 0.45, mask_threshold: float = 0.5, labels: bool = True) -> Image.Image:
+                 alpha: float = 0.45, mask_threshold: float = 0.5, labels: bool = True,
+                 line_width: int | None = None) -> Image.Image:
     """The uint8 (3, H, W) ``image`` with the detections scoring >= ``score_thresh``: tinted masks (probability
-    >= ``mask_threshold``, as :func:`~xcit.detect.evaluation.to_coco_results`), boxes, scores."""
+    >= ``mask_threshold``, as :func:`~xcit.detect.evaluation.to_coco_results`), boxes, scores. ``line_width``:
+    the boxes' outline in pixels (default: the image's longer side / 400)."""
     canvas = image.permute(1, 2, 0).numpy().astype(np.float32)
     keep = output["scores"] >= score_thresh
     boxes, scores, cls = output["boxes"][keep], output["scores"][keep], output["labels"][keep]
@@ -36,7 +38,7 @@ def draw_overlay(image: torch.Tensor, output: dict[str, torch.Tensor], classes: 
             canvas[sel] = (1 - alpha) * canvas[sel] + alpha * colour
     img = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    width = max(1, round(max(img.size) / 400))
+    width = line_width or max(1, round(max(img.size) / 400))
     for (x0, y0, x1, y1), s, c, colour in zip(boxes.tolist(), scores.tolist(), cls.tolist(), colours):
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
         if labels:

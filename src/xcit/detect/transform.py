@@ -1,6 +1,8 @@
 """The detectors' input transform (training / test sizes, native resolution) and memory-bounded mask pasting."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -8,15 +10,16 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 COMPACT_MASK_BYTES = 1 << 30
 
 
-def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], compact: bool = False) -> torch.Tensor:
-    """(N, 1, H, W) image-size masks from (N, 1, M, M) box-relative ones, writing only inside each box
-    (torchvision's ``paste_masks_in_image`` allocates one full image per mask, then stacks them)."""
+def box_mask_patches(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]
+                     ) -> Iterator[tuple[int, int, int, int, int, torch.Tensor]]:
+    """(i, ya, yb, xa, xb, probabilities) for each (1, M, M) box-relative mask pasted over its box as torchvision
+    pastes it (expanded by a pixel, bilinear), clipped to the image ``size``: only the box's pixels are made
+    (masks outside the image yield nothing). Shared by :func:`paste_masks` and the tiled detector's RLE writer."""
     from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 
     h, w = size
-    out = torch.zeros((masks.shape[0], 1, h, w), dtype=torch.bool if compact else masks.dtype, device=masks.device)
     if masks.shape[0] == 0:
-        return out
+        return
     masks, scale = expand_masks(masks, padding=1)
     boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
     for i, (x0, y0, x1, y1) in enumerate(boxes):
@@ -24,8 +27,16 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int],
         m = F.interpolate(masks[i:i + 1], size=(bh, bw), mode="bilinear", align_corners=False)[0, 0]
         xa, xb, ya, yb = max(x0, 0), min(x1 + 1, w), max(y0, 0), min(y1 + 1, h)
         if xb > xa and yb > ya:
-            m = m[ya - y0:yb - y0, xa - x0:xb - x0]
-            out[i, 0, ya:yb, xa:xb] = m >= 0.5 if compact else m  # mmdet: mask >= mask_thr_binary
+            yield i, ya, yb, xa, xb, m[ya - y0:yb - y0, xa - x0:xb - x0]
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int], compact: bool = False) -> torch.Tensor:
+    """(N, 1, H, W) image-size masks from (N, 1, M, M) box-relative ones, writing only inside each box
+    (torchvision's ``paste_masks_in_image`` allocates one full image per mask, then stacks them)."""
+    h, w = size
+    out = torch.zeros((masks.shape[0], 1, h, w), dtype=torch.bool if compact else masks.dtype, device=masks.device)
+    for i, ya, yb, xa, xb, m in box_mask_patches(masks, boxes, size):
+        out[i, 0, ya:yb, xa:xb] = m >= 0.5 if compact else m  # mmdet: mask >= mask_thr_binary
     return out
 
 

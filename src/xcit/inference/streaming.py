@@ -402,9 +402,9 @@ class _ImageRows:
 
     def _read(self, lo: int, hi: int) -> torch.Tensor:
         if self.channels_last:
-            t = torch.from_numpy(np.ascontiguousarray(self.x[lo:hi])).permute(2, 0, 1)[None]
+            t = torch.from_numpy(np.array(self.x[lo:hi])).permute(2, 0, 1)[None]
         elif not isinstance(self.x, torch.Tensor):
-            t = torch.from_numpy(np.ascontiguousarray(self.x[:, :, lo:hi]))
+            t = torch.from_numpy(np.array(self.x[:, :, lo:hi]))
         else:
             t = self.x[:, :, lo:hi]
         if not self.is_uint8:

@@ -8,7 +8,9 @@ from .heads import PPM, FCNHead, FPNNeck, Segmenter, SemanticFPNHead, UperNetHea
 from .metrics import ConfusionMatrix, format_metrics, metrics_from_confusion
 from .evaluate import evaluate, evaluate_checkpoint
 from .model import build_segmenter, load_segmenter, save_segmenter
+from .tiled import TiledSegmenter, segment_large
 from .train import Segmentation, train
+from .whole_slide import segment_file
 
 __all__ = [
     "OPTIONS",
@@ -23,6 +25,7 @@ __all__ = [
     "SegmentationFolder",
     "Segmenter",
     "SemanticFPNHead",
+    "TiledSegmenter",
     "TrainTransform",
     "UperNetHead",
     "build_segmenter",
@@ -34,5 +37,7 @@ __all__ = [
     "metrics_from_confusion",
     "resolve_config",
     "save_segmenter",
+    "segment_file",
+    "segment_large",
     "train",
 ]

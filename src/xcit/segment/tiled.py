@@ -28,7 +28,7 @@ from ..inference.dense import PyramidMaps, StreamingPyramid, stream_pyramid
 from .heads import ConvNormAct, Segmenter, SemanticFPNHead, UperNetHead
 
 #: Default output tile side in pixels (a multiple of every pyramid stride).
-DEFAULT_TILE = 1024
+DEFAULT_TILE = 2048
 
 
 @dataclass
