@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from dense_large import PHOTO, cpu_name  # noqa: E402
+from dense_large import PHOTO, cpu_name
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CASES = [  # backbone, head, (H, W), tiles

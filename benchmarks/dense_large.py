@@ -41,12 +41,12 @@ def cpu_name() -> str:
 def make_image(side: int, path: Path) -> None:
     """A side x side RGB mosaic of the aerial photograph (mirrored copies, so no seam is a hard edge), written as a
     tiled, deflate-compressed TIFF in row bands."""
+    import io
+
     import tifffile
     from PIL import Image
 
     from xcit.data.packaged import package_file
-
-    import io
 
     photo = np.asarray(Image.open(io.BytesIO(package_file("deepforest", f"data/{PHOTO}", None, ""))).convert("RGB"))
     ph, pw = photo.shape[:2]
@@ -98,8 +98,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         import tifffile
 
-        from xcit.segment.model import load_segmenter
         from xcit.inference.streaming import normalise
+        from xcit.segment.model import load_segmenter
 
         model, _ = load_segmenter(args.checkpoint)
         image = torch.from_numpy(tifffile.imread(args.image)).permute(2, 0, 1)[None]

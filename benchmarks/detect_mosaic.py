@@ -41,8 +41,7 @@ from xcit.data.images import read_image
 from xcit.data.outputs import atomic_write
 from xcit.detect.evaluation import coco_eval, to_coco_results
 from xcit.detect.model import load_detector, set_test_size
-from xcit.detect.tiled import (LargeDetections, detect_large, in_core, merge_detections, tile_budgets,
-                               using_budgets)
+from xcit.detect.tiled import LargeDetections, detect_large, in_core, merge_detections, tile_budgets, using_budgets
 
 # the eight symmetries of the square as steps applied in order: t transpose, h left-right flip, v up-down flip
 SYMMETRIES = ["", "h", "v", "hv", "t", "th", "tv", "thv"]

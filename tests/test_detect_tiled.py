@@ -232,6 +232,7 @@ def test_bad_input_is_one_line_naming_the_file(tmp_path):
 def test_detect_predict_streams_a_georeferenced_tiff(tmp_path, capsys):
     """`xcit detect predict --streaming always` on deepforest's GeoTIFF: COCO JSON, GeoJSON in its UTM zone, overlay."""
     from test_cli_errors import run
+
     from xcit.data.packaged import package_file
     from xcit.detect.model import detector_state
 

@@ -65,9 +65,8 @@ def test_the_temporary_file_is_removed_on_error():
     pyramid = create_pyramid("xcit_nano_12_p16").eval()
     before = set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*"))
     stream = stream_pyramid(pyramid, MEAN, STD, max_resident_bytes=0)
-    with pytest.raises(ZeroDivisionError):
-        with stream.maps(_image(64, 64)):
-            raise ZeroDivisionError
+    with pytest.raises(ZeroDivisionError), stream.maps(_image(64, 64)):
+        raise ZeroDivisionError
     assert not (set(glob.glob(f"{tempfile.gettempdir()}/xcit-pyramid-*")) - before)
 
 
@@ -151,7 +150,6 @@ def test_segment_predict_streams_a_slide_level_to_a_pyramidal_label_tiff(slide_a
     import json
 
     import tifffile
-
     from test_cli_errors import run
 
     model, ckpt, path, level1 = slide_and_checkpoint
@@ -188,7 +186,6 @@ def test_segment_predict_streams_a_slide_level_to_a_pyramidal_label_tiff(slide_a
 
 def test_segment_predict_names_a_bad_slide_in_one_line_and_writes_nothing(slide_and_checkpoint, tmp_path, capsys):
     import tifffile
-
     from test_cli_errors import run
 
     _, ckpt, path, _ = slide_and_checkpoint

@@ -10,6 +10,7 @@ from .options import add_training_command
 from .predict import add_slide_options, add_streaming_options
 from .unreadable import Unreadable, add_policy
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     det = sub.add_parser("detect", help="object detection and instance segmentation (Mask R-CNN / Faster R-CNN)",
                          description="Detection with XCiT backbones on torchvision's detectors. See docs/detection.md.")
@@ -117,13 +118,12 @@ def _load(args: argparse.Namespace):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..detect.coco import CocoDetection
-    from ..detect.evaluation import evaluate_results, format_metrics, predict_dataset
-    from ..detect.config import image_root
-    from ..detect.train import flat_metrics
-
     from ..data.outputs import atomic_write, claim_file, claim_files, unique_stems
-    from ..detect.predict import prediction_files, predict_files
+    from ..detect.coco import CocoDetection
+    from ..detect.config import image_root
+    from ..detect.evaluation import evaluate_results, format_metrics, predict_dataset
+    from ..detect.predict import predict_files, prediction_files
+    from ..detect.train import flat_metrics
 
     if args.coco_json is None and args.data:
         args.coco_json = str(Path(args.data) / "annotations" / "val.json")
@@ -155,7 +155,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from ..data.images import display_path
     from ..data.outputs import claim_files, unique_stems
-    from ..detect.predict import prediction_files, predict_files
+    from ..detect.predict import predict_files, prediction_files
     from ..detect.tiled import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, large_prediction_files, predict_large_file
     from .predict import input_images, streamed
 

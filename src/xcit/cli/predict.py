@@ -122,10 +122,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ..inference.predict import PredictionWriter, Predictor, format_row, table_header, table_width
-
     from ..data.images import display_path
     from ..data.outputs import claim_file
+    from ..inference.predict import PredictionWriter, Predictor, format_row, table_header, table_width
 
     paths = input_images(args.inputs, args.lists)
     if args.top_k < 1:

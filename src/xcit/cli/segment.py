@@ -143,10 +143,10 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data.outputs import atomic_write, claim_file
-    from ..segment.metrics import format_metrics
-    from ..segment.model import load_segmenter
     from ..segment.config import EvalSettings
     from ..segment.evaluate import evaluate_checkpoint
+    from ..segment.metrics import format_metrics
+    from ..segment.model import load_segmenter
 
     require_options(args, "checkpoint", "data")
     if args.output:  # before any work

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from ..data.slides import (
-    SlideLevel,
     class_areas,
     open_slide,
     read_overview,
