@@ -44,7 +44,7 @@ def main() -> None:
     from xcit.inference.streaming import normalise
     from xcit.segment import build_segmenter, segment_large
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     image = photo()
     rows = []
     for name, head, (h, w), tiles in CASES:
