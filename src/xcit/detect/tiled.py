@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -54,6 +53,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from ..data.images import display_path
 from ..data.outputs import atomic_write, claim_files
+from ..train.metrics import progress_bar
 from .evaluation import to_coco_results
 from .model import XCiTFPN
 from .transform import box_mask_patches
@@ -367,7 +367,7 @@ def detect_large(model: nn.Module, image: Any, *, tile: int | None = DEFAULT_TIL
     ``tile`` / ``overlap`` in pixels (multiples of 32; ``tile=None``: one tile, ``model([image])``'s result);
     ``tokens_per_chunk`` and ``max_resident_bytes`` bound the streaming backbone's memory
     (:func:`~xcit.inference.dense.stream_pyramid`); ``budget_area`` overrides :func:`reference_area`; ``name``
-    (the file) goes into error messages; ``progress`` prints one line per row of tiles to stderr; ``merge=False``
+    (the file) goes into error messages; ``progress`` shows a progress bar over the tiles; ``merge=False``
     returns every tile's detections unmerged, with ``tile_ids`` (for :func:`merge_detections` and its studies).
     """
     from ..inference.dense import DEFAULT_RESIDENT_BYTES, stream_pyramid
@@ -393,6 +393,8 @@ def detect_large(model: nn.Module, image: Any, *, tile: int | None = DEFAULT_TIL
     found: list[dict[str, torch.Tensor]] = []
     with stream.maps(source, pad_to=(hp, wp)) as maps:
         trunk = time.perf_counter() - start
+        bar = progress_bar(len(tiles), f"detect {name}" if name else "detect", progress)
+        bar.unit = "tile"
         for k, t in enumerate(tiles):
             budgets = None if len(tiles) == 1 else tile_budgets(model, t.valid[0] * t.valid[1], budget_area)
             with using_budgets(model, budgets):
@@ -404,10 +406,8 @@ def detect_large(model: nn.Module, image: Any, *, tile: int | None = DEFAULT_TIL
                 det = {key: v[owned] for key, v in det.items()}
             det["tile_ids"] = torch.full((det["scores"].numel(),), k, dtype=torch.int64)
             found.append(det)
-            if progress and (k + 1 == len(tiles) or tiles[k + 1].y0 != t.y0):
-                print(f"  {name or 'image'}: tiles {k + 1}/{len(tiles)} "
-                      f"({sum(d['scores'].numel() for d in found)} detections before the cross-tile merge)",
-                      file=sys.stderr)
+            bar.update(1)
+        bar.close()
     cat = {key: torch.cat([d[key] for d in found]) for key in found[0]}
     if merge:
         keep = merge_detections(cat["boxes"], cat["scores"], cat["labels"], cat["tile_ids"], tiles,
