@@ -71,18 +71,19 @@ def test_one_tile_gives_the_boxes_of_whole_image_predict(aerial):
 @pytest.mark.parametrize("in_chans", [3, 1])
 def test_tiled_neck_equals_the_whole_image_neck_in_every_tile(aerial, in_chans):
     model = tiny_detector(patch=8, in_chans=in_chans)
-    image = np.ascontiguousarray(aerial[:150, :270])
-    tiles = plan_tiles(150, 270, 128, 64)  # padded to 160 x 288; tiles at rows 0, 32 and columns 0, 32, 96, 160
-    assert [(t.y0, t.x0) for t in tiles][:4] == [(0, 0), (0, 32), (0, 96), (0, 160)] and len(tiles) == 2 * 4
+    image = np.ascontiguousarray(aerial[:230, :270])
+    tiles = plan_tiles(230, 270, 128, 64)  # padded to 256 x 288; tiles start at 0, 64, 128; the last column 160 wide
+    assert [(t.y0, t.x0, t.height, t.width) for t in tiles][:3] == [(0, 0, 128, 128), (0, 64, 128, 128),
+                                                                     (0, 128, 128, 160)] and len(tiles) == 3 * 3
     with torch.no_grad():
-        whole = model.backbone(normalised(model, image, (160, 288)))  # XCiTFPN: grey trunks get the RGB mean
+        whole = model.backbone(normalised(model, image, (256, 288)))  # XCiTFPN: grey trunks get the RGB mean
         from xcit.detect.tiled import _GreyView
 
         mean, std = model.transform.image_mean, model.transform.image_std
         source = _GreyView(image, mean, std) if in_chans == 1 else image
         stream = stream_pyramid(model.backbone.body, *((None, None) if in_chans == 1 else (mean, std)),
                                 tokens_per_chunk=97)
-        with stream.maps(source, pad_to=(160, 288)) as maps:
+        with stream.maps(source, pad_to=(256, 288)) as maps:
             for t in tiles:
                 feats = tile_features(model.backbone.fpn, maps, t)
                 for level, stride in enumerate((4, 8, 16, 32)):
@@ -90,10 +91,10 @@ def test_tiled_neck_equals_the_whole_image_neck_in_every_tile(aerial, in_chans):
                                             t.x0 // stride:(t.x0 + t.width) // stride]
                     assert feats[str(level)].shape == ref.shape
                     assert (feats[str(level)] - ref).abs().max() < 1e-5, (t, level)
-                if t.y0 % 64 == 0 and t.x0 % 64 == 0:  # P6 subsamples P5 from the tile's origin
-                    ref = whole["pool"][:, :, t.y0 // 64:, t.x0 // 64:][..., :feats["pool"].shape[-2],
-                                                                        :feats["pool"].shape[-1]]
-                    assert (feats["pool"] - ref).abs().max() < 1e-5
+                # P6 subsamples P5 from the tile's origin: tiles start on the stride-64 grid, so it is the image's
+                ref = whole["pool"][:, :, t.y0 // 64:, t.x0 // 64:][..., :feats["pool"].shape[-2],
+                                                                    :feats["pool"].shape[-1]]
+                assert feats["pool"].shape == ref.shape and (feats["pool"] - ref).abs().max() < 1e-5
 
 
 def test_tiles_cover_the_image_and_cores_partition_it():
@@ -153,7 +154,7 @@ def test_proposal_budgets_scale_with_the_tile_area(aerial):
                                                                       m._post_nms_top_n["testing"])))
     detect_large(model, np.ascontiguousarray(aerial[:180, :220]), tile=128, overlap=32)  # 2 x 2 tiles
     assert seen[0] == (round(200 * 128 * 128 / 96**2), round(100 * 128 * 128 / 96**2)) and len(seen) == 2 * 2
-    assert seen[-1] == (round(200 * 116 * 124 / 96**2), round(100 * 116 * 124 / 96**2))  # by the area in the image
+    assert seen[-1] == (round(200 * 116 * 156 / 96**2), round(100 * 116 * 156 / 96**2))  # by the area in the image
     assert model.rpn._pre_nms_top_n["testing"] == 200 and model.roi_heads.detections_per_img == 100  # restored
     seen.clear()
     detect_large(model, np.ascontiguousarray(aerial[:180, :220]), tile=None, overlap=0)

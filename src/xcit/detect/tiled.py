@@ -141,13 +141,24 @@ class LargeDetections:
 
 
 def tile_starts(length: int, tile: int, overlap: int, align: int = ALIGN) -> list[int]:
-    """Starts of tiles of side ``tile`` covering ``length`` (all multiples of ``align``), overlapping by at least
-    ``overlap``, spread evenly: the fewest tiles whose step is at most ``tile - overlap``."""
+    """Starts of tiles of side ``tile`` covering ``length`` (a multiple of ``align``), overlapping by at least
+    ``overlap``, spread evenly: the fewest tiles whose step is at most ``tile - overlap``. Starts lie on the
+    ``2 * align`` grid where the step allows it, so that the FPN's extra level (every other cell of the stride-32
+    level) is the whole image's in every tile; the last tile then reaches the end with up to ``align`` more rows
+    (:func:`tile_sizes`)."""
     if length <= tile:
         return [0]
-    units, step = (length - tile) // align, (tile - overlap) // align
+    grid = 2 * align if tile - overlap >= 2 * align else align
+    units, step = (length - tile) // grid, (tile - overlap) // grid
+    if units == 0:
+        return [0]
     n = -(-units // step) + 1
-    return [align * (k * units // (n - 1)) for k in range(n)]
+    return [grid * (k * units // (n - 1)) for k in range(n)]
+
+
+def tile_sizes(starts: list[int], length: int, tile: int) -> list[int]:
+    """Each tile's side: ``tile``, the last one whatever reaches ``length``."""
+    return [min(tile, length)] * (len(starts) - 1) + [length - starts[-1]]
 
 
 def _cores(starts: list[int], size: int) -> list[tuple[float, float]]:
@@ -161,8 +172,9 @@ def plan_tiles(height: int, width: int, tile: int | None, overlap: int, align: i
     hp, wp = -(-height // align) * align, -(-width // align) * align
     th, tw = (hp, wp) if tile is None else (min(tile, hp), min(tile, wp))
     rows, cols = tile_starts(hp, th, overlap, align), tile_starts(wp, tw, overlap, align)
-    return [Tile(y0, x0, th, tw, (min(th, height - y0), min(tw, width - x0)), (*cy, *cx))
-            for y0, cy in zip(rows, _cores(rows, th)) for x0, cx in zip(cols, _cores(cols, tw))]
+    heights, widths = tile_sizes(rows, hp, th), tile_sizes(cols, wp, tw)
+    return [Tile(y0, x0, h, w, (min(h, height - y0), min(w, width - x0)), (*cy, *cx))
+            for y0, h, cy in zip(rows, heights, _cores(rows, th)) for x0, w, cx in zip(cols, widths, _cores(cols, tw))]
 
 
 def reference_area(model: nn.Module) -> int:
