@@ -157,14 +157,13 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..data.outputs import claim_files, unique_stems
     from ..detect.predict import predict_files, prediction_files
     from ..detect.tiled import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, large_prediction_files, predict_large_file
-    from .predict import input_images, streamed
+    from .predict import check_slide_options, input_images, streamed
 
     require_options(args, "checkpoint", "inputs")
     tile = DEFAULT_TILE if args.tile is None else args.tile
     overlap = DEFAULT_OVERLAP if args.overlap is None else args.overlap
     check_tiling(tile, overlap)
-    if args.level is not None and args.mpp is not None:
-        raise ValueError("expected --level or --mpp, not both")
+    check_slide_options(args)
     files = [Path(f) for f in input_images(args.inputs)]
     stems = unique_stems(files)
     large = [streamed(args, str(f)) for f in files]

@@ -43,6 +43,12 @@ def add_slide_options(p: argparse.ArgumentParser) -> None:
                         "afterwards (default 2)")
 
 
+def check_slide_options(args: argparse.Namespace) -> None:
+    """Refuse --level with --mpp (each picks the pyramid level) before any work."""
+    if args.level is not None and args.mpp is not None:
+        raise ValueError("expected --level or --mpp, not both")
+
+
 def streamed(args: argparse.Namespace, path: str) -> bool:
     """Whether ``path`` goes through the streaming forward under the --streaming options."""
     from ..inference.gigapixel import LARGE_IMAGE_PIXELS, is_large

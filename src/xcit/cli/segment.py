@@ -181,7 +181,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..segment.tiled import DEFAULT_TILE
     from ..segment.whole_slide import output_names, segment_file
     from ..train.distributed import pick_device
-    from .predict import input_images, streamed
+    from .predict import check_slide_options, input_images, streamed
 
     require_options(args, "checkpoint", "inputs")
     if not 0.0 <= args.alpha <= 1.0:
@@ -189,8 +189,7 @@ def run_predict(args: argparse.Namespace) -> int:
     tile = DEFAULT_TILE if args.tile is None else args.tile
     if tile % 32:
         raise ValueError(f"expected --tile to be a multiple of 32 pixels, got {tile}")
-    if args.level is not None and args.mpp is not None:
-        raise ValueError("expected --level or --mpp, not both")
+    check_slide_options(args)
     files = [Path(f) for f in input_images(args.inputs)]
     stems = unique_stems(files)
     large = [streamed(args, str(f)) for f in files]

@@ -568,6 +568,10 @@ def _open_tiff(tif: Any, path: Path, level: int | None, mpp: float | None, in_ch
 
 
 # ------------------------------------------------------------------------------------------------ overview
+#: Longer side of the downsampled images overlays are drawn on.
+OVERVIEW_SIDE = 2048
+
+
 def read_overview(slide: SlideLevel, max_side: int) -> np.ndarray:
     """The level as a small RGB (h, w, 3) uint8 image with max(h, w) <= ``max_side`` (area-averaged), for overlays.
 

@@ -74,8 +74,6 @@ MIN_TILE = 128
 #: Detections of one class from neighbouring tiles are one object when the smaller box lies this much inside the
 #: other (intersection over the smaller box), besides the model's NMS rule (IoU over its threshold).
 CROSS_TILE_IOS = 0.7
-#: Longer side of the overlay PNG (the image is block-averaged down to it).
-OVERVIEW_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -492,38 +490,19 @@ def to_geojson(found: LargeDetections, georef: Any, classes: Sequence[str]) -> d
     return out
 
 
-def overview(image: Any, max_side: int = OVERVIEW_SIDE, band_bytes: int = 1 << 26) -> tuple[np.ndarray, int]:
-    """(uint8 (h, w, 3) overview, factor k): ``image`` averaged over k x k blocks so that its longer side is at most
-    ``max_side``, read a row band at a time (a partial block at the bottom / right is averaged over what it holds)."""
-    height, width = image.shape[:2]
-    k = max(1, -(-max(height, width) // max_side))
-    oh, ow = -(-height // k), -(-width // k)
-    out = np.empty((oh, ow, 3), np.uint8)
-    rows = max(1, band_bytes // max(1, k * width * 12))  # output rows per band (float32 sums of k rows each)
-    for r in range(0, oh, rows):
-        band = np.asarray(image[r * k:min((r + rows) * k, height)], dtype=np.float32)
-        if band.shape[2] == 1:
-            band = np.repeat(band, 3, axis=2)
-        bh = -(-band.shape[0] // k)
-        sums = np.zeros((bh * k, ow * k, 3), np.float32)
-        counts = np.zeros((bh * k, ow * k, 1), np.float32)
-        sums[:band.shape[0], :width] = band
-        counts[:band.shape[0], :width] = 1
-        sums = sums.reshape(bh, k, ow, k, 3).sum(axis=(1, 3))
-        counts = counts.reshape(bh, k, ow, k, 1).sum(axis=(1, 3))
-        out[r:r + bh] = np.clip(np.rint(sums / counts), 0, 255).astype(np.uint8)
-    return out, k
-
-
 def draw_large_overlay(image: Any, found: LargeDetections, classes: list[str], score_thresh: float = 0.5,
-                       max_side: int = OVERVIEW_SIDE):
-    """A PIL image: the overview of ``image`` (:func:`overview`) with the boxes scoring >= ``score_thresh``
-    (labelled when there are at most 200 of them), drawn by :func:`xcit.detect.predict.draw_overlay`."""
+                       max_side: int | None = None):
+    """A PIL image: the overview of the slide level ``image`` (:func:`xcit.data.slides.read_overview`) with the boxes
+    scoring >= ``score_thresh`` (labelled when there are at most 200 of them), drawn by
+    :func:`xcit.detect.predict.draw_overlay`."""
+    from ..data.slides import OVERVIEW_SIDE, read_overview
     from .predict import draw_overlay
 
-    small, k = overview(image, max_side)
+    small = read_overview(image, max_side or OVERVIEW_SIDE)
     shown = found.above(score_thresh)
-    output = {"boxes": shown.boxes / k, "scores": shown.scores, "labels": shown.labels}
+    sy, sx = small.shape[0] / image.shape[0], small.shape[1] / image.shape[1]
+    boxes = shown.boxes * torch.tensor([sx, sy, sx, sy], dtype=shown.boxes.dtype)
+    output = {"boxes": boxes, "scores": shown.scores, "labels": shown.labels}
     return draw_overlay(torch.from_numpy(small).permute(2, 0, 1), output, classes, score_thresh,
                         labels=len(shown) <= 200, line_width=max(1, round(max(small.shape[:2]) / 1000)))
 
@@ -536,8 +515,8 @@ def large_prediction_files(stem: str, georeferenced: bool, overlay: bool = True)
 
 def open_large(path: str | os.PathLike, level: int | None = None, mpp: float | None = None) -> Any:
     """The image at ``path`` as a lazy uint8 (H, W, 3) array with its ``georef`` (None where not georeferenced): a
-    :class:`xcit.data.slides.SlideLevel` (a pyramid ``level``, or the one nearest ``mpp`` microns per pixel), the one
-    place this module meets :mod:`xcit.data.slides`. Close it when done."""
+    :class:`xcit.data.slides.SlideLevel` (a pyramid ``level``, or the one nearest ``mpp`` microns per pixel). Close it
+    when done."""
     from ..data.slides import open_slide
 
     return open_slide(path, level, mpp, in_chans=3)

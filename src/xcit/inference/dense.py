@@ -70,7 +70,7 @@ class StreamingPyramid(nn.Module):
         except BaseException:
             store.close()
             raise
-        h, w = pad_to or _image_size(image)
+        h, w = pad_to or spatial_size(image)
         return PyramidMaps(self, blocks, (hp, wp), (h, w), store)
 
 
@@ -239,6 +239,7 @@ def _free_bytes(path: str) -> int | None:
         return None
 
 
-def _image_size(image) -> tuple[int, int]:
+def spatial_size(image) -> tuple[int, int]:
+    """(H, W) of an image as the streaming forward takes it: (H, W, C) channels last, or (B, C, H, W)."""
     shape = tuple(image.shape)
     return (shape[0], shape[1]) if len(shape) == 3 else (shape[-2], shape[-1])

@@ -205,15 +205,19 @@ class Segmenter(nn.Module):
             **({"fpn_upsample": fpn_upsample} if fpn_upsample != "size" else {}),
         )
 
+    def check_size(self, height: int, width: int) -> None:
+        """ValueError for an image too small for the stride-32 level (it max-pools the patch grid, floor)."""
+        smallest = self.backbone.min_input_size()
+        if min(height, width) < smallest:
+            raise ValueError(
+                f"expected an input of at least {smallest}x{smallest} pixels for patch {self.backbone.patch_size} "
+                f"(the stride-32 level would be empty), got {(height, width)}; pad or upscale small images"
+            )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[-2:]
-        p = self.backbone.patch_size
-        smallest = max(32 - p + 1, 1)  # the stride-32 level max-pools the patch grid (floor)
-        if x.ndim == 4 and min(size) < smallest:
-            raise ValueError(
-                f"expected an input of at least {smallest}x{smallest} pixels for patch {p} (the stride-32 level "
-                f"would be empty), got {tuple(size)}; pad or upscale small images"
-            )
+        if x.ndim == 4:
+            self.check_size(*size)
         feats = list(self.backbone(x).values())
         logits = _resize(self.decode_head(feats), size)
         if self.training and self.aux_head is not None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..inference.dense import PyramidMaps, StreamingPyramid, stream_pyramid
+from ..inference.dense import PyramidMaps, StreamingPyramid, spatial_size, stream_pyramid
 from .heads import ConvNormAct, Segmenter, SemanticFPNHead, UperNetHead
 
 #: Default output tile side in pixels (a multiple of every pyramid stride).
@@ -298,27 +298,26 @@ class TiledSegmenter:
         self.stream: StreamingPyramid = stream_pyramid(model.backbone, mean, std, **kwargs)
         self.halo = 1  # patch-grid cells around a tile (see _find_halo)
 
+    def boxes(self, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """(y0, y1, x0, x1) of the tiles of a ``height`` x ``width`` image, in the order :meth:`tiles` gives them."""
+        return [(y0, min(y0 + self.tile, height), x0, min(x0 + self.tile, width))
+                for y0 in range(0, height, self.tile) for x0 in range(0, width, self.tile)]
+
     @torch.no_grad()
     def tiles(self, image, logits: bool = False) -> Iterator[Tile]:
         """The image's tiles in row-major order (rows of tiles, each left to right)."""
-        model = self.model
+        h, w = spatial_size(image)
+        self.model.check_size(h, w)  # before the trunk runs
         maps = self.stream.maps(image)
         try:
-            h, w = maps.image_size
-            least = model.backbone.min_input_size()
-            if min(h, w) < least:
-                raise ValueError(f"expected an image of at least {least}x{least} pixels for patch "
-                                 f"{model.backbone.patch_size} (the stride-32 level would be empty), got {h}x{w}")
-            head = model.decode_head
+            head = self.model.decode_head
             pooled = None
             if isinstance(head, UperNetHead):
                 hh, ww = maps.sizes[-1]
                 pooled = upernet_pooled(head, maps.window(len(maps.sizes) - 1, 0, hh, 0, ww))
             self._find_halo(maps, pooled)
-            for y0 in range(0, h, self.tile):
-                for x0 in range(0, w, self.tile):
-                    y1, x1 = min(y0 + self.tile, h), min(x0 + self.tile, w)
-                    yield self._tile(maps, pooled, y0, y1, x0, x1, logits)
+            for y0, y1, x0, x1 in self.boxes(h, w):
+                yield self._tile(maps, pooled, y0, y1, x0, x1, logits)
         finally:
             maps.close()
 
@@ -377,18 +376,11 @@ def segment_large(model: Segmenter, image, mean: Sequence[float], std: Sequence[
     """The (H, W) label map of one image (uint8 (H, W, C) array-like or (1, C, H, W) tensor), computed tile by tile,
     equal to ``model(x).argmax(1)``; with ``logits``, also the (classes, H, W) logits (for images that fit)."""
     tiler = TiledSegmenter(model, mean, std, tile, **kwargs)
-    labels = out = None
+    h, w = spatial_size(image)
+    labels = torch.empty(h, w, dtype=torch.int64)
+    out = torch.empty(model.num_classes, h, w) if logits else None
     for t in tiler.tiles(image, logits=logits):
-        if labels is None:
-            h, w = tiler_size(image)
-            labels = torch.empty(h, w, dtype=torch.int64)
-            out = torch.empty(t.logits.shape[0], h, w) if logits else None
         labels[t.y0:t.y1, t.x0:t.x1] = t.labels
         if out is not None:
             out[:, t.y0:t.y1, t.x0:t.x1] = t.logits
     return labels, out
-
-
-def tiler_size(image) -> tuple[int, int]:
-    shape = tuple(image.shape)
-    return (shape[0], shape[1]) if len(shape) == 3 else (shape[-2], shape[-1])

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.slides import (
+    OVERVIEW_SIDE,
     class_areas,
     open_slide,
     read_overview,
@@ -26,10 +27,6 @@ from ..data.slides import (
 from ..train.metrics import progress_bar
 from .heads import Segmenter
 from .tiled import DEFAULT_TILE, TiledSegmenter
-
-#: The overlay PNG's longest side.
-OVERVIEW_SIDE = 2048
-
 
 def output_names(stem: str) -> list[str]:
     """The files :func:`segment_file` writes for an image of output name ``stem``."""
@@ -52,16 +49,12 @@ def segment_file(
     with open_slide(path, level=level, mpp=mpp, in_chans=model.backbone.in_chans) as slide:
         tiler = TiledSegmenter(model, mean, std, tile, tokens_per_chunk, max_resident_bytes)
         h, w = slide.shape[:2]
-        least = model.backbone.min_input_size()
-        if min(h, w) < least:
-            raise ValueError(f"cannot segment {os.fspath(path)!r}: expected an image of at least {least}x{least} "
-                             f"pixels for patch {model.backbone.patch_size}, got {h}x{w}")
+        model.check_size(h, w)  # before the overview is read
         overview = read_overview(slide, OVERVIEW_SIDE)
         sampler = _Sampler((h, w), overview.shape[:2])
         counts = np.zeros(model.num_classes, dtype=np.int64)
         started = time.time()
-        n_tiles = -(-h // tile) * -(-w // tile)
-        bar = progress_bar(n_tiles, "segment", progress)
+        bar = progress_bar(len(tiler.boxes(h, w)), "segment", progress)
         bar.unit = "tile"
         dtype = np.uint8 if model.num_classes <= 256 else np.uint16
 
