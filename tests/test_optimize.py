@@ -14,6 +14,7 @@ from conftest import randomize, run_program_without_xcit, tiny_model
 from xcit.models import create_model, is_optimized, optimize
 from xcit.models import kernels as K
 from xcit.models.layers import XCA, channel_attention
+from xcit.models.optimize import OptimizedXCABlock
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +182,79 @@ def test_optimized_program_loads_in_a_fresh_process_without_xcit(tmp_path):
     with torch.no_grad():
         for x, out in zip(inputs, outs, strict=True):
             assert _max_diff(out, m(x)) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# dtype=torch.bfloat16: bf16 weights, pre-packed for oneDNN, autocast inside the blocks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nano_bf16(nano):
+    return optimize(nano, dtype=torch.bfloat16)
+
+
+def test_bf16_model_runs_without_autocast_and_matches_autocast(nano, nano_bf16):
+    """The bf16 model takes and returns float32 without the caller's autocast and computes what the fp32
+    model computes under bf16 autocast (bf16 products, float32 norms and residuals), to bf16 rounding."""
+    x = torch.randn(4, 3, 96, 80)
+    with torch.no_grad():
+        ref = nano(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = optimize(nano)(x).float()
+        out = nano_bf16(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the blocks compute the same (the head follows the caller)
+            again = nano_bf16(x)
+    assert out.dtype == torch.float32
+    scale = ref.abs().max().item()
+    assert _max_diff(out, autocast) <= 2e-2 * scale
+    assert _max_diff(out, ref) <= 4e-2 * scale
+    assert _max_diff(out, ref) > 1e-6  # really bf16 products, not float32 ones
+    assert _max_diff(again, out) <= 1e-2 * scale
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() >= 0.75
+    weights = [b for m in nano_bf16.modules() if isinstance(m, OptimizedXCABlock)
+               for n, b in m.named_buffers(recurse=False) if n.endswith("_weight")]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    assert "dtype=torch.bfloat16" in repr(nano_bf16.blocks[0])
+
+
+@pytest.mark.skipif(not K.HAS_ONEDNN, reason="pre-packing needs oneDNN (every x86 PyTorch build has it)")
+def test_bf16_packed_weights_are_a_cache(nano_bf16):
+    """Packed on first use, repacked when a weight changes in place; copies and pickles start empty and agree."""
+    import copy
+    import pickle
+
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = nano_bf16(x)
+    cache = nano_bf16.blocks[0].packed
+    assert len(cache) >= 4  # v, proj, fc1, fc2 of the first block
+    for clone in (copy.deepcopy(nano_bf16), pickle.loads(pickle.dumps(nano_bf16))):
+        assert len(clone.blocks[0].packed) == 0
+        with torch.no_grad():
+            assert _max_diff(clone(x), out) == 0.0
+    changed = copy.deepcopy(nano_bf16)
+    with torch.no_grad():
+        changed(x)
+        changed.blocks[0].fc2_weight.mul_(0.5)  # in place: the packed copy must follow
+        halved = changed(x)
+        fresh = copy.deepcopy(changed)  # packs the halved weight from scratch
+        assert _max_diff(fresh(x), halved) == 0.0
+    assert _max_diff(halved, out) > 1e-3
+
+
+def test_bf16_model_compiles(nano_bf16):
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad():
+        eager = nano_bf16(x)
+        compiled = torch.compile(nano_bf16, fullgraph=True, dynamic=False)(x)
+    assert compiled.dtype == torch.float32
+    assert _max_diff(compiled, eager) <= 2e-2 * eager.abs().max().item()
+
+
+def test_bf16_refuses_other_dtypes(nano):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        optimize(nano, dtype=torch.float16)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        optimize(nano, dtype="bf16")

@@ -74,9 +74,22 @@ def test_compiled_int8_model(digits, uncompiled):
     assert compiled.compiled and not uncompiled.compiled
 
 
+def test_the_int8_graph_runs_at_other_sizes(digits, uncompiled):
+    """Calibrated at 8 x 8, the int8 graph runs at larger and non-square sizes and agrees with fp32 there."""
+    _, model, _, x, _ = digits
+    for size in ((16, 16), (12, 20)):
+        big = F.interpolate(x[:64], size=size, mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            ref, got = model(big), uncompiled(big)
+        assert got.shape == ref.shape
+        assert F.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.98, size
+
+
 def test_the_int8_model_checks_its_inputs_and_refuses_training(uncompiled):
-    with pytest.raises(ValueError, match="calibration size"):
-        uncompiled(torch.zeros(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"got shape \(2, 1, 2, 16\)"):
+        uncompiled(torch.zeros(2, 1, 2, 16))  # below the least side (patch size 2, plus 1)
+    with pytest.raises(ValueError, match=r"got shape \(2, 3, 8, 8\)"):
+        uncompiled(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="float32"):
         uncompiled(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"shape \(0, 1, 8, 8\)"):
@@ -141,7 +154,7 @@ def test_cli_export_int8_writes_a_program_that_runs_without_this_package(digits,
     assert "calibrating on 96 images" in printed and printed.count(" ok") == 3
     assert sorted(p.name for p in out.iterdir()) == ["d8.json", "d8.pt2"]
     meta = json.loads((out / "d8.json").read_text())
-    assert meta["int8"]["images"] == 96 and meta["int8"]["dynamic"] == ["batch"] and meta["img_size"] == [8, 8]
+    assert meta["int8"]["images"] == 96 and meta["int8"]["dynamic"] == ["batch", "height", "width"] and meta["img_size"] == [8, 8]
     assert meta["int8"]["calibration_agreement"] >= 95.0
     # the saved Q/DQ program stands on torch + torchao (its quantize / dequantize ops), at any batch size, and
     # matches the in-memory int8 graph

@@ -36,11 +36,10 @@ def _example(model: nn.Module, size: tuple[int, int], batch: int = 2) -> torch.T
 
 
 def _dims(patch_size: int) -> dict[int, torch.export.Dim]:
-    """Dynamic batch, height and width. H, W > patch size: a grid of one row or column would be
-    specialised away by the tracer (sizes 0 and 1 are special-cased), so the least input is p + 1."""
-    dim = torch.export.Dim
-    least = patch_size + 1
-    return {0: dim("batch", min=1, max=65536), 2: dim("height", min=least, max=16384), 3: dim("width", min=least, max=16384)}
+    """Dynamic batch, height and width (the same symbolic sizes as the int8 graph of :func:`xcit.quantize`)."""
+    from .models.quantize import dynamic_dims
+
+    return dynamic_dims(patch_size)
 
 
 def _hint(model: nn.Module) -> str:
@@ -152,7 +151,7 @@ def export_program(model: nn.Module, path: str | os.PathLike, *, example_size: t
 
 
 def export_quantized_program(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write an int8 model's (:func:`xcit.quantize`) Q/DQ program as ``.pt2``: dynamic batch, the calibration H, W.
+    """Write an int8 model's (:func:`xcit.quantize`) Q/DQ program as ``.pt2`` with dynamic batch, height and width.
 
     The program holds int8 weights with their scales and quantize / dequantize ops around float
     ops (``quantized_decomposed``, registered by ``import torchao``: import it before loading);
@@ -167,10 +166,9 @@ def export_quantized_program(model: nn.Module, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, model.in_chans, *model.img_size, generator=gen)
-    batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         try:
-            program = torch.export.export(model.program, (x,), dynamic_shapes=({0: batch},))
+            program = torch.export.export(model.program, (x,), dynamic_shapes=(_dims(model.patch_size),))
         except Exception as err:
             raise ExportError(f"torch.export could not trace the int8 program: {type(err).__name__}: {str(err)[:1200]}") from err
     torch.export.save(program, path)
@@ -178,16 +176,20 @@ def export_quantized_program(model: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def check_quantized_program(model: nn.Module, path: str | os.PathLike, batches: Sequence[int] = (1, 2, 3)) -> list[dict]:
-    """Max |loaded int8 program - the int8 model's Q/DQ graph| of the logits at each batch size (calibration H, W)."""
+    """Max |loaded int8 program - the int8 model's Q/DQ graph| of the logits at each batch size: the calibration
+    H, W, and for the last batch size a larger one (one patch more each way), so the symbolic sizes are checked."""
     program = torch.export.load(os.fspath(path)).module()
     rows = []
-    for b in batches:
-        x = torch.randn(b, model.in_chans, *model.img_size, generator=torch.Generator().manual_seed(b))
+    for i, b in enumerate(batches):
+        h, w = model.img_size
+        if i == len(batches) - 1:
+            h, w = h + model.patch_size, w + model.patch_size
+        x = torch.randn(b, model.in_chans, h, w, generator=torch.Generator().manual_seed(b))
         with torch.no_grad():
             ref, out = model.program(x), program(x)
         if out.shape != ref.shape:
             raise AssertionError(f"exported int8 program gave shape {tuple(out.shape)} for batch {b}, expected {tuple(ref.shape)}")
-        rows.append({"batch": b, "height": model.img_size[0], "width": model.img_size[1],
+        rows.append({"batch": b, "height": h, "width": w,
                      "max_abs_diff": float((out - ref).abs().max())})
     return rows
 

@@ -21,7 +21,7 @@ from ..data.loader import ShardSampler, build_loader
 from ..data.transforms import BatchEvalTransform, BatchTrainTransform, folder_eval_transform, folder_train_transform
 from ..models.weights import save_checkpoint
 from ..train.loop import fit
-from ..train.optim import EpochCosine, WarmupCosine, param_groups_by_rule
+from ..train.optim import EpochCosine, WarmupCosine, adamw, param_groups_by_rule
 from ..train.task import Batch, FitResult, Task, TrainData
 from .config import TrainConfig, resolve_config, validate
 from .evaluate import evaluate_model
@@ -147,7 +147,7 @@ class Classification(Task):
                                     exempt_per_channel=self.cfg.wd_exempt_per_channel, layer_decay=self.cfg.layer_decay)
 
     def optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(groups, lr=lr, eps=self.cfg.opt_eps, betas=(0.9, 0.999))
+        return adamw(groups, lr, eps=self.cfg.opt_eps)
 
     def schedule(self, lr: float, total_steps: int, steps_per_epoch: int) -> Callable[[int], dict[str, float]]:
         cfg = self.cfg

@@ -180,7 +180,8 @@ def _run_int8_export(args: argparse.Namespace, inf, out: Path, stem: str, earlie
         "layout": "NCHW float32, normalised: (pixel / 255 - mean) / std", "pt2": path.name,
         "int8": {"method": "PT2E static, torchao X86InductorQuantizer (uint8 activations per tensor, int8 weights "
                            "per channel)", "calibration": str(args.calibration), "split": args.calibration_split,
-                 "images": len(images), "fixed_size": list(inf.img_size), "dynamic": ["batch"],
+                 "images": len(images), "calibration_size": list(inf.img_size),
+                 "dynamic": ["batch", "height", "width"],
                  "calibration_agreement": agree,
                  "load": "import torch, torchao; torch.export.load(PT2).module(); for int8 kernels torch.compile it "
                          "under torch._inductor.config.patch(freezing=True)"},

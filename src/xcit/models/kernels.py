@@ -66,6 +66,39 @@ def _bf16(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.to(torch.bfloat16)
 
 
+class PackedWeights:
+    """oneDNN's pre-packed (blocked) copies of bf16 linear weights, made on first use in eager execution.
+
+    What Inductor's ``freezing`` does for a compiled model, for the eager one: the weight is reordered
+    into oneDNN's blocked layout once instead of at every product (about 3 % of every bf16 GEMM here).
+    A cache, not state: entries are keyed by the weight's storage, shape and version (a weight changed
+    in place is packed again), and copies / pickles start empty (packed tensors have no storage).
+    """
+
+    def __init__(self) -> None:
+        self._store: dict = {}
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        key = (weight.data_ptr(), tuple(weight.shape), weight.stride())
+        hit = self._store.get(key)
+        if hit is None or hit[0] != weight._version:
+            hit = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()))
+            self._store[key] = hit
+        return hit[1]
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __deepcopy__(self, memo: dict) -> PackedWeights:
+        return PackedWeights()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._store = {}
+
+
 def autocast_enabled(device_type: str) -> bool:
     """``torch.is_autocast_enabled`` for any device type (the meta device, used to count FLOPs, has none)."""
     try:
@@ -87,9 +120,16 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False, dnn: bool = True
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False, dnn: bool = True,
+    packed: PackedWeights | None = None,
 ) -> torch.Tensor:
-    """``F.linear`` (then exact GELU if ``gelu``), one fused oneDNN kernel where it applies."""
+    """``F.linear`` (then exact GELU if ``gelu``), one fused oneDNN kernel where it applies.
+
+    ``packed``: a cache of pre-packed weights, used for bf16 weights under bf16 autocast (eager).
+    """
+    if packed is not None and weight.dtype == torch.bfloat16 and weight.dim() == 2 and _dnn_bf16_autocast(dnn, x):
+        return torch.ops.mkldnn._linear_pointwise(_bf16(x), packed.get(weight), _bf16(bias), "gelu" if gelu else "none",
+                                                  [], "none" if gelu else "")
     if _dnn_fp32(dnn, x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
                                                   "none" if gelu else "")
@@ -101,10 +141,11 @@ def linear(
 
 
 def linear_add(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor, dnn: bool = True
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, other: torch.Tensor, dnn: bool = True,
+    packed: PackedWeights | None = None,
 ) -> torch.Tensor:
     """``other + F.linear(x, weight, bias)``, added in place into the fresh product when eager."""
-    y = linear(x, weight, bias, dnn=dnn)
+    y = linear(x, weight, bias, dnn=dnn, packed=packed)
     if not graph_capture() and y.shape == other.shape and y.dtype == other.dtype:
         return y.add_(other)
     return other + y
@@ -171,6 +212,7 @@ def xca(
     residual: torch.Tensor | None = None,
     fold: str = "auto",
     dnn: bool = True,
+    packed: PackedWeights | None = None,
 ) -> torch.Tensor:
     """Cross-covariance attention of tokens ``x`` (B, N, C), plus ``residual`` if given.
 
@@ -183,6 +225,8 @@ def xca(
     b, n, c = x.shape
     h = num_heads
     d = c // h
+    if _dnn_bf16_autocast(dnn, x):
+        x = x.to(torch.bfloat16)  # once for both products (autocast would cast it for each)
     qk = linear(w_qkv[: 2 * c], x.reshape(b * n, c), None, dnn=dnn)  # (2C, B*N): channels as rows
     if b_qkv is not None:
         bias = b_qkv[: 2 * c, None].to(qk.dtype)
@@ -196,12 +240,12 @@ def xca(
     b_v = b_qkv[2 * c:] if b_qkv is not None else None
     if fold_choice(fold, n, c):
         return _xca_folded(x, attn, w_v, b_v, w_proj, b_proj, residual, dnn)
-    v = linear(x, w_v, b_v, dnn=dnn).view(b, n, h, d)
+    v = linear(x, w_v, b_v, dnn=dnn, packed=packed).view(b, n, h, d)
     out = torch.matmul(v.transpose(1, 2), attn.to(v.dtype).transpose(-2, -1))  # (B, h, N, d)
     out = out.transpose(1, 2).reshape(b, n, c)
     if residual is None:
-        return linear(out, w_proj, b_proj, dnn=dnn)
-    return linear_add(out, w_proj, b_proj, residual, dnn=dnn)
+        return linear(out, w_proj, b_proj, dnn=dnn, packed=packed)
+    return linear_add(out, w_proj, b_proj, residual, dnn=dnn, packed=packed)
 
 
 def _xca_folded(
@@ -240,6 +284,7 @@ def class_attention(
     num_heads: int,
     scale: float,
     dnn: bool = True,
+    packed: PackedWeights | None = None,
 ) -> torch.Tensor:
     """CaiT class attention output for the cls token, (B, 1, C), computing one query only.
 
@@ -250,7 +295,7 @@ def class_attention(
     h = num_heads
     d = c // h
     w_k, w_v = w_qkv[c:].view(2, h, d, c).unbind(0)
-    q = linear(x[:, 0], w_qkv[:c], None if b_qkv is None else b_qkv[:c], dnn=dnn).view(b, h, 1, d) * scale
+    q = linear(x[:, 0], w_qkv[:c], None if b_qkv is None else b_qkv[:c], dnn=dnn, packed=packed).view(b, h, 1, d) * scale
     u = torch.matmul(q, w_k.to(q.dtype))  # (B, h, 1, C)
     logits = torch.matmul(u.squeeze(2), x.transpose(1, 2).to(u.dtype))  # (B, h, T)
     if b_qkv is not None:
@@ -260,7 +305,7 @@ def class_attention(
     out = torch.matmul(z.unsqueeze(2), w_v.transpose(1, 2).to(z.dtype)).squeeze(2)  # (B, h, d)
     if b_qkv is not None:
         out = out + b_qkv[2 * c:].view(h, d).to(out.dtype) * attn.sum(dim=-1, keepdim=True).to(out.dtype)
-    return linear(out.reshape(b, 1, c), w_proj, b_proj, dnn=dnn)
+    return linear(out.reshape(b, 1, c), w_proj, b_proj, dnn=dnn, packed=packed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ autocast, and still exports: under tracing, ``torch.export``, both ONNX exporter
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -39,13 +40,32 @@ from .layers import LPI, ClassAttentionBlock, ConvPatchEmbed, XCABlock, map_to_t
 __all__ = ["optimize", "is_optimized", "OptimizedPatchEmbed", "OptimizedXCABlock", "OptimizedClassAttentionBlock"]
 
 
-class _InferenceOnly(nn.Module):
-    """Base of the optimised modules: holds the kernel options and refuses training mode."""
+DTYPES = (torch.float32, torch.bfloat16)
 
-    def __init__(self, fold: str, dnn: bool) -> None:
+
+class _InferenceOnly(nn.Module):
+    """Base of the optimised modules: holds the kernel options and refuses training mode.
+
+    ``dtype`` is what the products run in. bf16 stores the product weights in bf16 (pre-packed for
+    oneDNN on first eager use) and runs the block under bf16 autocast whether or not the caller
+    asked for it: norms, softmax and the residual stream stay in float32, as under autocast.
+    """
+
+    def __init__(self, fold: str, dnn: bool, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.fold = fold
         self.dnn = dnn
+        self.dtype = dtype
+        self.packed = K.PackedWeights() if dtype == torch.bfloat16 else None
+
+    def _weight_dtype(self, original: torch.dtype) -> torch.dtype:
+        return torch.bfloat16 if self.dtype == torch.bfloat16 else original
+
+    def _precision(self, x: torch.Tensor):
+        """The block's compute precision: bf16 autocast for a bf16 model, else the caller's own setting."""
+        if self.dtype == torch.bfloat16:
+            return torch.autocast(x.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _check_eval(self) -> None:
         if self.training:
@@ -55,7 +75,8 @@ class _InferenceOnly(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"fold={self.fold!r}, dnn={self.dnn}"
+        dtype = "" if self.dtype == torch.float32 else f", dtype={self.dtype}"
+        return f"fold={self.fold!r}, dnn={self.dnn}{dtype}"
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,8 +121,9 @@ def _require_module(module: nn.Module, kind: type, what: str) -> None:
 class OptimizedPatchEmbed(_InferenceOnly):
     """The convolutional stem with each BatchNorm folded into its convolution, GELU fused, channels-last."""
 
-    def __init__(self, embed: ConvPatchEmbed, fold: str = "auto", dnn: bool = True) -> None:
-        super().__init__(fold, dnn)
+    def __init__(self, embed: ConvPatchEmbed, fold: str = "auto", dnn: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(fold, dnn, dtype)
         self.patch_size = embed.patch_size
         stages = [m for m in embed.proj if isinstance(m, nn.Sequential)]
         self.num_stages = len(stages)
@@ -113,16 +135,17 @@ class OptimizedPatchEmbed(_InferenceOnly):
                 s, t = bn_scale_shift(bn)
                 w = conv.weight.double() * s[:, None, None, None]
                 b = t if conv.bias is None else t + s * conv.bias.double()
-                dtype = conv.weight.dtype
+                dtype = self._weight_dtype(conv.weight.dtype)
                 self.register_buffer(f"weight{i}", w.to(dtype).contiguous(memory_format=torch.channels_last))
                 self.register_buffer(f"bias{i}", b.to(dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         self._check_eval()
         x = x.contiguous(memory_format=torch.channels_last)
-        for i in range(self.num_stages):
-            x = K.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), 2, 1, 1,
-                         gelu=i < self.num_stages - 1, dnn=self.dnn)
+        with self._precision(x):
+            for i in range(self.num_stages):
+                x = K.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), 2, 1, 1,
+                             gelu=i < self.num_stages - 1, dnn=self.dnn)
         hp, wp = x.shape[-2], x.shape[-1]
         return map_to_tokens(x), hp, wp
 
@@ -130,8 +153,9 @@ class OptimizedPatchEmbed(_InferenceOnly):
 class OptimizedXCABlock(_InferenceOnly):
     """An XCA block with LayerScale, LayerNorm and BatchNorm affines folded, residuals fused."""
 
-    def __init__(self, block: XCABlock, fold: str = "auto", dnn: bool = True) -> None:
-        super().__init__(fold, dnn)
+    def __init__(self, block: XCABlock, fold: str = "auto", dnn: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(fold, dnn, dtype)
         attn, lpi, mlp = block.attn, block.local_mp, block.mlp
         for name, module, kind in (
             ("attn.qkv", attn.qkv, nn.Linear), ("attn.proj", attn.proj, nn.Linear), ("mlp.fc1", mlp.fc1, nn.Linear),
@@ -147,9 +171,9 @@ class OptimizedXCABlock(_InferenceOnly):
         self.dim = tuple(block.norm1.normalized_shape)
         self.norm1_eps, self.norm2_eps = block.norm1.eps, block.norm2.eps
         self.norm3 = copy.deepcopy(block.norm3)
-        self.conv1 = copy.deepcopy(lpi.conv1)
+        self.conv1 = copy.deepcopy(lpi.conv1).to(self._weight_dtype(lpi.conv1.weight.dtype))
         self.padding = lpi.conv2.padding[0]
-        dtype = attn.qkv.weight.dtype
+        dtype = self._weight_dtype(attn.qkv.weight.dtype)
         with torch.no_grad():
             folded = {
                 "qkv": _fold_norm_into_linear(block.norm1, attn.qkv),
@@ -171,13 +195,14 @@ class OptimizedXCABlock(_InferenceOnly):
 
     def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         self._check_eval()
-        x = K.xca(F.layer_norm(x, self.dim, None, None, self.norm1_eps), self.qkv_weight, self.qkv_bias,
-                  self.proj_weight, self.proj_bias, self.temperature, self.num_heads, residual=x, fold=self.fold,
-                  dnn=self.dnn)
-        x = self._lpi(x, hp, wp)
-        h = K.linear(F.layer_norm(x, self.dim, None, None, self.norm2_eps), self.fc1_weight,
-                     self.fc1_bias, gelu=True, dnn=self.dnn)
-        return K.linear_add(h, self.fc2_weight, self.fc2_bias, x, dnn=self.dnn)
+        with self._precision(x):
+            x = K.xca(F.layer_norm(x, self.dim, None, None, self.norm1_eps), self.qkv_weight, self.qkv_bias,
+                      self.proj_weight, self.proj_bias, self.temperature, self.num_heads, residual=x, fold=self.fold,
+                      dnn=self.dnn, packed=self.packed)
+            x = self._lpi(x, hp, wp)
+            h = K.linear(F.layer_norm(x, self.dim, None, None, self.norm2_eps), self.fc1_weight,
+                         self.fc1_bias, gelu=True, dnn=self.dnn, packed=self.packed)
+            return K.linear_add(h, self.fc2_weight, self.fc2_bias, x, dnn=self.dnn, packed=self.packed)
 
     def _lpi(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """x + gamma3 * LPI(norm3(x)), with BN and gamma3 in conv2 and the residual fused into it."""
@@ -193,8 +218,9 @@ class OptimizedXCABlock(_InferenceOnly):
 class OptimizedClassAttentionBlock(_InferenceOnly):
     """A class-attention block computing the cls query alone; patch tokens updated elementwise."""
 
-    def __init__(self, block: ClassAttentionBlock, fold: str = "auto", dnn: bool = True) -> None:
-        super().__init__(fold, dnn)
+    def __init__(self, block: ClassAttentionBlock, fold: str = "auto", dnn: bool = True,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(fold, dnn, dtype)
         for name, module, kind in (
             ("attn.qkv", block.attn.qkv, nn.Linear), ("attn.proj", block.attn.proj, nn.Linear),
             ("norm1", block.norm1, nn.LayerNorm), ("norm2", block.norm2, nn.LayerNorm),
@@ -209,28 +235,34 @@ class OptimizedClassAttentionBlock(_InferenceOnly):
         with torch.no_grad():
             for name, lin in (("qkv", block.attn.qkv), ("proj", block.attn.proj), ("fc1", block.mlp.fc1),
                               ("fc2", block.mlp.fc2)):
-                self.register_buffer(f"{name}_weight", lin.weight.detach().clone())
-                self.register_buffer(f"{name}_bias", None if lin.bias is None else lin.bias.detach().clone())
+                dtype = self._weight_dtype(lin.weight.dtype)
+                self.register_buffer(f"{name}_weight", lin.weight.detach().to(dtype, copy=True))
+                self.register_buffer(f"{name}_bias", None if lin.bias is None else lin.bias.detach().to(dtype, copy=True))
             self.register_buffer("gamma1", block.gamma1.detach().clone())
             self.register_buffer("gamma2", block.gamma2.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_eval()
+        with self._precision(x):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # The official arithmetic, cls token and patch tokens apart:
         # cls -> norm2(x_c + g1 * attn_c) + g2 * mlp(.), patches -> norm2?(x_p + g1 * norm1(x)_p) * 2.
         xn = self.norm1(x)
         attn = K.class_attention(xn, self.qkv_weight, self.qkv_bias, self.proj_weight, self.proj_bias,
-                                 self.num_heads, self.scale, dnn=self.dnn)
+                                 self.num_heads, self.scale, dnn=self.dnn, packed=self.packed)
         cls = self.norm2(torch.addcmul(x[:, :1], attn, self.gamma1))
         patches = torch.addcmul(x[:, 1:], xn[:, 1:], self.gamma1)
         if self.tokens_norm:
             patches = self.norm2(patches)
-        hidden = K.linear(cls, self.fc1_weight, self.fc1_bias, gelu=True, dnn=self.dnn)
-        cls = torch.addcmul(cls, K.linear(hidden, self.fc2_weight, self.fc2_bias, dnn=self.dnn), self.gamma2)
+        hidden = K.linear(cls, self.fc1_weight, self.fc1_bias, gelu=True, dnn=self.dnn, packed=self.packed)
+        cls = torch.addcmul(cls, K.linear(hidden, self.fc2_weight, self.fc2_bias, dnn=self.dnn, packed=self.packed),
+                            self.gamma2)
         return torch.cat([cls, patches * 2], dim=1)
 
 
-def optimize(model: nn.Module, *, fold: str = "auto", dnn: bool = True) -> nn.Module:
+def optimize(model: nn.Module, *, fold: str = "auto", dnn: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
     """An inference-only copy of ``model`` (an XCiT classifier, pyramid or trunk) with folded weights.
 
     Args:
@@ -239,6 +271,11 @@ def optimize(model: nn.Module, *, fold: str = "auto", dnn: bool = True) -> nn.Mo
             channels), ``"always"`` or ``"never"``.
         dnn: run fp32 CPU products through oneDNN's fused kernels in eager execution (on CPUs
             whose BLAS is slow in fp32 this is about twice as fast; elsewhere about even).
+        dtype: what the products run in. ``torch.float32`` (default; bf16 autocast around the call
+            still works); ``torch.bfloat16``: the weights of the products stored in bf16 and, in
+            eager CPU execution, pre-packed for oneDNN; the blocks run under bf16 autocast without
+            the caller setting it (float32 in and out; norms, softmax and residuals in float32).
+            The fastest CPU path where the CPU has bf16 instructions (AVX512-BF16, AMX).
 
     Returns a new model in eval mode with frozen weights; its forward raises in training mode.
     Options live on the returned model's modules: two optimised models with different options run
@@ -248,28 +285,30 @@ def optimize(model: nn.Module, *, fold: str = "auto", dnn: bool = True) -> nn.Mo
         raise ValueError(f"fold must be one of {K.FOLD_CHOICES}, got {fold!r}")
     if not isinstance(dnn, bool):
         raise ValueError(f"dnn must be True or False, got {dnn!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {[str(d) for d in DTYPES]}, got {dtype!r}")
     if is_optimized(model):
         raise ValueError("the model is already optimised (xcit.optimize returns a new model; optimise the original)")
     if not any(isinstance(m, (ConvPatchEmbed, XCABlock)) for m in model.modules()):
         raise ValueError(f"expected an XCiT model (with a ConvPatchEmbed stem and XCA blocks), got {type(model).__name__}")
     out = copy.deepcopy(model).eval()
-    _replace(out, fold, dnn)
+    _replace(out, fold, dnn, dtype)
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)
     return out
 
 
-def _replace(module: nn.Module, fold: str, dnn: bool) -> None:
+def _replace(module: nn.Module, fold: str, dnn: bool, dtype: torch.dtype) -> None:
     for name, child in module.named_children():
         if type(child) is ConvPatchEmbed:
-            setattr(module, name, OptimizedPatchEmbed(child, fold, dnn))
+            setattr(module, name, OptimizedPatchEmbed(child, fold, dnn, dtype))
         elif type(child) is XCABlock:
-            setattr(module, name, OptimizedXCABlock(child, fold, dnn))
+            setattr(module, name, OptimizedXCABlock(child, fold, dnn, dtype))
         elif type(child) is ClassAttentionBlock:
-            setattr(module, name, OptimizedClassAttentionBlock(child, fold, dnn))
+            setattr(module, name, OptimizedClassAttentionBlock(child, fold, dnn, dtype))
         else:
-            _replace(child, fold, dnn)
+            _replace(child, fold, dnn, dtype)
 
 
 def is_optimized(model: nn.Module) -> bool:

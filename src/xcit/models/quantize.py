@@ -12,7 +12,8 @@ Steps, on a deep copy of the plain model (the argument is not modified):
    the per-channel affine it computes in eval mode, ``x * s + t`` (folded in float64). Without this
    ``convert_pt2e`` spends about a minute searching the graph for QAT conv-BN patterns that are not
    there; the stem's conv-BN pairs are folded by ``prepare_pt2e`` itself.
-2. ``torch.export`` with a dynamic batch; height and width are those of the calibration images.
+2. ``torch.export`` with a dynamic batch, height and width (calibrated at one size, the int8 model
+   runs at any size from ``patch_size + 1`` to :data:`MAX_SIDE` pixels a side: large images too).
 3. ``prepare_pt2e`` with ``X86InductorQuantizer`` and its default static config: uint8 activations
    (per tensor, affine, histogram observers), int8 weights (per output channel, symmetric). It
    quantises every ``Linear`` and ``Conv2d`` and the four products of XCA and class attention
@@ -27,8 +28,10 @@ Steps, on a deep copy of the plain model (the argument is not modified):
    Q/DQ patterns become oneDNN int8 kernels (VNNI, AMX where the CPU exposes it) with prepacked
    weights. Without compiling, the Q/DQ graph runs in float32 emulation and is slower than fp32.
 
-The result accepts the calibration size only (an exported graph is specialised to it) and refuses
-training mode. It needs the plain model: :func:`xcit.optimize`'s fused kernels hide the ``Linear``
+The result accepts any image size (the scales are per tensor, so they carry over; a size far from
+the calibration images is best calibrated at, e.g. crops of large images at their own scale) and
+refuses training mode. Inductor compiles the graph with symbolic sizes: a new batch or image size
+may compile once more (tens of seconds), later calls of that size do not. It needs the plain model: :func:`xcit.optimize`'s fused kernels hide the ``Linear``
 layers the quantizer looks for, and compiled int8 is faster than the optimised model anyway.
 """
 from __future__ import annotations
@@ -49,6 +52,8 @@ __all__ = ["QuantizationError", "QuantizedXCiT", "is_quantized", "quantize"]
 #: Calibration images by default (``xcit export --int8`` / ``xcit eval --int8``).
 DEFAULT_CALIBRATION_IMAGES = 512
 BACKENDS = ("x86",)
+#: The largest image side the int8 graph accepts (its height and width are symbolic up to this).
+MAX_SIDE = 16384
 
 
 class QuantizationError(ValueError):
@@ -85,7 +90,7 @@ class QuantizedXCiT(nn.Module):
 
     Attributes:
         program: the converted Q/DQ ``torch.fx.GraphModule`` (exportable with ``torch.export``).
-        img_size: the (H, W) it was calibrated at, the only size it accepts.
+        img_size: the (H, W) it was calibrated at (it accepts any size; see :meth:`check_input`).
         compiled: whether forward runs the Inductor-compiled program (int8 kernels) or the Q/DQ
             graph as is (float emulation, for checking only).
     """
@@ -114,14 +119,14 @@ class QuantizedXCiT(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` naming the expectation if ``x`` is not a batch this model accepts."""
-        h, w = self.img_size
-        expected = f"a float32 tensor of shape (B, {self.in_chans}, {h}, {w}) (the calibration size)"
+        least = self.patch_size + 1
+        expected = (f"a float32 tensor of shape (B, {self.in_chans}, H, W) with B >= 1 and {least} <= H, W <= "
+                    f"{MAX_SIDE}")
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"expected {expected}, got {type(x).__name__}")
-        if x.ndim != 4 or x.shape[0] < 1 or tuple(x.shape[1:]) != (self.in_chans, h, w):
-            hint = ("; an int8 model runs at the size it was calibrated at: resize the images, or quantise "
-                    "again with calibration images of the new size") if x.ndim == 4 and x.shape[1] == self.in_chans else ""
-            raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}{hint}")
+        if (x.ndim != 4 or x.shape[0] < 1 or x.shape[1] != self.in_chans
+                or not all(least <= s <= MAX_SIDE for s in x.shape[2:])):
+            raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
         if x.dtype != torch.float32:
             raise ValueError(f"expected {expected}, got dtype {x.dtype}; convert with x.float()")
         if x.device.type != "cpu":
@@ -137,6 +142,15 @@ class QuantizedXCiT(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_chans={self.in_chans}, img_size={self.img_size}, compiled={self.compiled}, "
                 f"calibration_images={self.calibration_images}")
+
+
+def dynamic_dims(patch_size: int) -> dict:
+    """Symbolic batch, height and width of the int8 graph: sizes 0 and 1 are special-cased by the tracer,
+    so the least side is ``patch_size + 1`` (one more than a single patch)."""
+    dim = torch.export.Dim
+    least = patch_size + 1
+    return {0: dim("batch", min=1, max=65536), 2: dim("height", min=least, max=MAX_SIDE),
+            3: dim("width", min=least, max=MAX_SIDE)}
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -213,8 +227,8 @@ def quantize(
     Args:
         model: a plain XCiT classifier in eval mode on the CPU (not modified).
         calibration_images: float tensor (N, C, H, W), preprocessed exactly as inputs will be; a few
-            hundred representative images are enough (:data:`DEFAULT_CALIBRATION_IMAGES`). H, W become
-            the only input size the int8 model accepts.
+            hundred representative images are enough (:data:`DEFAULT_CALIBRATION_IMAGES`). The int8
+            model then runs at any size (H, W is where its activation ranges were measured).
         backend: ``"x86"`` (the only one: oneDNN int8 kernels through Inductor).
         batch_size: calibration batch size.
         compile: compile with Inductor (int8 kernels) and warm it up on one calibration batch, which
@@ -232,10 +246,9 @@ def quantize(
             module.bn = _ChannelAffine(module.bn)
     first_conv = next((name for name, m in work.named_modules() if isinstance(m, nn.Conv2d)), None)
     example = images[:1].expand(2, *images.shape[1:]).contiguous()  # batch 2: a batch of 1 would be specialised
-    batch = torch.export.Dim("batch", min=1, max=65536)
     with torch.no_grad():
         try:
-            graph = torch.export.export(work, (example,), dynamic_shapes=({0: batch},)).module()
+            graph = torch.export.export(work, (example,), dynamic_shapes=(dynamic_dims(model.patch_size),)).module()
         except Exception as err:
             raise QuantizationError(f"torch.export could not trace the model: {type(err).__name__}: {str(err)[:800]}") from err
         quantizer = xiq.X86InductorQuantizer()

@@ -102,7 +102,9 @@ class Task:
                                     exempt_per_channel=self.cfg.wd_exempt_per_channel)
 
     def optimizer(self, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+        from .optim import adamw
+
+        return adamw(groups, lr)
 
     def schedule(self, lr: float, total_steps: int, steps_per_epoch: int) -> Callable[[int], dict[str, float]]:
         """Values at a step: ``lr`` (the peak ``lr`` scaled by the schedule), optionally ``wd`` (applied to the
