@@ -207,3 +207,14 @@ def test_cli_eval_int8(digits, capsys, monkeypatch):
 
 def test_quantized_model_is_exported_at_the_top_level():
     assert xcit.quantize is quantize and issubclass(QuantizationError, ValueError) and QuantizedXCiT.__doc__
+
+
+def test_calibration_images_feed_a_colour_model_from_grey_data():
+    """A 3-channel model calibrates on a grey dataset the way it reads grey image files: the channel repeated."""
+    from xcit.data import calibration_images
+
+    tf = BatchEvalTransform(8, crop_pct=1.0, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    images = calibration_images("digits", 5, in_chans=3, batch_transform=tf, image_transform=None)
+    assert images.shape == (5, 3, 8, 8)
+    # the same pixels in every channel, each normalised with its own mean / std
+    torch.testing.assert_close(images[:, 0] * 0.2 + 0.5, images[:, 2] * 0.2 + 0.3)

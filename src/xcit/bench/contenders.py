@@ -1,6 +1,12 @@
 """The contenders of ``xcit bench``: this project's XCiT (plain and ``xcit.optimize``), timm's XCiT with the
 same weights, a matched ViT, and ONNX Runtime / OpenVINO on this project's export; runners that time
-them (inference, training step) and their FLOPs."""
+them (inference, training step) and their FLOPs.
+
+The roofline preset adds, per precision: this project's best path (:func:`best_path`, the one place
+that chooses it), timm + Inductor (:func:`inductor_runner`), and OpenVINO (f32 / bf16, NNCF int8) and
+ONNX Runtime (fp32, static int8) on this project's ONNX export and on timm's (:func:`runtime_runners`),
+all int8 contenders calibrated on the same images (:func:`calibration_set`).
+"""
 from __future__ import annotations
 
 import math
@@ -136,14 +142,22 @@ def deployment_runners(model, workdir: Path, threads: int) -> tuple[dict, list[s
     return runners, notes
 
 
-def train_step_runner(model, x, y):
+def train_step_runner(model, x, y, autocast=None, optimizer=None):
+    """One training step: forward and cross-entropy (under ``autocast`` when given), backward, AdamW.
+
+    ``optimizer(params)`` makes the optimiser; default torch's ``AdamW`` with its default kernels (what a
+    timm user gets); this project's tasks use :func:`xcit.train.optim.adamw` (the fused kernel).
+    """
+    import contextlib
+
     import torch
 
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = optimizer(model.parameters()) if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def run():
         opt.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
         return loss
@@ -178,4 +192,214 @@ def profile_breakdown(model, x) -> dict:
         else:
             out["other"] += t
     out["total"] = total
+    return out
+
+
+# -- the roofline preset ----------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def best_path(model, precision: str, calibration=None, *, train: bool = False):
+    """This project's fastest path at ``precision``, the one place that chooses it.
+
+    Returns ``make(x, y=None)``, which returns a no-argument callable running one batch ``x``:
+
+    * inference (``model``: the plain model in eval mode, not modified): ``fp32``: ``xcit.optimize(model)``;
+      ``bf16``: ``xcit.optimize(model, dtype=torch.bfloat16)`` (bf16 weights pre-packed for oneDNN, the blocks
+      under bf16 autocast; called without the caller's autocast); ``int8``:
+      ``xcit.quantize(model, calibration)`` (activation ranges measured on the ``calibration`` images: pass
+      them at the size it will run at);
+    * ``train=True`` (``model``: the plain model in train mode, updated by the steps): forward, cross-entropy
+      against the labels ``y``, backward and a step of the AdamW every task of this project trains with
+      (:func:`xcit.train.optim.adamw`: torch's fused kernel), in fp32 or under bf16 autocast.
+    """
+    import torch
+
+    from ..models import optimize, quantize
+    from ..train.optim import adamw
+
+    if precision not in PRECISIONS or (train and precision == "int8"):
+        raise ValueError(f"expected a precision in {('fp32', 'bf16') if train else PRECISIONS}, got {precision!r}")
+    autocast = torch.bfloat16 if precision == "bf16" else None
+    if train:
+        return lambda x, y: train_step_runner(model, x, y, autocast, optimizer=lambda p: adamw([{"params": list(p)}], 1e-4))
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError("the int8 path needs calibration images")
+        fast = quantize(model, calibration)
+    else:
+        fast = optimize(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    return lambda x, y=None: forward_runner(fast, x)
+
+
+def inductor_runner(model, x, autocast=None, *, y=None, freezing: bool = True):
+    """``torch.compile(model)`` (Inductor, static shapes): inference with ``freezing`` (weights folded into the
+    graph as constants), or with labels ``y`` a training step (:func:`train_step_runner`, freezing off).
+    Compiles at the first call."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model, dynamic=False)
+    if y is not None:
+        return train_step_runner(compiled, x, y, autocast)
+    step = forward_runner(compiled, x, autocast)
+
+    def run():
+        with inductor_config.patch(freezing=freezing):
+            return step()
+
+    return run
+
+
+def calibration_set(n: int, size: int, in_chans: int = 3) -> tuple:
+    """The calibration images of every int8 contender: (images (n, in_chans, size, size), description).
+
+    ``n`` Fashion-MNIST training images (fixed seed; grey replicated to ``in_chans`` channels, bicubic to
+    ``size``, ImageNet normalisation) where the dataset is installed, else ``n`` standard-normal images."""
+    import torch
+
+    from ..data import IMAGENET_MEAN, IMAGENET_STD, BatchEvalTransform, calibration_images, folder_eval_transform
+
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
+    transform = BatchEvalTransform(size, crop_pct=1.0, mean=mean, std=std)
+    try:
+        images = calibration_images("fashion-mnist", n, in_chans=1,
+                                    batch_transform=lambda u: transform(u.expand(-1, in_chans, -1, -1)),
+                                    image_transform=folder_eval_transform(size, crop_pct=1.0, mean=mean, std=std))
+        return images.contiguous(), (f"{n} Fashion-MNIST training images (seed 0), grey to {in_chans} channels, "
+                                     f"bicubic to {size}x{size}, ImageNet normalisation")
+    except (FileNotFoundError, OSError, ValueError) as err:
+        gen = torch.Generator().manual_seed(0)
+        return (torch.randn(n, in_chans, size, size, generator=gen),
+                f"{n} standard-normal images of {size}x{size} (Fashion-MNIST not available: {str(err)[:120]})")
+
+
+def export_timm_onnx(model, path: Path, example_size: tuple[int, int] = (224, 224)) -> Path:
+    """timm's model as ONNX the way this project exports its own (``xcit.export.export_onnx`` with the
+    torchscript exporter): opset, input / output names, dynamic batch, height and width, constant folding."""
+    import warnings
+
+    import torch
+
+    from .. import export as ex
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.randn(2, 3, *example_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (x,), path, dynamo=False, input_names=[ex.INPUT_NAME], output_names=[ex.OUTPUT_NAME],
+                          dynamic_axes={ex.INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, ex.OUTPUT_NAME: {0: "batch"}},
+                          opset_version=ex.DEFAULT_OPSET, do_constant_folding=True)
+    return path
+
+
+RUNTIMES = ("openvino", "onnxruntime")
+#: What each runtime runs at each precision (the report's contender descriptions).
+RUNTIME_SETUP = {
+    ("openvino", "fp32"): "OpenVINO CPU, IR read from the ONNX file, reshaped to the static input shape; "
+                          "INFERENCE_PRECISION_HINT f32, PERFORMANCE_HINT LATENCY, INFERENCE_NUM_THREADS = threads",
+    ("openvino", "bf16"): "as fp32 with INFERENCE_PRECISION_HINT bf16",
+    ("openvino", "int8"): "NNCF post-training quantisation of the IR (nncf.quantize, model_type TRANSFORMER, "
+                          "calibration images at batch 1, subset_size = their number), then as fp32 (f32 hint for "
+                          "the operations left in float)",
+    ("onnxruntime", "fp32"): "ONNX Runtime CPUExecutionProvider, graph optimisation level ALL (default), "
+                             "intra_op_num_threads = threads, inter_op_num_threads 1",
+    ("onnxruntime", "int8"): "onnxruntime.quantization.quantize_static: QDQ format, per-channel int8 weights, uint8 "
+                             "activations, MinMax calibration, MatMul / Conv / Gemm quantised; then as fp32",
+}
+
+
+def runtime_runners(onnx_path: Path, precision: str, shape: tuple[int, ...], threads: int, workdir: Path,
+                    calibration=None, runtimes: tuple[str, ...] = RUNTIMES) -> tuple[dict, dict]:
+    """OpenVINO and ONNX Runtime on one ONNX file at ``precision`` (:data:`RUNTIME_SETUP`).
+
+    Returns ({runtime: make(x) -> run}, {runtime: why it was left out}): a runtime not installed, a precision
+    it has no CPU path for (ONNX Runtime bf16; OpenVINO bf16 where the CPU lacks bf16), or a setup that
+    failed. ``shape``: the input shape the runners will be called with; ``calibration``: int8 images
+    (N, C, H, W) at that H, W; ``runtimes``: which of :data:`RUNTIMES` to set up."""
+    import importlib.util
+
+    from .. import export as ex
+
+    runners, skipped = {}, {}
+    name = ex.INPUT_NAME
+    if "openvino" not in runtimes:
+        pass
+    elif importlib.util.find_spec("openvino") is None:
+        skipped["openvino"] = "OpenVINO not installed (pip install 'xcit[openvino]')"
+    else:
+        try:
+            import openvino as ov
+
+            core = ov.Core()
+            if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                skipped["openvino"] = "this CPU has no bf16 support in OpenVINO"
+            elif precision == "int8" and importlib.util.find_spec("nncf") is None:
+                skipped["openvino"] = "NNCF not installed (pip install 'xcit[openvino]')"
+            else:
+                model = core.read_model(str(onnx_path))
+                if precision == "int8":
+                    import logging
+
+                    import nncf
+
+                    model.reshape({model.inputs[0]: [1, *shape[1:]]})
+                    data = nncf.Dataset([calibration[i:i + 1].numpy() for i in range(len(calibration))])
+                    nncf.set_log_level(logging.ERROR)  # its INFO lines narrate every step
+                    model = nncf.quantize(model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+                model.reshape({model.inputs[0]: list(shape)})
+                config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                          "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+                compiled = core.compile_model(model, "CPU", config)
+                runners["openvino"] = lambda x: (lambda: compiled(x.numpy()))
+        except Exception as err:  # noqa: BLE001 - one contender's failure is recorded, the run goes on
+            skipped["openvino"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+    if "onnxruntime" not in runtimes:
+        pass
+    elif importlib.util.find_spec("onnxruntime") is None:
+        skipped["onnxruntime"] = "ONNX Runtime not installed (pip install 'xcit[export]')"
+    elif precision == "bf16":
+        skipped["onnxruntime"] = "ONNX Runtime has no bf16 path on the CPU"
+    else:
+        try:
+            import onnxruntime as ort
+
+            path = onnx_path
+            if precision == "int8":
+                path = _ort_int8(onnx_path, workdir / f"{onnx_path.stem}-int8-{shape[-2]}x{shape[-1]}.onnx", calibration)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            runners["onnxruntime"] = lambda x: (lambda: session.run(None, {name: x.numpy()}))
+        except Exception as err:  # noqa: BLE001
+            skipped["onnxruntime"] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+    return runners, skipped
+
+
+def _ort_int8(onnx_path: Path, out: Path, calibration) -> Path:
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from .. import export as ex
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            step = 8
+            self.batches = iter([{ex.INPUT_NAME: calibration[i:i + step].numpy()} for i in range(0, len(calibration), step)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    root = logging.getLogger()  # the quantiser warns once per shape tensor it cannot infer: thousands of lines
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(str(onnx_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul", "Conv", "Gemm"])
+    finally:
+        root.setLevel(level)
     return out

@@ -225,6 +225,9 @@ def _analysis(results: dict) -> list[str]:
 
 def render_appendix(results: dict) -> list[str]:
     m = results["machine"]
+    if results.get("roofline") and not results.get("cases"):
+        return [f"## Cross-check run: roofline ({results['date']})", "", "Reproduce with:", "", "```", results["command"],
+                "```", "", _machine_line(results), ""] + roofline_table(results) + [""]
     clock = ("process CPU time, 1 thread" if results.get("clock") == "cpu" else f"wall time, {m['threads']} threads")
     lines = [f"## Cross-check run: {clock} ({results['date']})", "",
              "Reproduce with:", "", "```", results["command"], "```", "",
@@ -238,6 +241,8 @@ def render_appendix(results: dict) -> list[str]:
 
 
 def render(results: dict, plot_path: str | None = None, appendix: list[dict] | None = None) -> str:
+    if results.get("roofline") and not results.get("cases"):
+        return render_roofline(results, appendix)
     m = results["machine"]
     peak = results["peak"]["gflops"]
     lines = ["# Benchmark results", "",
@@ -315,6 +320,172 @@ def render(results: dict, plot_path: str | None = None, appendix: list[dict] | N
               "fp32 CPU linears and convolutions through oneDNN, part of its speed-up over timm; the rest comes from the "
               "algebra (folded projections, one-query class attention, fused GELU/BN/LayerScale). The plain model gains "
               "from the algebra that needs no bypass (Gram-matrix normalisation, channels-last stem and LPI).", ""]
+    if results.get("roofline"):
+        lines += ["## Roofline: this project's best path against every peer", ""] + roofline_section(results)
+    for other in appendix or []:
+        lines += render_appendix(other)
+    return "\n".join(lines)
+
+
+# -- the roofline preset ------------------------------------------------------------------------
+
+BEST_PATH = {"fp32": "`xcit.optimize`", "bf16": "`xcit.optimize(dtype=bfloat16)`", "int8": "`xcit.quantize` (int8)"}
+TRAIN_PATH = {"fp32": "default model, fused AdamW", "bf16": "default model, bf16 autocast, fused AdamW"}
+RUNTIME_NAMES = {("openvino", "fp32"): "OpenVINO", ("openvino", "bf16"): "OpenVINO bf16",
+                 ("openvino", "int8"): "OpenVINO + NNCF int8", ("onnxruntime", "fp32"): "ONNX Runtime",
+                 ("onnxruntime", "int8"): "ONNX Runtime int8 (static QDQ)"}
+PEAK_KERNELS = {"fp32": "the larger of fp32 torch.mm (BLAS) and oneDNN", "bf16": "bf16 torch.mm",
+                "int8": "int8 torch._int_mm"}
+
+
+def has_scaling(results: dict) -> bool:
+    return any(k.startswith("scale_") for k in results.get("cases", {}))
+
+
+def workload_name(row: dict) -> str:
+    if row["workload"] == "train":
+        return (f"training step {row['res']} b{row['batch']} (fwd + bwd + AdamW), "
+                + ("fp32" if row["precision"] == "fp32" else "bf16 autocast"))
+    return f"{row['res']} px batch {row['batch']}, {row['precision']}"
+
+
+def contender_name(label: str, row: dict) -> str:
+    """What ``label`` ran in ``row`` (its workload and precision), as the tables name it."""
+    precision, train = row["precision"], row["workload"] == "train"
+    if label == "this":
+        return (TRAIN_PATH if train else BEST_PATH)[precision]
+    if label == "timm":
+        return "timm eager" + (", bf16 autocast" if precision == "bf16" else "")
+    if label == "timm-inductor":
+        return "timm + Inductor" + ("" if train else " (freezing)") + (", bf16 autocast" if precision == "bf16" else "")
+    runtime, _, export = label.partition("@")
+    name = RUNTIME_NAMES.get((runtime, precision), RUNTIME_NAMES.get((runtime, "fp32"), runtime))
+    return f"{name}, {'our' if export == 'ours' else export + chr(39) + 's'} export"
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.2f} s" if s >= 0.1 else f"{s * 1e3:.1f} ms"
+
+
+def _share(c: dict) -> str:
+    return f"{c['share_of_peak']:.0%}" if "share_of_peak" in c else "-"
+
+
+def roofline_table(results: dict) -> list[str]:
+    """The one table: per workload and precision, this project's best path, the best peer, their paired ratio
+    and both shares of the matmul peak of that precision."""
+    lines = ["| workload, precision | project best path | best peer | project / best peer | project share of peak | "
+             "best peer share of peak |", "|---|---|---|---:|---:|---:|"]
+    for row in results["roofline"]["rows"].values():
+        c = row["contenders"]
+        this = c.get("this")
+        ours = f"{contender_name('this', row)} {_fmt_s(this['median_s'])}" if this else \
+            f"{contender_name('this', row)}: {row['skipped'].get('this', 'not measured')}"
+        peer = row.get("best_peer")
+        theirs = f"{contender_name(peer, row)} {_fmt_s(c[peer]['median_s'])}" if peer else "-"
+        ratio = f"{row['this_vs_best_peer']:.2f}x" if "this_vs_best_peer" in row else "-"
+        lines.append(f"| {workload_name(row)} | {ours} | {theirs} | {ratio} | {_share(this) if this else '-'} | "
+                     f"{_share(c[peer]) if peer else '-'} |")
+    return lines
+
+
+def export_table(results: dict) -> list[str]:
+    """OpenVINO and ONNX Runtime on this project's ONNX export against the same runtime on timm's, paired (with
+    the range of the per-round ratios)."""
+    lines = ["| runtime, workload, precision | on our export | on timm's export | ours / timm's (paired; rounds' range) | "
+             "at least as fast |", "|---|---:|---:|---:|---|"]
+    for row in results["roofline"]["rows"].values():
+        for runtime, ratio in row.get("export_ratio", {}).items():
+            ours, theirs = row["contenders"][runtime + "@ours"], row["contenders"][runtime + "@timm"]
+            rounds = [t / o for t, o in zip(theirs["times"], ours["times"])]
+            name = RUNTIME_NAMES.get((runtime, row["precision"]), runtime)
+            lines.append(f"| {name}, {workload_name(row)} | {_fmt_s(ours['median_s'])} | {_fmt_s(theirs['median_s'])} | "
+                         f"{ratio:.2f}x ({min(rounds):.2f}-{max(rounds):.2f}) | {'yes' if ratio >= 1 else '**no**'} |")
+    return lines
+
+
+def _machine_line(results: dict) -> str:
+    m = results["machine"]
+    clock = ("process CPU time, one thread" if results.get("clock") == "cpu" else "wall time")
+    return (f"CPU: {m['cpu']} ({m.get('cpu_id', '?')}; flags: {', '.join(m.get('cpu_flags', [])) or 'none of avx512 / amx'}); "
+            f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}; clock: {clock}; model `{results.get('model', '?')}`.")
+
+
+def roofline_summary(results: dict) -> list[str]:
+    """What ``xcit bench --preset roofline`` prints at the end: the machine, the peaks and the two tables."""
+    peak = results["peak"]["gflops"]
+    return ["", _machine_line(results),
+            "Matmul peaks (n = 2048): " + ", ".join(f"{k} {peak[k]:.0f}" for k in ("fp32", "bf16", "int8") if k in peak)
+            + " G(FL)OP/s.", ""] + roofline_table(results) + [""] + export_table(results) + [""]
+
+
+def roofline_section(results: dict) -> list[str]:
+    roof = results["roofline"]
+    peak = results["peak"]["gflops"]
+    lines = roofline_table(results) + ["",
+             "Project / best peer: the median over rounds of t(best peer) / t(project) in the same round (> 1: the project "
+             "is faster); best peer: the fastest (median) of every other contender of the row; share of peak: model FLOPs "
+             "/ median time / the matmul peak of the row's precision measured in this run.", "",
+             "### Runtimes on this project's export and on timm's", ""] + export_table(results) + ["",
+             "### Every contender", "",
+             "| workload, precision | contender | median | min | share of peak | t / t(project), paired | set-up (s) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for row in roof["rows"].values():
+        for label, c in row["contenders"].items():
+            ratio = f"{c['this_speedup']:.2f}x" if "this_speedup" in c else "1 (project)" if label == "this" else "-"
+            lines.append(f"| {workload_name(row)} | {contender_name(label, row)} | {_fmt_s(c['median_s'])} | "
+                         f"{_fmt_s(c['min_s'])} | {_share(c)} | {ratio} | {c['setup_s']:.0f} |")
+    lines += ["", "Set-up: wall time of building the contender and its first call (torch.compile / Inductor, "
+              "`xcit.quantize`'s calibration and compile, NNCF or ONNX Runtime quantisation, OpenVINO compile_model), "
+              "excluded from the timings. Every row also had one untimed warm-up round.", ""]
+    skipped = [f"- {workload_name(row)}: {contender_name(label, row)}: {why}"
+               for row in roof["rows"].values() for label, why in row.get("skipped", {}).items()]
+    if skipped or roof.get("notes"):
+        lines += ["### Left out", ""] + [f"- {n}" for n in roof.get("notes", [])] + skipped + [""]
+    from .contenders import RUNTIME_SETUP
+
+    lines += ["### Contenders", "",
+              f"- project: {BEST_PATH['fp32']} for fp32, the same under `torch.autocast('cpu', dtype=torch.bfloat16)` for "
+              "bf16, `xcit.quantize(model, calibration images)` for int8 (PT2E x86 quantizer, Inductor int8 kernels; "
+              "calibrated at the row's input size); training: the plain `create_model` model "
+              "(`xcit.bench.contenders.best_path`).",
+              "- timm eager: timm's XCiT with the same weights; bf16 rows under the same autocast.",
+              "- timm + Inductor: `torch.compile(model, dynamic=False)`; inference with "
+              "`torch._inductor.config.freezing=True`, training plain (the AdamW step eager).",
+              "- OpenVINO and ONNX Runtime: inference only (no training rows).",
+              "- exports: this project's plain model through `xcit.export.export_onnx` (torchscript exporter, opset "
+              "18, dynamic batch / height / width); timm's model through `torch.onnx.export` with the same exporter "
+              "and options (`xcit.bench.contenders.export_timm_onnx`)."]
+    lines += [f"- {RUNTIME_NAMES[key]}: {text}" for key, text in RUNTIME_SETUP.items()]
+    lines += [f"- int8 calibration images (the same for every int8 contender of a size): "
+              + "; ".join(f"{res} px: {what}" for res, what in roof.get("calibration", {}).items())]
+    lines += [f"- peaks: {', '.join(f'{k}: {PEAK_KERNELS[k]}' for k in ('fp32', 'bf16', 'int8'))}, n = 2048, "
+              f"measured in this run: fp32 {peak.get('fp32', float('nan')):.0f} GFLOP/s (torch.mm "
+              f"{peak.get('fp32_blas', float('nan')):.0f}, oneDNN {peak.get('fp32_onednn', float('nan')):.0f}), bf16 "
+              f"{peak.get('bf16', float('nan')):.0f} GFLOP/s, int8 {peak.get('int8', float('nan')):.0f} GOP/s"
+              + (f" ({results['peak']['int8_error']})" if "int8_error" in results["peak"] else "") + ".",
+              "- FLOPs: 2 x the multiply-accumulates of the reference computation (`xcit.models.complexity.count_macs`, "
+              "the same count as `torch.utils.flop_counter` on the plain model); training step: 3 x the forward.",
+              "- Contenders of a row run in turn in one process (A, B, C, A, B, C, ...); times are medians.", ""]
+    return lines
+
+
+def render_roofline(results: dict, appendix: list[dict] | None = None) -> str:
+    m = results["machine"]
+    versions = results["roofline"].get("versions", {})
+    lines = ["# Roofline: this project's best path against every peer", "",
+             f"Model `{results['model']}`; run {results['date']} in {results['duration_s'] / 60:.0f} min.", "",
+             "Reproduce with:", "", "```", results["command"], "```", "",
+             "## Machine", "",
+             f"- CPU: {m['cpu']} ({m.get('cpu_id', '?')}), {m['cores']} cores; flags: "
+             f"{', '.join(m.get('cpu_flags', [])) or 'none of avx512 / amx'}; ISA: {', '.join(m['isa']) or '-'}; "
+             + ", ".join(f"{k} {v}" for k, v in m.get("caches", {}).items()),
+             f"- Threads: {m['threads']} (torch, OpenVINO, ONNX Runtime); clock: "
+             + ("process CPU time, one thread" if results.get("clock") == "cpu" else "wall time (perf_counter)"),
+             f"- Software: Python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
+             + f"; {m['platform']}",
+             f"- Load average (1 min) at start {m['load_start'][0]:.1f}, at end {m.get('load_end', [float('nan')])[0]:.1f}",
+             "", "## The table", ""] + roofline_section(results)
     for other in appendix or []:
         lines += render_appendix(other)
     return "\n".join(lines)

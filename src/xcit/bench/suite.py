@@ -11,6 +11,13 @@ Contenders (:mod:`xcit.bench.contenders`):
 * ``timm`` - ``timm``'s XCiT with the same weights (its default, non-fused XCA path);
 * ``vit``  - a DeiT-style ViT of the same width, depth and patch size (heads = C / 64) with
   torch's scaled-dot-product attention, timm's ``VisionTransformer`` (``dynamic_img_size``).
+
+The ``roofline`` preset (:meth:`Bench.roofline`) measures instead, per workload (inference at 224 batch
+``batch`` and at each of ``sizes`` batch 1, a training step at 224 batch ``batch``) and precision (fp32,
+bf16, int8; training fp32 and bf16 autocast), this project's best path against every peer (timm eager,
+timm + Inductor, OpenVINO and ONNX Runtime on this project's ONNX export and on timm's; NNCF and static
+ONNX Runtime quantisation for int8), each as a share of the matmul peak of its precision measured in
+the same run; one table (:func:`xcit.bench.report.roofline_table`), printed and in the report.
 """
 from __future__ import annotations
 
@@ -26,16 +33,20 @@ from ..data.outputs import atomic_write, claim_file
 from . import report
 from .agreement import bf16_agreement
 from .contenders import (
-    build, deployment_runners, forward_runner, model_flops, profile_breakdown, tokens, train_step_runner,
+    PRECISIONS, RUNTIMES, best_path, build, calibration_set, deployment_runners, export_timm_onnx, forward_runner,
+    inductor_runner, model_flops, profile_breakdown, runtime_runners, tokens, train_step_runner,
 )
 from .timing import CLOCKS, interleaved, machine_info, measure_peaks, paired_ratio
 
 PRESETS = {
     # resolutions timed at batch 1 for the scaling curve; XCiT alone beyond ``vit_max``
     "full": dict(sizes=[224, 384, 512, 768, 1024, 1536, 2048, 3072, 4096], vit_max=2048, timm_max=4096, repeats=7,
-                 large_repeats=3, compile=True, train=True, bf16=True, memory=True, profile=True),
+                 large_repeats=3, compile=True, train=True, bf16=True, memory=True, profile=True, batch=32),
     "quick": dict(sizes=[224, 512, 1024], vit_max=1024, timm_max=1024, repeats=3, large_repeats=2, compile=False,
-                  train=True, bf16=True, memory=True, profile=False),
+                  train=True, bf16=True, memory=True, profile=False, batch=32),
+    # one table: this project's best path vs every peer, per workload and precision, as shares of the matmul peaks
+    # (sizes: the batch-1 inference resolutions; compile: timm + Inductor; no plot, no memory subprocesses)
+    "roofline": dict(kind="roofline", sizes=[1024], repeats=5, compile=True, train=True, batch=16, plot=False),
 }
 LARGE_TOKENS = 8192  # configurations with more tokens than this use ``large_repeats``
 
@@ -47,7 +58,7 @@ class BenchSettings:
     model: str = "xcit_small_12_p16"  # XCiT architecture
     preset: str = "full"  # a key of PRESETS
     sizes: list[int] | None = None  # scaling resolutions (batch 1); default: the preset's
-    batch: int = 32  # batch of the 224 comparisons
+    batch: int | None = None  # batch of the 224 comparisons; default: the preset's (32; roofline 16)
     repeats: int | None = None  # timed rounds per comparison; default: the preset's
     threads: int | None = None  # torch threads; default: torch's
     clock: str = "wall"  # wall: perf_counter; cpu: process CPU time (with threads=1 only)
@@ -82,9 +93,11 @@ class Bench:
         self.preset = dict(PRESETS[settings.preset])
         self.model = settings.model
         self.repeats = settings.repeats or self.preset["repeats"]
+        self.batch = settings.batch or self.preset["batch"]
         self.clock = CLOCKS[settings.clock]
         self.results: dict = {"cases": {}, "memory": {}, "flops": {}}
         self._models: dict = {}
+        self._calibration: dict = {}
 
     def log(self, msg: str) -> None:
         print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -138,12 +151,14 @@ class Bench:
         import torch
 
         a = self.settings
+        if self.preset.get("kind") == "roofline":
+            return self.roofline()
         self.results["machine"] = machine_info()
         self.log(f"machine: {self.results['machine']['cpu']}, {torch.get_num_threads()} threads")
         self.log("matmul peaks")
         self.results["peak"] = measure_peaks(repeats=max(3, self.repeats // 2 + 1), clock=self.clock)
         self.log(f"  {json.dumps({k: round(v, 1) for k, v in self.results['peak']['gflops'].items()})}")
-        b = a.batch
+        b = self.batch
         torch.manual_seed(0)
         x224 = torch.randn(b, 3, 224, 224)
         this, fused, ref, vit = (self.model_for(k) for k in ("this", "this-fused", "timm", "vit"))
@@ -224,6 +239,153 @@ class Bench:
             self.case(f"scale_{res}", contenders, res, 1, repeats=self.preset["large_repeats"] if large else self.repeats,
                       base="timm" if "timm" in contenders else "this-fused")
 
+    # -- the roofline preset ---------------------------------------------------------------------
+
+    def roofline(self) -> dict:
+        """Every workload x precision: this project's best path and every peer, interleaved (module docstring)."""
+        import torch
+
+        a = self.settings
+        threads = torch.get_num_threads()
+        self.results["machine"] = machine_info()
+        m = self.results["machine"]
+        self.log(f"machine: {m['cpu']} ({m['cpu_id']}; {', '.join(m['cpu_flags']) or 'no avx512 / amx flags'}), "
+                 f"{threads} threads")
+        self.log("matmul peaks, n = 2048")
+        self.results["peak"] = measure_peaks(repeats=max(3, self.repeats), sizes=(2048,), clock=self.clock)
+        self.log(f"  {json.dumps({k: round(v, 1) for k, v in self.results['peak']['gflops'].items()})}")
+        roof = self.results["roofline"] = {"rows": {}, "calibration": {}, "exports": {}, "versions": _versions(),
+                                           "notes": []}
+        this, ref = self.model_for("this"), self.model_for("timm")
+        scratch = tempfile.TemporaryDirectory()
+        workdir = Path(scratch.name)
+        exports = {}
+        for label, export in (("ours", lambda p: self._export_ours(this, p)), ("timm", lambda p: export_timm_onnx(ref, p))):
+            t0 = time.perf_counter()
+            try:
+                exports[label] = export(workdir / f"{label}.onnx")
+                roof["exports"][label] = {"seconds": time.perf_counter() - t0}
+            except Exception as err:  # noqa: BLE001 - the runtimes on that export are skipped, the rest runs
+                roof["exports"][label] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+                roof["notes"].append(f"ONNX export of {label} failed: {roof['exports'][label]['error']}")
+        b = self.batch
+        work = [("infer", 224, b), *(("infer", s, 1) for s in (a.sizes or self.preset["sizes"]))]
+        if self.preset.get("train") and a.train:
+            work.append(("train", 224, b))
+        try:
+            for workload, res, batch in work:
+                for precision in PRECISIONS if workload == "infer" else ("fp32", "bf16"):
+                    self.roofline_row(workload, res, batch, precision, this, ref, exports, workdir, threads)
+        finally:
+            scratch.cleanup()
+        self.results["machine"]["load_end"] = os.getloadavg()
+        return self.results
+
+    def calibration(self, res: int):
+        """The int8 calibration images at ``res`` (the same for every contender): 32 at 224, fewer at larger sizes
+        (about as many pixels; at least 2)."""
+        key = str(res)
+        if key not in self._calibration:
+            n = max(2, min(32, round(32 * (224 / res) ** 2)))
+            images, what = calibration_set(n, res)
+            self._calibration[key] = images
+            self.results["roofline"]["calibration"][key] = what
+        return self._calibration[key]
+
+    @staticmethod
+    def _export_ours(model, path: Path) -> Path:
+        from .. import export as ex
+
+        return ex.export_onnx(model, path, example_size=(224, 224), exporter="torchscript")
+
+    def roofline_row(self, workload: str, res: int, batch: int, precision: str, this, ref, exports: dict,
+                     workdir: Path, threads: int) -> dict:
+        import gc
+
+        import torch
+
+        a = self.settings
+        name = f"{workload}_{res}_b{batch}_{precision}"
+        torch._dynamo.reset()  # compiled graphs of the earlier rows are not needed again
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, res, res, generator=gen)
+        autocast = torch.bfloat16 if precision == "bf16" else None
+        makers, skipped = {}, {}
+        compile_ = self.preset.get("compile") and a.compile
+        if workload == "train":
+            y = torch.randint(0, 1000, (batch,), generator=gen)
+            fresh = lambda impl: build(impl, self.model, train=True)  # noqa: E731 - each step updates its own weights
+            makers["this"] = lambda: best_path(fresh("this"), precision, train=True)(x, y)
+            makers["timm"] = lambda: train_step_runner(fresh("timm"), x, y, autocast)
+            if compile_:
+                makers["timm-inductor"] = lambda: inductor_runner(fresh("timm"), x, autocast, y=y)
+        else:
+            calibration = self.calibration(res) if precision == "int8" else None
+            makers["this"] = lambda: best_path(this, precision, calibration)(x)
+            if precision == "int8":
+                skipped["timm"] = skipped["timm-inductor"] = "timm has no int8 path of its own"
+            else:
+                makers["timm"] = lambda: forward_runner(ref, x, autocast)
+                if compile_:
+                    makers["timm-inductor"] = lambda: inductor_runner(ref, x, autocast)
+            for export, path in exports.items():
+                for runtime in RUNTIMES:
+                    makers[f"{runtime}@{export}"] = (lambda p=path, r=runtime: self._runtime(
+                        p, r, precision, x, threads, workdir, calibration))
+        if not compile_:
+            skipped.setdefault("timm-inductor", "torch.compile comparisons off (--no-compile)")
+        contenders, setup_s = {}, {}
+        for label, make in makers.items():
+            self.log(f"{name}: setting up {label}")
+            t0 = time.perf_counter()
+            try:
+                run = make()
+                run()  # compiles, calibrates, plans: excluded from the timing, recorded as set-up time
+            except _Skip as why:
+                skipped[label] = str(why)
+                continue
+            except Exception as err:  # noqa: BLE001 - one contender's failure is recorded, the row goes on
+                skipped[label] = f"failed: {type(err).__name__}: {str(err)[:300]}"
+                self.log(f"  {skipped[label]}")
+                continue
+            setup_s[label] = time.perf_counter() - t0
+            contenders[label] = run
+        flops = self.flops("xcit", res, batch) * (3 if workload == "train" else 1)
+        peak = self.results["peak"]["gflops"].get(precision)
+        load0 = os.getloadavg()[0]
+        self.log(f"{name}: {', '.join(contenders)}, {self.repeats} rounds")
+        times = interleaved(contenders, self.repeats, warmup=1, clock=self.clock)
+        row = {"workload": workload, "res": res, "batch": batch, "precision": precision, "flops": flops,
+               "peak_gflops": peak, "repeats": self.repeats, "threads": threads, "load": [load0, os.getloadavg()[0]],
+               "contenders": {}, "skipped": skipped}
+        for label, t in times.items():
+            c = {"median_s": t.median, "min_s": min(t.times), "times": t.times, "setup_s": setup_s[label],
+                 "gflops_per_s": flops / t.median / 1e9}
+            if peak:
+                c["share_of_peak"] = c["gflops_per_s"] / peak
+            if "this" in times and label != "this":
+                c["this_speedup"] = paired_ratio(t, times["this"])  # t_label / t_this: > 1 where this is faster
+            row["contenders"][label] = c
+        peers = [k for k in times if k != "this"]
+        if peers:
+            row["best_peer"] = min(peers, key=lambda k: times[k].median)
+            if "this" in times:
+                row["this_vs_best_peer"] = paired_ratio(times[row["best_peer"]], times["this"])
+        row["export_ratio"] = {r: paired_ratio(times[f"{r}@timm"], times[f"{r}@ours"]) for r in RUNTIMES
+                               if f"{r}@ours" in times and f"{r}@timm" in times}  # > 1: our export runs faster
+        self.results["roofline"]["rows"][name] = row
+        self.log("  " + ", ".join(f"{k} {c['median_s']:.3f} s" + (f" ({c['share_of_peak']:.0%} of peak)" if "share_of_peak" in c else "")
+                                  for k, c in row["contenders"].items()))
+        del contenders, makers, times
+        gc.collect()
+        return row
+
+    def _runtime(self, path: Path, runtime: str, precision: str, x, threads: int, workdir: Path, calibration):
+        runners, skipped = runtime_runners(path, precision, tuple(x.shape), threads, workdir, calibration, runtimes=(runtime,))
+        if runtime in skipped:
+            raise _Skip(skipped[runtime])
+        return runners[runtime](x)
+
     def memory(self) -> None:
         from .memory import run_memory_probe  # not at import: ``python -m xcit.bench.memory`` runs that module fresh
 
@@ -241,16 +403,38 @@ class Bench:
                 self.log(f"  {m.get('delta_mb', float('nan')):.0f} MB" if "delta_mb" in m else f"  {m['error']}")
 
 
+class _Skip(Exception):
+    """A contender that does not apply here (a runtime not installed, a precision it has no CPU path for)."""
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "timm", "openvino", "nncf", "onnxruntime", "onnx", "torchao"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def writes_plot(preset: str) -> bool:
+    """Whether a run of ``preset`` draws the scaling plot (the roofline preset has no scaling cases)."""
+    return PRESETS[preset].get("plot", True)
+
+
 def run_suite(settings: BenchSettings, out: Path, *, plot: Path | None = None, raw: Path | None = None,
               command: str = "xcit bench", overwrite: bool = False) -> dict:
-    """Run the suite and write the markdown report ``out``, the plot (default ``scaling.png`` beside it) and
-    the raw results (default ``results.json`` beside it); returns the results. The three files are checked
-    before anything is timed: one that exists is refused unless ``overwrite``."""
+    """Run the suite and write the markdown report ``out``, the plot (default ``scaling.png`` beside it; none
+    for the roofline preset) and the raw results (default ``results.json`` beside it); returns the results.
+    The files are checked before anything is timed: one that exists is refused unless ``overwrite``. The
+    roofline preset also prints its table on stdout."""
     import torch
 
     settings.check()
     out = Path(out)
-    plot = plot or out.with_name("scaling.png")
+    plot = (plot or out.with_name("scaling.png")) if writes_plot(settings.preset) else None
     raw = raw or out.with_name("results.json")
     _claim_outputs(out, plot, raw, overwrite=overwrite)
     try:
@@ -273,20 +457,24 @@ def run_suite(settings: BenchSettings, out: Path, *, plot: Path | None = None, r
     with atomic_write(raw) as tmp:
         tmp.write_text(json.dumps(results, indent=1))
     _write_report(results, out, plot)
+    if results.get("roofline"):
+        print("\n".join(report.roofline_summary(results)), flush=True)
     return results
 
 
 def render_files(results_json: Path, out: Path, *, plot: Path | None = None, appendix: list[Path] = (),
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False) -> Path | None:
     """Re-write the report ``out`` and its plot from an earlier run's ``results.json``; ``appendix``: the
     results files of other runs whose summary and targets are appended (e.g. a ``--clock cpu`` cross-check).
-    An existing ``out`` or plot is refused unless ``overwrite``; a results file is never written over."""
+    An existing ``out`` or plot is refused unless ``overwrite``; a results file is never written over.
+    Returns the plot written (``None`` for a roofline run, which has none)."""
     out = Path(out)
-    plot = plot or out.with_name("scaling.png")
-    _claim_outputs(out, plot, overwrite=overwrite, inputs=[results_json, *appendix])
     results = read_results(results_json)
+    plot = (plot or out.with_name("scaling.png")) if report.has_scaling(results) or not results.get("roofline") else None
+    _claim_outputs(out, plot, overwrite=overwrite, inputs=[results_json, *appendix])
     others = [read_results(p) for p in appendix]
     _write_report(results, out, plot, others)
+    return plot
 
 
 def read_results(path: str | os.PathLike) -> dict:
@@ -312,16 +500,19 @@ def read_results(path: str | os.PathLike) -> dict:
 def _claim_outputs(*paths: Path, overwrite: bool, inputs=()) -> None:
     options = ("--out", "--plot", "--json")
     for option, path in zip(options, paths):
-        claim_file(path, overwrite=overwrite, option=option, inputs=inputs)
+        if path is not None:
+            claim_file(path, overwrite=overwrite, option=option, inputs=inputs)
 
 
-def _write_report(results: dict, out: Path, plot: Path, appendix: list[dict] = ()) -> None:
+def _write_report(results: dict, out: Path, plot: Path | None, appendix: list[dict] = ()) -> None:
     try:
-        text = report.render(results, plot_path=os.path.relpath(plot, out.parent), appendix=list(appendix))
+        text = report.render(results, plot_path=os.path.relpath(plot, out.parent) if plot else None,
+                             appendix=list(appendix))
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ValueError(f"the results lack what the report needs ({type(err).__name__}: {err}); expected the "
                          "results.json of an earlier `xcit bench` run") from None
-    with atomic_write(plot) as tmp:
-        report.plot_scaling(results, tmp)
+    if plot is not None:
+        with atomic_write(plot) as tmp:
+            report.plot_scaling(results, tmp)
     with atomic_write(out) as tmp:
         tmp.write_text(text)

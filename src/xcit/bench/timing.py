@@ -85,6 +85,8 @@ def machine_info() -> dict:
     except (OSError, subprocess.CalledProcessError):
         pass
     info["cpu"] = cpuinfo.get("Model name", platform.processor() or "unknown")
+    identity = cpu_identity()
+    info["cpu_id"], info["cpu_flags"] = identity["cpu_id"], identity["cpu_flags"]
     flags = set(cpuinfo.get("Flags", "").split())
     info["isa"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile",
                                "avx_vnni") if f in flags]
@@ -104,11 +106,15 @@ def machine_info() -> dict:
 
 
 def measure_peaks(repeats: int = 5, sizes: tuple[int, ...] = (2048, 4096),
-                  clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Matmul GFLOP/s, median of ``repeats``: fp32 via torch.mm (BLAS) and via oneDNN, bf16 via torch.mm."""
+                  clock: Callable[[], float] = time.perf_counter, int8: bool = True) -> dict:
+    """Matmul GFLOP/s, median of ``repeats``: fp32 via torch.mm (BLAS) and via oneDNN, bf16 via torch.mm and,
+    with ``int8``, int8 x int8 -> int32 via ``torch._int_mm`` (GOP/s, multiply and add counted as in float).
+
+    The int8 peak is left out (``int8_error`` says why) where ``torch._int_mm`` does not run on the CPU."""
     import torch
 
     res: dict[str, float] = {}
+    out: dict = {}
     with torch.inference_mode():
         for n in sizes:
             a = torch.randn(n, n)
@@ -117,10 +123,19 @@ def measure_peaks(repeats: int = 5, sizes: tuple[int, ...] = (2048, 4096),
             contenders = {"fp32_blas": lambda: torch.mm(a, b), "bf16": lambda: torch.mm(ab, bb)}
             if torch.backends.mkldnn.is_available():
                 contenders["fp32_onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+            if int8:
+                gen = torch.Generator().manual_seed(0)
+                a8 = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=gen)
+                b8 = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=gen)
+                try:
+                    torch._int_mm(a8[:16, :16], b8[:16, :16])
+                    contenders["int8"] = lambda: torch._int_mm(a8, b8)
+                except (RuntimeError, NotImplementedError) as err:
+                    out["int8_error"] = f"torch._int_mm does not run here: {type(err).__name__}: {str(err)[:200]}"
             times = interleaved(contenders, repeats, warmup=1, clock=clock)
             for k, t in times.items():
                 res[f"{k}_{n}"] = 2 * n**3 / t.median / 1e9
-    peak = {k: max(v for kk, v in res.items() if kk.startswith(k + "_")) for k in ("fp32_blas", "fp32_onednn", "bf16")
+    peak = {k: max(v for kk, v in res.items() if kk.startswith(k + "_")) for k in ("fp32_blas", "fp32_onednn", "bf16", "int8")
             if any(kk.startswith(k + "_") for kk in res)}
     peak["fp32"] = max(peak.get("fp32_blas", 0.0), peak.get("fp32_onednn", 0.0))
-    return {"gflops": peak, "by_size": res, "sizes": list(sizes)}
+    return {"gflops": peak, "by_size": res, "sizes": list(sizes), **out}

@@ -36,9 +36,12 @@ def calibration_images(
     if named or (path.is_dir() and (dataset_kind(path) == "idx" or (path / split).is_dir())):
         dataset = build_dataset(data, split, in_chans=in_chans)
         if isinstance(dataset, TensorImageDataset):
-            if dataset.in_chans != in_chans:
+            images = dataset.images[_subset(len(dataset), n, seed)]
+            if dataset.in_chans == 1 and in_chans == 3:
+                images = images.expand(-1, 3, -1, -1)  # grey as RGB, as image files are read for a colour model
+            elif dataset.in_chans != in_chans:
                 raise ValueError(f"the calibration data has {dataset.in_chans}-channel images, the model takes {in_chans}")
-            return batch_transform(dataset.images[_subset(len(dataset), n, seed)])
+            return batch_transform(images)
         files = [file for file, _ in dataset.samples]
     elif path.is_dir():
         files = list_images(path)

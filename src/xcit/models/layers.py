@@ -282,7 +282,8 @@ class ClassAttention(nn.Module):
         """cls-to-all attention (B, h, N) over all tokens (cls first) and values (B, h, N, d)."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        logits = torch.matmul(q[:, :, :1] * self.scale, k.transpose(-2, -1)).squeeze(2)  # the cls query only
+        # the cls query only; indexing rather than squeeze(2), which ONNX exports as two If nodes under dynamic axes
+        logits = torch.matmul(q[:, :, :1] * self.scale, k.transpose(-2, -1))[:, :, 0]
         return logits.softmax(dim=-1), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
