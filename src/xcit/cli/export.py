@@ -38,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q = p.add_argument_group("int8 (post-training quantisation, xcit.quantize; needs torchao)")
     q.add_argument("--int8", action="store_true",
                    help="export the int8 model instead (PT2E, x86 Inductor quantizer): NAME.pt2 only, dynamic batch, "
-                        "the eval size only; torch.compile it with freezing on to get int8 kernels (docs/performance.md)")
+                        "height and width (calibrated at the eval size); torch.compile it with freezing on to get int8 kernels (docs/performance.md)")
     q.add_argument("--calibration", default=None, metavar="DATA",
                    help="calibration images: fashion-mnist, digits, an IDX folder, a folder with SPLIT/ class folders, "
                         "or a folder of images (required with --int8)")
