@@ -264,8 +264,7 @@ def calibration_set(n: int, size: int, in_chans: int = 3) -> tuple:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,) * in_chans, (0.5,) * in_chans)
     transform = BatchEvalTransform(size, crop_pct=1.0, mean=mean, std=std)
     try:
-        images = calibration_images("fashion-mnist", n, in_chans=1,
-                                    batch_transform=lambda u: transform(u.expand(-1, in_chans, -1, -1)),
+        images = calibration_images("fashion-mnist", n, in_chans=in_chans, batch_transform=transform,
                                     image_transform=folder_eval_transform(size, crop_pct=1.0, mean=mean, std=std))
         return images.contiguous(), (f"{n} Fashion-MNIST training images (seed 0), grey to {in_chans} channels, "
                                      f"bicubic to {size}x{size}, ImageNet normalisation")
