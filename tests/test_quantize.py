@@ -19,7 +19,7 @@ from xcit.cli import main
 from xcit.data import BatchEvalTransform, build_dataset
 from xcit.inference import load_for_inference
 from xcit.models import QuantizationError, QuantizedXCiT, is_quantized, optimize, quantize
-from xcit.models.quantize import agreement
+from xcit.models.quantize import agreement, native_bf16
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +60,32 @@ def test_the_int8_graph_agrees_with_fp32_on_real_digits(digits, uncompiled):
     assert not any("batch_norm" in t for t in targets)
 
 
-def test_compiled_int8_model(digits, uncompiled):
-    """One Inductor compile (int8 kernels): close to the Q/DQ graph, freezing not left on, inference only."""
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_int8_model(digits, uncompiled, float_dtype):
+    """One Inductor compile (int8 kernels), with float32 or bf16 between the int8 products: close to the Q/DQ
+    graph, float32 logits, freezing and autocast not left on, then a second shape (symbolic sizes) runs too."""
     import torch._inductor.config as inductor_config
 
     _, model, cal, x, _ = digits
     freezing = inductor_config.freezing
-    compiled = quantize(model, cal, batch_size=len(x))  # compiled (and warmed up) at the batch size used below
-    assert inductor_config.freezing == freezing
+    # compiled (and warmed up) at the batch size used below
+    compiled = quantize(model, cal, batch_size=len(x), float_dtype=float_dtype)
+    assert inductor_config.freezing == freezing and not torch.is_autocast_enabled("cpu")
     with torch.no_grad():
         got, qdq, ref = compiled(x), uncompiled(x), model(x)
-    assert F.cosine_similarity(got.flatten(), qdq.flatten(), dim=0) > 0.999 and agreement(ref, got) >= 97.0
+    assert got.dtype == torch.float32 and compiled.float_dtype == float_dtype
+    close = 0.999 if float_dtype == torch.float32 else 0.995
+    assert F.cosine_similarity(got.flatten(), qdq.flatten(), dim=0) > close and agreement(ref, got) >= 97.0
     assert compiled.compiled and not uncompiled.compiled
+    with torch.no_grad():
+        other = compiled(x[:7])
+    assert F.cosine_similarity(other.flatten(), got[:7].flatten(), dim=0) > 0.999
+
+
+def test_float_dtype_follows_the_cpu(digits):
+    _, model, cal, _, _ = digits
+    expected = torch.bfloat16 if native_bf16() else torch.float32
+    assert quantize(model, cal[:8], compile=False).float_dtype == expected
 
 
 def test_the_int8_graph_runs_at_other_sizes(digits, uncompiled):
@@ -112,6 +126,7 @@ def test_the_int8_model_checks_its_inputs_and_refuses_training(uncompiled):
     ("nan", QuantizationError, "NaN"),
     ("backend", QuantizationError, "backend"),
     ("batch size", QuantizationError, "batch_size"),
+    ("float dtype", QuantizationError, "float_dtype"),
 ])
 def test_bad_arguments_are_refused_before_any_work(case, error, match, uncompiled):
     model = tiny_model(in_chans=1, patch_size=2).eval()
@@ -141,6 +156,8 @@ def test_bad_arguments_are_refused_before_any_work(case, error, match, uncompile
         kwargs["backend"] = "arm"
     elif case == "batch size":
         kwargs["batch_size"] = 0
+    elif case == "float dtype":
+        kwargs["float_dtype"] = torch.float16
     with pytest.raises(error, match=match):
         xcit.quantize(model, images, **kwargs)
 

@@ -208,8 +208,9 @@ def best_path(model, precision: str, calibration=None, *, train: bool = False):
     * inference (``model``: the plain model in eval mode, not modified): ``fp32``: ``xcit.optimize(model)``;
       ``bf16``: ``xcit.optimize(model, dtype=torch.bfloat16)`` (bf16 weights pre-packed for oneDNN, the blocks
       under bf16 autocast; called without the caller's autocast); ``int8``:
-      ``xcit.quantize(model, calibration)`` (activation ranges measured on the ``calibration`` images: pass
-      them at the size it will run at);
+      ``xcit.quantize(model, calibration, batch_size=len(x))`` (activation ranges measured on the
+      ``calibration`` images: pass them at the size it will run at; compiled for the batch it runs; int8 products
+      with bf16 between them where the CPU has bf16 instructions);
     * ``train=True`` (``model``: the plain model in train mode, updated by the steps): forward, cross-entropy
       against the labels ``y``, backward and a step of the AdamW every task of this project trains with
       (:func:`xcit.train.optim.adamw`: torch's fused kernel), in fp32 or under bf16 autocast.
@@ -227,9 +228,9 @@ def best_path(model, precision: str, calibration=None, *, train: bool = False):
     if precision == "int8":
         if calibration is None:
             raise ValueError("the int8 path needs calibration images")
-        fast = quantize(model, calibration)
-    else:
-        fast = optimize(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        # compiled at the first call's batch size: the first shape gets code for exactly that shape
+        return lambda x, y=None: forward_runner(quantize(model, calibration, batch_size=len(x)), x)
+    fast = optimize(model, dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
     return lambda x, y=None: forward_runner(fast, x)
 
 
