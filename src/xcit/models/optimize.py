@@ -103,11 +103,11 @@ def _fold_norm_into_linear(norm: nn.LayerNorm, lin: nn.Linear) -> tuple[torch.Te
     return w, b
 
 
-def _fold_scale_into_linear(gamma: torch.Tensor, lin: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights of ``lin'(x) = gamma * lin(x)``."""
+def fold_scale_into_layer(gamma: torch.Tensor, layer: nn.Linear | nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (float64) of ``layer'(x) = gamma * layer(x)``, gamma per output channel (Linear or Conv2d)."""
     g = gamma.double()
-    b = lin.bias.double() * g if lin.bias is not None else torch.zeros_like(g)
-    return lin.weight.double() * g[:, None], b
+    b = layer.bias.double() * g if layer.bias is not None else torch.zeros_like(g)
+    return layer.weight.double() * g.reshape(-1, *[1] * (layer.weight.dim() - 1)), b
 
 
 def _require_module(module: nn.Module, kind: type, what: str) -> None:
@@ -179,9 +179,9 @@ class OptimizedXCABlock(_InferenceOnly):
         with torch.no_grad():
             folded = {
                 "qkv": _fold_norm_into_linear(block.norm1, attn.qkv),
-                "proj": _fold_scale_into_linear(block.gamma1, attn.proj),
+                "proj": fold_scale_into_layer(block.gamma1, attn.proj),
                 "fc1": _fold_norm_into_linear(block.norm2, mlp.fc1),
-                "fc2": _fold_scale_into_linear(block.gamma2, mlp.fc2),
+                "fc2": fold_scale_into_layer(block.gamma2, mlp.fc2),
             }
             for name, (w, b) in folded.items():
                 self.register_buffer(f"{name}_weight", w.to(dtype))

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from .layers import LPI, XCABlock
-from .optimize import bn_scale_shift, is_optimized
+from .optimize import bn_scale_shift, fold_scale_into_layer, is_optimized
 
 __all__ = ["QuantizationError", "QuantizedXCiT", "is_quantized", "native_bf16", "quantize"]
 
@@ -109,10 +109,10 @@ def _fold_layer_scales(model: nn.Module) -> None:
             continue  # a replaced layer (LoRA, pruning): leave the block as it is
         with torch.no_grad():
             for gamma, layer in branches:
-                g = gamma.double()
-                layer.weight.copy_(layer.weight.double() * g.reshape(-1, *[1] * (layer.weight.dim() - 1)))
+                w, b = fold_scale_into_layer(gamma, layer)
+                layer.weight.copy_(w)
                 if layer.bias is not None:
-                    layer.bias.copy_(layer.bias.double() * g)
+                    layer.bias.copy_(b)
                 gamma.fill_(1.0)
         block.__class__ = _ScaleFoldedXCABlock
 
@@ -263,6 +263,8 @@ def _check_arguments(model: nn.Module, images: torch.Tensor, backend: str, batch
         raise QuantizationError(f"expected backend one of {BACKENDS}, got {backend!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise QuantizationError(f"expected batch_size >= 1, got {batch_size!r}")
+    if float_dtype not in FLOAT_DTYPES:
+        raise QuantizationError(f"expected float_dtype one of {FLOAT_DTYPES}, got {float_dtype!r}")
     devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
     if devices - {"cpu"}:
         raise QuantizationError(f"the x86 int8 path runs on the CPU: move the model with model.cpu() (it is on {sorted(devices)})")
@@ -280,8 +282,6 @@ def _check_arguments(model: nn.Module, images: torch.Tensor, backend: str, batch
         raise QuantizationError(f"expected calibration images larger than the patch size {model.patch_size}, got {h}x{w}")
     if not torch.isfinite(images).all():
         raise QuantizationError("the calibration images hold NaN or infinite values")
-    if float_dtype not in FLOAT_DTYPES:
-        raise QuantizationError(f"expected float_dtype one of {FLOAT_DTYPES}, got {float_dtype!r}")
 
 
 def quantize(
