@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +81,30 @@ def _cli(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "xcit", *argv]
 
 
+_SIGNALLED_AFTER = """
+import os, signal, sys
+import xcit.train.run as run
+from xcit.cli import main
+
+save, how, after, sent = run.save_state, signal.Signals[sys.argv[1]], int(sys.argv[2]), []
+
+def save_or_signal(path, state):
+    if path.name == "last.pt" and state["step"] > after and not sent:  # the work since the last checkpoint is lost
+        sent.append(how)
+        os.kill(os.getpid(), how)
+    return save(path, state)
+
+run.save_state = save_or_signal
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def cli_signalled_after(how: signal.Signals, step: int, argv: list[str]) -> list[str]:
+    """``xcit argv`` that sends itself ``how`` (once) as it is about to write a checkpoint past ``step``: a kill or a
+    cancel between two checkpoints at a known place, with no race between the run and the test."""
+    return [sys.executable, "-c", _SIGNALLED_AFTER, how.name, str(step), *argv]
+
+
 def _tensors(value, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a state file by path (the random generator states and clocks left out)."""
     if isinstance(value, torch.Tensor):
@@ -106,18 +129,12 @@ def test_a_run_killed_after_a_checkpoint_resumes_bit_identical(task, datasets, t
     assert done.returncode == 0, done.stderr[-3000:]
     total = load_state(whole / "last.pt")["step"]
 
-    proc = subprocess.Popen(_cli([*argv, "--output", str(killed)]), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:  # polling for a file, not timing anything
-        if (killed / "last.pt").exists() and load_state(killed / "last.pt")["step"] >= total // 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    after = total // 2
+    proc = subprocess.run(cli_signalled_after(signal.SIGKILL, after, [*argv, "--output", str(killed)]), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"the run was not killed: {proc.stderr[-3000:]}"
     killed_at = load_state(killed / "last.pt")["step"]
-    assert 0 < killed_at < total and (killed / "run.lock").exists()  # a dead run's lock: stale, taken over
+    assert 0 < killed_at <= after < total and (killed / "run.lock").exists()  # a dead run's lock: stale, taken over
 
     resumed = subprocess.run(_cli([task] if task in ("train", "dino", "linear") else [task, "train"]) +
                              ["--resume", str(killed)],

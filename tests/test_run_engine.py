@@ -176,19 +176,22 @@ def test_sigterm_stops_a_run_cleanly_and_it_resumes(tmp_path):
     import subprocess
     import sys
 
-    from test_train import _env, start_run_until
+    from test_fit import cli_signalled_after
+    from test_train import _env
 
     from xcit.train import load_state
 
     run = tmp_path / "run"
     cli = [sys.executable, "-m", "xcit", "train", *TINY_DIGITS[:2], "--threads", "1", "--no-progress", "--no-plot"]
-    proc = start_run_until([*cli, "--epochs", "3", "--ckpt-every", "2", "--output", str(run)], run, step=10)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    argv = [*cli[3:], "--epochs", "3", "--ckpt-every", "2", "--output", str(run)]
+    proc = subprocess.run(cli_signalled_after(signal.SIGTERM, 10, argv), env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    err = proc.stderr
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err and "--resume" in err
     assert not list(run.glob(".*.tmp")) and not (run / "model.pth").exists()
     stopped_at = load_state(run / "last.pt")["step"]
+    assert 10 <= stopped_at < 66
     resumed = subprocess.run([*cli, "--resume", str(run)], env=_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((run / "result.json").read_text())["steps"] == 66 > stopped_at

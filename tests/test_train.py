@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -38,17 +37,6 @@ def _env() -> dict:
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "xcit", "train", "--data", "digits", "--threads", "1", "--no-progress",
             "--no-tensorboard", *args]
-
-
-def start_run_until(argv: list[str], run: Path, step: int) -> subprocess.Popen:
-    """A training command started in a new process, returned once its ``last.pt`` has reached ``step`` (or it ended)."""
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (run / "last.pt").exists() and load_state(run / "last.pt")["step"] >= step:
-            break
-        time.sleep(0.05)  # polling for a file, not timing anything
-    return proc
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
