@@ -157,17 +157,18 @@ def test_xca_matches_the_official_transcription_with_attention_dropout():
         assert _max_diff(m.eval()(x), ref) > 1e-3  # the dropout was really applied
 
 
-@pytest.mark.parametrize("grid", [(1, 1), (1, 5), (6, 1), (2, 2), (5, 7)])
-def test_subtract_border_taps_equals_conv_of_constant(grid):
-    """conv(pad(z + t)) = conv(pad(z)) + t * sum(w) - border taps, for every grid size."""
+@pytest.mark.parametrize("grid, kernel", [((1, 1), 3), ((1, 5), 3), ((6, 1), 3), ((2, 2), 3), ((5, 7), 3),
+                                          ((2, 3), 5), ((4, 6), 5), ((7, 7), 7)])
+def test_subtract_border_taps_equals_conv_of_constant(grid, kernel):
+    """conv(pad(z + t)) = conv(pad(z)) + t * sum(w) - border taps, for every grid size and padding."""
     torch.manual_seed(12)
-    c = 5
+    c, pad = 5, kernel // 2
     z = torch.randn(2, c, *grid)
     t = torch.randn(c)
-    w = torch.randn(c, 1, 3, 3)
-    ref = F.conv2d(z + t[:, None, None], w, padding=1, groups=c)
-    y = F.conv2d(z, w, t * w.sum(dim=(1, 2, 3)), padding=1, groups=c)
-    K.subtract_border_taps(y, t[:, None, None] * w[:, 0], 1)
+    w = torch.randn(c, 1, kernel, kernel)
+    ref = F.conv2d(z + t[:, None, None], w, padding=pad, groups=c)
+    y = F.conv2d(z, w, t * w.sum(dim=(1, 2, 3)), padding=pad, groups=c)
+    K.subtract_border_taps(y, t[:, None, None] * w[:, 0], pad)
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -153,13 +153,20 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tenso
     norms of q and k) may be given by a caller whose layout computes them faster. Returns (B, h, d, d).
     """
     gram = torch.matmul(q.transpose(-2, -1), k)
-    dtype = torch.promote_types(gram.dtype, torch.float32)
     if norms is None:
+        dtype = torch.promote_types(gram.dtype, torch.float32)
         q, k = q.to(dtype), k.to(dtype)
         # sqrt(sum of squares) over the token axis; measured 3x faster here than vector_norm(dim=-2)
         norms = (q * q).sum(dim=-2).sqrt(), (k * k).sum(dim=-2).sqrt()
-    nq = norms[0].to(dtype).clamp_min(1e-12)  # (B, h, d); 1e-12 is F.normalize's clamp
-    nk = norms[1].to(dtype).clamp_min(1e-12)
+    return attention_from_gram(gram, norms[0], norms[1], temperature)
+
+
+def attention_from_gram(gram: torch.Tensor, q_norms: torch.Tensor, k_norms: torch.Tensor,
+                        temperature: torch.Tensor) -> torch.Tensor:
+    """The XCA softmax from the Gram matrix q^T k (B, h, d, d) and the token-axis norms (B, h, d), in >= fp32."""
+    dtype = torch.promote_types(gram.dtype, torch.float32)
+    nq = q_norms.to(dtype).clamp_min(1e-12)  # (B, h, d); 1e-12 is F.normalize's clamp
+    nk = k_norms.to(dtype).clamp_min(1e-12)
     row = temperature.reshape(-1, 1).to(dtype) / nq
     return (gram.to(dtype) * row.unsqueeze(-1) / nk.unsqueeze(-2)).softmax(dim=-1)
 

@@ -193,7 +193,9 @@ class OptimizedXCABlock(_InferenceOnly):
             b = lpi.conv2.bias.double() if lpi.conv2.bias is not None else torch.zeros_like(g)
             self.register_buffer("conv2_weight", (w * (g * s)[:, None, None, None]).to(dtype))
             self.register_buffer("conv2_bias", (g * (b + t * w.sum(dim=(1, 2, 3)))).to(dtype))
-            self.register_buffer("border_taps", ((g * t)[:, None, None] * w[:, 0]).to(dtype))
+            sides, corners = K.border_sums((g * t)[:, None, None] * w[:, 0], self.padding)
+            self.register_buffer("border_sides", sides.to(dtype))
+            self.register_buffer("border_corners", corners.to(dtype))
 
     def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         self._check_eval()
@@ -213,7 +215,7 @@ class OptimizedXCABlock(_InferenceOnly):
                      gelu=True, dnn=self.dnn)
         y = K.conv2d_add(z, self.conv2_weight, self.conv2_bias, self.padding, self.conv2_weight.shape[0],
                          tokens_to_map(x, hp, wp), dnn=self.dnn)
-        K.subtract_border_taps(y, self.border_taps, self.padding)
+        K.subtract_border_sums(y, self.border_sides, self.border_corners)
         return map_to_tokens(y)
 
 
