@@ -187,6 +187,9 @@ class OptimizedXCABlock(_InferenceOnly):
                 self.register_buffer(f"{name}_weight", w.to(dtype))
                 self.register_buffer(f"{name}_bias", b.to(dtype))
             self.register_buffer("temperature", attn.temperature.detach().clone())
+            # the norms' unit weight and zero bias (their affine is in qkv / fc1): PyTorch's fast LayerNorm kernel
+            self.register_buffer("norm_unit", torch.ones(self.dim, dtype=attn.qkv.weight.dtype), persistent=False)
+            self.register_buffer("norm_zero", torch.zeros(self.dim, dtype=attn.qkv.weight.dtype), persistent=False)
             s, t = bn_scale_shift(lpi.bn)
             g = block.gamma3.double()
             w = lpi.conv2.weight.double()  # (C, 1, K, K), depthwise
@@ -200,13 +203,16 @@ class OptimizedXCABlock(_InferenceOnly):
     def forward(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         self._check_eval()
         with self._precision(x):
-            x = K.xca(F.layer_norm(x, self.dim, None, None, self.norm1_eps), self.qkv_weight, self.qkv_bias,
+            x = K.xca(self._norm(x, self.norm1_eps), self.qkv_weight, self.qkv_bias,
                       self.proj_weight, self.proj_bias, self.temperature, self.num_heads, residual=x, fold=self.fold,
                       dnn=self.dnn, packed=self.packed)
             x = self._lpi(x, hp, wp)
-            h = K.linear(F.layer_norm(x, self.dim, None, None, self.norm2_eps), self.fc1_weight,
+            h = K.linear(self._norm(x, self.norm2_eps), self.fc1_weight,
                          self.fc1_bias, gelu=True, dnn=self.dnn, packed=self.packed)
             return K.linear_add(h, self.fc2_weight, self.fc2_bias, x, dnn=self.dnn, packed=self.packed)
+
+    def _norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        return K.plain_layer_norm(x, self.dim, self.norm_unit, self.norm_zero, eps)
 
     def _lpi(self, x: torch.Tensor, hp: int, wp: int) -> torch.Tensor:
         """x + gamma3 * LPI(norm3(x)), with BN and gamma3 in conv2 and the residual fused into it."""
