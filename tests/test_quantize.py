@@ -218,7 +218,13 @@ def test_cli_eval_int8(digits, capsys, monkeypatch):
     int8 = json.loads(capsys.readouterr().out)
     assert int8["n"] == fp32["n"] == 364 and int8["int8"]["calibration_images"] == 364
     assert abs(int8["top1"] - fp32["top1"]) <= 2.0
-    assert main(["eval", str(ckpt), "--int8", "--amp", "bf16"]) == 2
+    assert int8["int8"]["between_products"] == "float32"  # --amp none means no reduced-precision floats
+    assert main(["eval", str(ckpt), "--int8", "--amp", "bf16", "--calibration-images", "16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["int8"]["between_products"] == "bfloat16"
+    assert main(["eval", str(ckpt), "--int8", "--amp", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "between the int8 products" in err and "fp16" in err and len(err.strip().splitlines()) == 1
+    assert main(["eval", str(ckpt), "--int8", "--device", "cuda"]) == 2
     assert "one CPU process" in capsys.readouterr().err
 
 

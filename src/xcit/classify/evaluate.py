@@ -17,6 +17,8 @@ from ..train.metrics import progress_bar
 from ..train.run import autocast_context, resolve_amp
 
 log = logging.getLogger("xcit.train")
+#: ``amp`` with ``int8``: what runs between the int8 products (None: bf16 where the CPU has bf16 instructions).
+INT8_FLOAT_DTYPES: dict[str, torch.dtype | None] = {"none": torch.float32, "bf16": torch.bfloat16, "auto": None}
 
 
 @torch.no_grad()
@@ -92,7 +94,9 @@ def evaluate(
     """Top-1 / top-5 / loss of a checkpoint on a dataset, with the official evaluation preprocessing.
 
     With ``int8`` the model is first quantised (:func:`xcit.quantize`, CPU, one process) on
-    ``calibration_images`` images drawn from ``calibration_split`` of the same data.
+    ``calibration_images`` images drawn from ``calibration_split`` of the same data; ``amp`` then says
+    what runs between the int8 products: ``"none"`` float32, ``"bf16"`` bfloat16, ``"auto"`` bfloat16
+    where the CPU has bf16 instructions, else float32 (``quantize``'s default).
 
     ``data`` defaults to the dataset the checkpoint records it was trained on (``xcit train``,
     ``xcit dino`` and the linear probe write it); a checkpoint that records none needs it given.
@@ -107,9 +111,11 @@ def evaluate(
         raise ValueError(f"expected img_size >= 1, got {img_size!r}")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ValueError(f"expected crop_pct in (0, 1], got {crop_pct!r}")
-    if int8 and (amp != "none" or device not in ("auto", "cpu") or int(os.environ.get("WORLD_SIZE", "1")) > 1):
-        raise ValueError("int8 evaluation runs in one CPU process in float32 around the int8 kernels: "
-                         "use --device cpu (or auto), --amp none and no torchrun")
+    if int8 and (device not in ("auto", "cpu") or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise ValueError("int8 evaluation runs in one CPU process: use --device cpu (or auto) and no torchrun")
+    if int8 and amp not in INT8_FLOAT_DTYPES:
+        raise ValueError(f"with int8, --amp chooses what runs between the int8 products: expected one of "
+                         f"{', '.join(INT8_FLOAT_DTYPES)}, got {amp!r}")
     meta = read_model_metadata(checkpoint)
     saved = meta.get("data", {}) if isinstance(meta.get("data"), dict) else {}
     if data is None:
@@ -156,20 +162,22 @@ def evaluate(
             tf = None
         if int8:
             model = _quantized(model, data, calibration_images, calibration_split, batch_size, chans, size, pct, norm_mean,
-                               norm_std, interp)
+                               norm_std, interp, INT8_FLOAT_DTYPES[amp])
         loader = build_loader(dataset, ShardSampler(len(dataset), num_replicas=env.world_size, rank=env.rank),
                               batch_size, batch_transform=tf, workers=workers, pin_memory=env.device.type == "cuda")
-        metrics = evaluate_model(model, loader, env, amp_dtype=resolve_amp(amp, env.device), progress=progress,
+        amp_dtype = None if int8 else resolve_amp(amp, env.device)  # the int8 model runs its own precision
+        metrics = evaluate_model(model, loader, env, amp_dtype=amp_dtype, progress=progress,
                                  desc=f"eval {split}")
     finally:
         dist_utils.cleanup(env)
-    extra = {"int8": {"calibration_images": model.calibration_images, "calibration_split": calibration_split}} if int8 else {}
+    extra = {"int8": {"calibration_images": model.calibration_images, "calibration_split": calibration_split,
+                      "between_products": str(model.float_dtype).replace("torch.", "")}} if int8 else {}
     return {**metrics, "img_size": size, "crop_pct": pct, "data": str(data), "split": split,
             "checkpoint": str(checkpoint), **extra}
 
 
 def _quantized(model: nn.Module, data, n: int, split: str, batch_size: int, in_chans: int, size: int, pct: float,
-               mean: tuple, std: tuple, interpolation: str) -> nn.Module:
+               mean: tuple, std: tuple, interpolation: str, float_dtype: torch.dtype | None) -> nn.Module:
     """``model`` quantised to int8 on ``n`` images of ``data``'s ``split`` (evaluation preprocessing)."""
     from ..data.calibration import calibration_images
     from ..models import quantize
@@ -180,4 +188,4 @@ def _quantized(model: nn.Module, data, n: int, split: str, batch_size: int, in_c
         image_transform=folder_eval_transform(size, crop_pct=pct, mean=mean, std=std, interpolation=interpolation),
     )
     log.info("int8: calibrating on %d images of %s (%s), %dpx", len(images), data, split, size)
-    return quantize(model.eval(), images, batch_size=batch_size)
+    return quantize(model.eval(), images, batch_size=batch_size, float_dtype=float_dtype)

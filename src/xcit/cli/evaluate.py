@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest"], default=None)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--workers", type=NON_NEGATIVE, default=4, help="loader workers (image folders)")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"], default="none",
+                   help="reduced-precision floats (default none); with --int8 what runs between the int8 products: "
+                        "none float32, bf16, auto bf16 where the CPU has bf16 instructions")
     p.add_argument("--int8", action="store_true",
                    help="evaluate the post-training int8 model (xcit.quantize, CPU, needs torchao) calibrated on "
                         "--calibration-images images of the same data's --calibration-split")
