@@ -340,18 +340,12 @@ def class_attention(
 # --------------------------------------------------------------------------------------------
 
 
-def subtract_border_taps(y: torch.Tensor, taps: torch.Tensor, padding: int) -> torch.Tensor:
-    """In place: ``y[b, c, r, s] -= sum of taps[c, i, j] over kernel taps that fall in the zero padding``.
+def border_sums(taps: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel sums :func:`subtract_border_sums` applies, from ``taps`` (C, K, K), computed once.
 
     A depthwise conv of ``z + t`` (``t`` a per-channel constant) equals the conv of ``z`` plus
     ``t * sum(kernel)`` except near the border, where padded taps contribute nothing; with
-    ``taps = t * kernel`` this restores exactness there. Cost: border rows and columns only.
-    """
-    return subtract_border_sums(y, *border_sums(taps, padding))
-
-
-def border_sums(taps: torch.Tensor, padding: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel sums :func:`subtract_border_sums` applies, from ``taps`` (C, K, K), computed once.
+    ``taps = t * kernel`` these sums restore exactness there.
 
     ``sides[r]`` (4, C): what row ``r`` from the top, from the bottom, column ``r`` from the left and
     from the right miss; ``corners[r, s]`` (4, C): the taps missed both ways at the four corners
