@@ -143,22 +143,19 @@ class FourierPositionalEncoding(nn.Module):
         return map_to_tokens(self.token_projection(pos.unsqueeze(0).permute(0, 3, 1, 2)))
 
 
-def channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor,
-                      norms: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """``softmax(normalize(q).T @ normalize(k) * temperature)`` for q, k (B, h, N, d), normalised over N.
 
     Exact algebra: the Gram matrix q^T k (d x d per head) is divided by the outer product of the
     token-axis norms (clamped at 1e-12 like ``F.normalize``) instead of normalising the N x d
-    tensors. Norms, scaling and softmax run in at least fp32. ``norms`` (the (B, h, d) token-axis
-    norms of q and k) may be given by a caller whose layout computes them faster. Returns (B, h, d, d).
+    tensors (:func:`attention_from_gram`, which the optimised kernel calls with its own Gram matrix
+    and norms). Norms, scaling and softmax run in at least fp32. Returns (B, h, d, d).
     """
     gram = torch.matmul(q.transpose(-2, -1), k)
-    if norms is None:
-        dtype = torch.promote_types(gram.dtype, torch.float32)
-        q, k = q.to(dtype), k.to(dtype)
-        # sqrt(sum of squares) over the token axis; measured 3x faster here than vector_norm(dim=-2)
-        norms = (q * q).sum(dim=-2).sqrt(), (k * k).sum(dim=-2).sqrt()
-    return attention_from_gram(gram, norms[0], norms[1], temperature)
+    dtype = torch.promote_types(gram.dtype, torch.float32)
+    q, k = q.to(dtype), k.to(dtype)
+    # sqrt(sum of squares) over the token axis; measured 3x faster here than vector_norm(dim=-2)
+    return attention_from_gram(gram, (q * q).sum(dim=-2).sqrt(), (k * k).sum(dim=-2).sqrt(), temperature)
 
 
 def attention_from_gram(gram: torch.Tensor, q_norms: torch.Tensor, k_norms: torch.Tensor,
