@@ -36,6 +36,10 @@ def _row(workload, res, batch, precision, medians: dict, peak: float, skipped=No
         row["this_vs_best_peer"] = medians[row["best_peer"]] / this
     row["export_ratio"] = {r: medians[f"{r}@timm"] / medians[f"{r}@ours"] for r in ("openvino", "onnxruntime")
                            if f"{r}@ours" in medians and f"{r}@timm" in medians}
+    if this and precision != "int8":  # the int8 row stands for a results file written before the ceiling existed
+        products = 0.8 * this
+        row["this_products"] = {"products_s": products, "profiled_s": this, "ops": {"aten::mm": products},
+                                "ceiling_share": flops / products / 1e9 / peak}
     return row
 
 
@@ -88,8 +92,10 @@ def test_roofline_report_has_the_table_the_machine_and_the_command(roofline_resu
                    "OpenVINO + NNCF int8, timm's export", "ONNX Runtime has no bf16 path", "int8 445 GOP/s"):
         assert needle in text, needle
     assert "scaling.png" not in text and "## Targets" not in text  # the suite's other sections are not there
-    shares = report.roofline_table(roofline_results)[2]
-    assert shares.endswith(f"| {2 * 4.6e9 * 16 / 1.65 / 1e9 / 108:.0%} | {2 * 4.6e9 * 16 / 1.69 / 1e9 / 108:.0%} |")
+    table = report.roofline_table(roofline_results)
+    assert table[2].endswith(f"| {2 * 4.6e9 * 16 / 1.65 / 1e9 / 108:.0%} | {2 * 4.6e9 * 16 / 1.69 / 1e9 / 108:.0%} | "
+                             f"1.32 s ({2 * 4.6e9 * 16 / 1.32 / 1e9 / 108:.0%}) |")
+    assert next(line for line in table if "int8" in line).endswith("| - |")  # no ceiling recorded: none shown
 
 
 def test_export_table_says_where_our_export_is_slower(roofline_results):
@@ -157,12 +163,40 @@ def test_best_path_inference_and_training(precision):
 
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     model = build("this", "xcit_nano_12_p16").eval()
-    out = best_path(model, precision)(x)()
+    run = best_path(model, precision)(x)
+    out = run()
     assert out.shape == (2, 1000) and torch.isfinite(out.float()).all()
     with torch.no_grad():
         torch.testing.assert_close(out.float(), model(x), atol=0.5 if precision == "bf16" else 1e-4, rtol=0)
-    loss = best_path(build("this", "xcit_nano_12_p16", train=True), precision, train=True)(x, torch.tensor([1, 2]))()
+    step = best_path(build("this", "xcit_nano_12_p16", train=True), precision, train=True)(x, torch.tensor([1, 2]))
+    loss = step()
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # the ceiling's profile finds the products of both paths under the names PRODUCT_OPS lists
+    from xcit.bench.contenders import products_profile
+    from xcit.models.kernels import HAS_ONEDNN
+
+    infer, train = products_profile(run, repeats=1), products_profile(step, repeats=1)
+    assert not HAS_ONEDNN or "mkldnn::_linear_pointwise" in infer["ops"]
+    assert {"aten::mm", "aten::convolution_backward"} <= set(train["ops"])
+    assert all(0 < p["products_s"] < p["profiled_s"] for p in (infer, train))
+
+
+def test_products_profile_times_the_products_and_nothing_else():
+    """A run of one product and much elementwise work: only the product's time counts, and it is below the total."""
+    from xcit.bench.contenders import PRODUCT_OPS, products_profile
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    x = torch.randn(2_000_000)
+
+    def run():
+        for _ in range(5):
+            x.mul_(1.0001).add_(1e-4)
+        return torch.mm(a, b)
+
+    prod = products_profile(run, repeats=2)
+    assert set(prod["ops"]) == {"aten::mm"} and "aten::mm" in PRODUCT_OPS
+    assert 0 < prod["products_s"] < prod["profiled_s"]
+    assert sum(prod["ops"].values()) == pytest.approx(prod["products_s"])
 
 
 @_in_fresh_process
@@ -172,8 +206,12 @@ def test_best_path_int8_runs_at_the_calibration_size():
 
     images, _ = calibration_set(2, 48)
     model = build("this", "xcit_nano_12_p16").eval()
-    out = best_path(model, "int8", images)(images)()
+    run = best_path(model, "int8", images)(images)
+    out = run()
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
+    from xcit.bench.contenders import products_profile
+
+    assert "onednn::qlinear_pointwise" in products_profile(run, repeats=1)["ops"]  # the int8 kernels are counted
     with pytest.raises(ValueError, match="calibration"):
         best_path(model, "int8")
     with pytest.raises(ValueError, match="precision"):

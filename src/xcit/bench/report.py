@@ -375,7 +375,7 @@ def roofline_table(results: dict) -> list[str]:
     """The one table: per workload and precision, this project's best path, the best peer, their paired ratio
     and both shares of the matmul peak of that precision."""
     lines = ["| workload, precision | project best path | best peer | project / best peer | project share of peak | "
-             "best peer share of peak |", "|---|---|---|---:|---:|---:|"]
+             "best peer share of peak | project's products alone (ceiling) |", "|---|---|---|---:|---:|---:|---:|"]
     for row in results["roofline"]["rows"].values():
         c = row["contenders"]
         this = c.get("this")
@@ -385,8 +385,17 @@ def roofline_table(results: dict) -> list[str]:
         theirs = f"{contender_name(peer, row)} {_fmt_s(c[peer]['median_s'])}" if peer else "-"
         ratio = f"{row['this_vs_best_peer']:.2f}x" if "this_vs_best_peer" in row else "-"
         lines.append(f"| {workload_name(row)} | {ours} | {theirs} | {ratio} | {_share(this) if this else '-'} | "
-                     f"{_share(c[peer]) if peer else '-'} |")
+                     f"{_share(c[peer]) if peer else '-'} | {_ceiling(row)} |")
     return lines
+
+
+def _ceiling(row: dict) -> str:
+    """The project's products time (profiled) and the share of peak it leaves room for: ``0.45 s (82%)``."""
+    prod = row.get("this_products")
+    if not prod:
+        return "-"
+    share = f" ({prod['ceiling_share']:.0%})" if "ceiling_share" in prod else ""
+    return f"{_fmt_s(prod['products_s'])}{share}"
 
 
 def export_table(results: dict) -> list[str]:
@@ -425,7 +434,11 @@ def roofline_section(results: dict) -> list[str]:
     lines = roofline_table(results) + ["",
              "Project / best peer: the median over rounds of t(best peer) / t(project) in the same round (> 1: the project "
              "is faster); best peer: the fastest (median) of every other contender of the row; share of peak: model FLOPs "
-             "/ median time / the matmul peak of the row's precision measured in this run.", "",
+             "/ median time / the matmul peak of the row's precision measured in this run; products alone: the self time "
+             "of the project's GEMMs, batched products and convolutions (fused epilogues included) in one profiled call "
+             "after the timed rounds, the least of two, and in brackets the model FLOPs / that time / the peak: the share "
+             "the project's path would reach if everything but its products took no time (a ceiling for these product "
+             "kernels).", "",
              "### Runtimes on this project's export and on timm's", ""] + export_table(results) + ["",
              "### Every contender", "",
              "| workload, precision | contender | median | min | share of peak | t / t(project), paired | set-up (s) |",

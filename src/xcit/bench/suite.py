@@ -17,7 +17,9 @@ The ``roofline`` preset (:meth:`Bench.roofline`) measures instead, per workload 
 bf16, int8; training fp32 and bf16 autocast), this project's best path against every peer (timm eager,
 timm + Inductor, OpenVINO and ONNX Runtime on this project's ONNX export and on timm's; NNCF and static
 ONNX Runtime quantisation for int8), each as a share of the matmul peak of its precision measured in
-the same run; one table (:func:`xcit.bench.report.roofline_table`), printed and in the report.
+the same run; one table (:func:`xcit.bench.report.roofline_table`), printed and in the report. After each
+row's timed rounds the project's path is profiled twice more (:func:`xcit.bench.contenders.products_profile`): the
+time its products take bounds the share of peak it can reach with the same product kernels (the "ceiling").
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from . import report
 from .agreement import bf16_agreement
 from .contenders import (
     PRECISIONS, RUNTIMES, best_path, build, calibration_set, deployment_runners, export_timm_onnx, forward_runner,
-    inductor_runner, model_flops, profile_breakdown, runtime_runners, tokens, train_step_runner,
+    inductor_runner, model_flops, products_profile, profile_breakdown, runtime_runners, tokens, train_step_runner,
 )
 from .timing import CLOCKS, interleaved, machine_info, measure_peaks, paired_ratio
 
@@ -373,6 +375,11 @@ class Bench:
                 row["this_vs_best_peer"] = paired_ratio(times[row["best_peer"]], times["this"])
         row["export_ratio"] = {r: paired_ratio(times[f"{r}@timm"], times[f"{r}@ours"]) for r in RUNTIMES
                                if f"{r}@ours" in times and f"{r}@timm" in times}  # > 1: our export runs faster
+        if "this" in contenders:  # after the timed rounds: the profiler's own cost stays out of them
+            self.log(f"{name}: profiling the project's products")
+            prod = row["this_products"] = products_profile(contenders["this"])
+            if peak and prod["products_s"] > 0:
+                prod["ceiling_share"] = flops / prod["products_s"] / 1e9 / peak
         self.results["roofline"]["rows"][name] = row
         self.log("  " + ", ".join(f"{k} {c['median_s']:.3f} s" + (f" ({c['share_of_peak']:.0%} of peak)" if "share_of_peak" in c else "")
                                   for k, c in row["contenders"].items()))
