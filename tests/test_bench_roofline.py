@@ -96,6 +96,8 @@ def test_roofline_report_has_the_table_the_machine_and_the_command(roofline_resu
     assert table[2].endswith(f"| {2 * 4.6e9 * 16 / 1.65 / 1e9 / 108:.0%} | {2 * 4.6e9 * 16 / 1.69 / 1e9 / 108:.0%} | "
                              f"1.32 s ({2 * 4.6e9 * 16 / 1.32 / 1e9 / 108:.0%}) |")
     assert next(line for line in table if "int8" in line).endswith("| - |")  # no ceiling recorded: none shown
+    roofline_results["roofline"]["rows"]["train_224_b16_bf16"]["this_products"] = {"error": "RuntimeError: profiler"}
+    assert report.roofline_table(roofline_results)[-1].endswith("| - |")  # a failed profile: none shown either
 
 
 def test_export_table_says_where_our_export_is_slower(roofline_results):

@@ -392,7 +392,7 @@ def roofline_table(results: dict) -> list[str]:
 def _ceiling(row: dict) -> str:
     """The project's products time (profiled) and the share of peak it leaves room for: ``0.45 s (82%)``."""
     prod = row.get("this_products")
-    if not prod:
+    if not prod or "products_s" not in prod:  # not measured (an older results file) or the profile failed
         return "-"
     share = f" ({prod['ceiling_share']:.0%})" if "ceiling_share" in prod else ""
     return f"{_fmt_s(prod['products_s'])}{share}"
