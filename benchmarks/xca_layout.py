@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import time
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 
 from xcit import export as ex
 from xcit.bench.contenders import build, calibration_set, export_timm_onnx, runtime_runners
+from xcit.bench.timing import cpu_identity
 from xcit.models import layers
 
 
@@ -62,8 +63,7 @@ def main() -> None:
     torch.set_num_threads(1)
     args.workdir.mkdir(parents=True, exist_ok=True)
     paths = exports(args.workdir)
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), "unknown CPU")
+    cpu = cpu_identity()["cpu"]
     results = {"cpu": cpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     for case in args.cases:
         size, precision = case.split(":")
@@ -90,8 +90,8 @@ def main() -> None:
                         times[name].append(time.process_time() - start)
                 row = {"size": size, "batch": batch, "precision": precision, "runtime": runtime, "exports": {}}
                 for name, ts in times.items():
-                    ratios = sorted(t / s for t, s in zip(times["timm"], ts))
-                    row["exports"][name] = {"median_s": sorted(ts)[len(ts) // 2], "timm_over_this": ratios[len(ratios) // 2]}
+                    row["exports"][name] = {"median_s": statistics.median(ts),
+                                            "timm_over_this": statistics.median(t / s for t, s in zip(times["timm"], ts))}
                 results["rows"].append(row)
                 print(f"{size} b{batch} {precision} {runtime}: " + "  ".join(
                     f"{name} {v['median_s']:.3f} s ({v['timm_over_this']:.3f}x timm's)" for name, v in row["exports"].items()), flush=True)

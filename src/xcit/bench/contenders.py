@@ -169,29 +169,29 @@ def tokens(res: int, patch: int) -> int:
     return math.ceil(res / patch) ** 2
 
 
+def self_times(run) -> dict[str, float]:
+    """Seconds of self CPU time per profiler operator in one profiled call of ``run()``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return {ev.key: ev.self_cpu_time_total / 1e6 for ev in prof.key_averages()}
+
+
 def profile_breakdown(model, x) -> dict:
     """Self CPU time of one profiled forward by operator class (GEMM, convolution, norm, other)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     with torch.inference_mode():
         model(x)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(x)
+        times = self_times(lambda: model(x))
     groups = {"gemm": ("linear", "addmm", "aten::mm", "bmm", "matmul"),
               "conv": ("conv",), "norm": ("layer_norm", "batch_norm", "vector_norm"), "softmax": ("softmax",)}
     out = {k: 0.0 for k in (*groups, "other")}
-    total = 0.0
-    for ev in prof.key_averages():
-        t = ev.self_cpu_time_total / 1e6
-        total += t
-        for g, keys in groups.items():
-            if any(k in ev.key for k in keys):
-                out[g] += t
-                break
-        else:
-            out["other"] += t
-    out["total"] = total
+    for key, t in times.items():
+        group = next((g for g, keys in groups.items() if any(k in key for k in keys)), "other")
+        out[group] += t
+    out["total"] = sum(times.values())
     return out
 
 
@@ -211,21 +211,13 @@ def products_profile(run, repeats: int = 2) -> dict:
     softmax, GELU, casts, copies, quantisation, the optimiser step) took no time. Returns ``products_s``,
     ``profiled_s`` (every operator's self time in that call) and ``ops`` (seconds per product operator).
     """
-    from torch.profiler import ProfilerActivity, profile
-
     best = None
     for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            run()
-        ops, total = {}, 0.0
-        for ev in prof.key_averages():
-            t = ev.self_cpu_time_total / 1e6
-            total += t
-            if ev.key in PRODUCT_OPS:
-                ops[ev.key] = ops.get(ev.key, 0.0) + t
+        times = self_times(run)
+        ops = {k: t for k, t in times.items() if k in PRODUCT_OPS}
         products = sum(ops.values())
         if best is None or products < best["products_s"]:
-            best = {"products_s": products, "profiled_s": total, "ops": ops}
+            best = {"products_s": products, "profiled_s": sum(times.values()), "ops": ops}
     return best
 
 
