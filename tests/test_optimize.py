@@ -37,6 +37,25 @@ def test_optimized_logits_match_plain(nano):
                 assert _max_diff(model(x), ref) <= 1e-4, (size, options)
 
 
+def test_stem_in_groups_of_images_equals_one_call(nano, monkeypatch):
+    """Above STEM_CHUNK_BYTES per first-stage map the stem runs per group of images: the same tokens, in order."""
+    import importlib
+
+    module = importlib.import_module("xcit.models.optimize")
+    model = optimize(nano)
+    x = torch.randn(5, 3, 64, 48)
+    with torch.no_grad():
+        whole = model.patch_embed(x)
+        per_image = model.patch_embed.weight0.shape[0] * 32 * 24 * 4  # first stage: half the input size, fp32
+        for limit, groups in ((per_image * 5, 1), (per_image * 2, 3), (per_image, 5), (1, 5)):
+            monkeypatch.setattr(module, "STEM_CHUNK_BYTES", limit)
+            assert model.patch_embed._chunks(x) == groups
+            tokens, hp, wp = model.patch_embed(x)
+            assert (hp, wp) == whole[1:] and tokens.shape == whole[0].shape
+            assert _max_diff(tokens, whole[0]) <= 1e-6, limit
+        assert _max_diff(model(x), nano(x)) <= 1e-4
+
+
 def test_optimized_patch8_tokens_norm_and_pyramid():
     m = randomize(create_model("xcit_tiny_12_p8"), seed=22).eval()
     x = torch.randn(2, 3, 72, 56)

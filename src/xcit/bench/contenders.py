@@ -9,7 +9,10 @@ all int8 contenders calibrated on the same images (:func:`calibration_set`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from pathlib import Path
 
 
@@ -173,9 +176,37 @@ def self_times(run) -> dict[str, float]:
     """Seconds of self CPU time per profiler operator in one profiled call of ``run()``."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        run()
-    return {ev.key: ev.self_cpu_time_total / 1e6 for ev in prof.key_averages()}
+    with _native_stderr_silenced():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = prof.key_averages()
+    return {ev.key: ev.self_cpu_time_total / 1e6 for ev in events}
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """File descriptor 2 sent to /dev/null: kineto logs ``profiler_start`` / ``profiler_stop`` and, on CUDA builds
+    without a GPU, a ``gpuGetDeviceCount failed`` line from C++ on every profile, which Python cannot filter.
+    Python's own exceptions are unaffected (they propagate, and print after the block)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        _flush_c_streams()  # kineto's lines sit in C stdio buffers until flushed
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _flush_c_streams() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # pragma: no cover - no C library to flush (not Linux / macOS)
+        pass
 
 
 def profile_breakdown(model, x) -> dict:
