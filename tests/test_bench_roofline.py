@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def roofline_results() -> dict:
     machine = {"cpu": "AMD EPYC", "cpu_id": "AuthenticAMD family 25 model 17", "cpu_flags": ["avx512f", "avx512_bf16"],
                "cores": 2, "threads": 1, "isa": ["avx2", "avx512f"], "caches": {"L2 cache": "2 MiB"}, "python": "3.11",
                "platform": "Linux", "load_start": [0.5, 0.5, 0.5], "load_end": [0.7, 0.6, 0.5], "torch": "2.14",
-               "blas": "MKL", "onednn": True, "gpu": None}
+               "blas": "MKL", "onednn": True, "gpu": None, "xcit": "0.1.0 (git 0123abc +changes)"}
     return {"cases": {}, "memory": {}, "flops": {}, "machine": machine, "peak": {"gflops": peak, "sizes": [2048]},
             "roofline": {"rows": rows, "calibration": {"224": "32 Fashion-MNIST training images"}, "exports": {},
                          "versions": {"torch": "2.14", "openvino": "2026.4"}, "notes": []},
@@ -89,7 +90,8 @@ def test_roofline_report_has_the_table_the_machine_and_the_command(roofline_resu
                    "AMD EPYC", "AuthenticAMD family 25 model 17", "avx512_bf16", roofline_results["command"],
                    "process CPU time", "| 224 px batch 16, fp32 | `xcit.optimize` 1.65 s | OpenVINO, our export 1.69 s | 1.02x |",
                    "training step 224 b16 (fwd + bwd + AdamW), bf16 autocast", "timm + Inductor (freezing), bf16 autocast 0.88 s",
-                   "OpenVINO + NNCF int8, timm's export", "ONNX Runtime has no bf16 path", "int8 445 GOP/s"):
+                   "OpenVINO + NNCF int8, timm's export", "ONNX Runtime has no bf16 path", "int8 445 GOP/s",
+                   "xcit 0.1.0 (git 0123abc +changes)"):
         assert needle in text, needle
     assert "scaling.png" not in text and "## Targets" not in text  # the suite's other sections are not there
     table = report.roofline_table(roofline_results)
@@ -249,3 +251,18 @@ def test_runtimes_run_ours_and_timms_export_at_each_precision(tmp_path):
                     np.testing.assert_allclose(out, ref, atol=1e-4, err_msg=f"{runtime} on {name}")
     _, skipped = runtime_runners(paths["ours"], "bf16", tuple(x.shape), 1, tmp_path, runtimes=("onnxruntime",))
     assert "no bf16" in skipped["onnxruntime"]
+
+
+def test_results_name_the_code_they_measured():
+    """The version, and the commit with a mark for uncommitted changes when it runs from a git checkout."""
+    import re
+    import shutil
+
+    import xcit
+    from xcit.bench.timing import code_version, machine_info
+
+    version = code_version()
+    assert machine_info()["xcit"] == version and version.startswith(xcit.__version__)
+    checkout = Path(xcit.__file__).resolve().parents[1].name == "src" and (Path(xcit.__file__).resolve().parents[2] / ".git").exists()
+    if checkout and shutil.which("git"):
+        assert re.fullmatch(re.escape(xcit.__version__) + r" \(git [0-9a-f]{7,}( \+changes)?\)", version), version

@@ -37,23 +37,33 @@ def test_optimized_logits_match_plain(nano):
                 assert _max_diff(model(x), ref) <= 1e-4, (size, options)
 
 
-def test_stem_in_groups_of_images_equals_one_call(nano, monkeypatch):
-    """Above STEM_CHUNK_BYTES per first-stage map the stem runs per group of images: the same tokens, in order."""
+@pytest.mark.parametrize("size", [(64, 48), (93, 61), (200, 173)])
+def test_stem_in_groups_and_bands_equals_one_call(nano, monkeypatch, size):
+    """Above STEM_CHUNK_BYTES per first-stage map the stem runs per group of images, and one image larger than
+    that per band of rows (each band recomputing the rows its convolutions overlap): the same tokens, in order."""
     import importlib
 
     module = importlib.import_module("xcit.models.optimize")
     model = optimize(nano)
-    x = torch.randn(5, 3, 64, 48)
+    stem = model.patch_embed
+    x = torch.randn(5, 3, *size)
     with torch.no_grad():
-        whole = model.patch_embed(x)
-        per_image = model.patch_embed.weight0.shape[0] * 32 * 24 * 4  # first stage: half the input size, fp32
-        for limit, groups in ((per_image * 5, 1), (per_image * 2, 3), (per_image, 5), (1, 5)):
+        whole = stem(x)
+        rows = whole[1]
+        per_image = stem.weight0.shape[0] * -(-size[0] // 2) * -(-size[1] // 2) * 4  # fp32 first-stage map
+        for limit, split in ((per_image * 5, (1, 1)), (per_image * 2, (3, 1)), (per_image, (5, 1)),
+                             (per_image // 2, (5, 2)), (per_image // 3 + 1, (5, 3)), (1, (5, rows))):
             monkeypatch.setattr(module, "STEM_CHUNK_BYTES", limit)
-            assert model.patch_embed._chunks(x) == groups
-            tokens, hp, wp = model.patch_embed(x)
+            assert stem._split(x) == split
+            tokens, hp, wp = stem(x)
             assert (hp, wp) == whole[1:] and tokens.shape == whole[0].shape
-            assert _max_diff(tokens, whole[0]) <= 1e-6, limit
+            assert _max_diff(tokens, whole[0]) <= 1e-5, (limit, split)
         assert _max_diff(model(x), nano(x)) <= 1e-4
+        monkeypatch.setattr(module, "STEM_CHUNK_BYTES", 1)
+        bf16 = optimize(nano, dtype=torch.bfloat16)
+        banded = bf16.patch_embed(x[:1])[0]
+        monkeypatch.setattr(module, "STEM_CHUNK_BYTES", 2**62)
+        assert _max_diff(banded, bf16.patch_embed(x[:1])[0]) <= 1e-2
 
 
 def test_optimized_patch8_tokens_norm_and_pyramid():

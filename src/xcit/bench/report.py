@@ -252,7 +252,8 @@ def render(results: dict, plot_path: str | None = None, appendix: list[dict] | N
              f"- CPU: {m['cpu']}, {m['cores']} cores, torch threads {m['threads']}; ISA: {', '.join(m['isa']) or '-'}; "
              + ", ".join(f"{k} {v}" for k, v in m.get("caches", {}).items()),
              f"- Memory: {m.get('memory_gib', '?')} GiB; GPU: {m['gpu'] or 'none (no GPU machine was lent to this run; the suite runs unchanged on one)'}",
-             f"- Software: Python {m['python']}, torch {m['torch']}, timm {m.get('timm', '-')}, BLAS {m['blas']}, "
+             f"- Software: xcit {m.get('xcit', '-')}, Python {m['python']}, torch {m['torch']}, timm {m.get('timm', '-')}, "
+             f"BLAS {m['blas']}, "
              f"oneDNN {'yes' if m['onednn'] else 'no'}; {m['platform']}",
              f"- Load average (1 min) at start {m['load_start'][0]:.1f}, at end {m.get('load_end', [float('nan')])[0]:.1f}: "
              "the machine is shared, so every comparison is interleaved and reported as a paired median.",
@@ -495,7 +496,8 @@ def render_roofline(results: dict, appendix: list[dict] | None = None) -> str:
              + ", ".join(f"{k} {v}" for k, v in m.get("caches", {}).items()),
              f"- Threads: {m['threads']} (torch, OpenVINO, ONNX Runtime); clock: "
              + ("process CPU time, one thread" if results.get("clock") == "cpu" else "wall time (perf_counter)"),
-             f"- Software: Python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in versions.items())
+             f"- Software: xcit {m.get('xcit', '-')}, Python {m['python']}, "
+             + ", ".join(f"{k} {v}" for k, v in versions.items())
              + f"; {m['platform']}",
              f"- Load average (1 min) at start {m['load_start'][0]:.1f}, at end {m.get('load_end', [float('nan')])[0]:.1f}",
              "", "## The table", ""] + roofline_section(results)

@@ -67,11 +67,30 @@ def cpu_identity() -> dict:
                           if f in flags]}
 
 
+def code_version() -> str:
+    """This package's version and, when it runs from a git checkout, the commit (``+changes`` if the work tree
+    differs from it): which code a results file measured."""
+    from .. import __version__
+
+    package = Path(__file__).resolve().parents[1]
+    if package.parent.name != "src":  # an installed copy, not a checkout's src/xcit
+        return __version__
+    root = package.parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    return f"{__version__} (git {commit}{' +changes' if changed else ''})" if commit else __version__
+
+
 def machine_info() -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cores": os.cpu_count(), "platform": platform.platform()}
+    info = {"xcit": code_version(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cores": os.cpu_count(), "platform": platform.platform()}
     try:
         import timm
 

@@ -16,7 +16,9 @@ float64, exact algebra; fp32 results match the plain model to rounding):
   b' = gamma3 (b + t sum(w)); the BN shift does not pass through zero padding, so the missing
   taps' share ``gamma3 t w[i, j]`` is subtracted on the border rows and columns;
 * class attention from the cls query alone (keys and values of the patches never materialised);
-* residual additions and GELUs fused into the products (oneDNN post-ops on CPU, ``dnn``).
+* residual additions and GELUs fused into the products (oneDNN post-ops on CPU, ``dnn``);
+* the stem per group of images in eager execution when its first-stage map is large
+  (:data:`STEM_CHUNK_BYTES`).
 
 Not folded: ``norm3`` (its shift would need border terms before the GELU), the class-attention
 blocks' norms (their norm1 output is also added to the residual) and the final norm.
@@ -150,29 +152,63 @@ class OptimizedPatchEmbed(_InferenceOnly):
         self._check_eval()
         if self.dtype == torch.bfloat16 and x.dtype == torch.float32:
             x = x.to(torch.bfloat16)  # what the first convolution reads anyway; half the bytes to lay out
-        chunks = self._chunks(x)
-        if chunks == 1:
+        groups, bands = self._split(x)
+        if groups == 1 and bands == 1:
             return self._embed(x)
-        parts = [self._embed(part) for part in x.tensor_split(chunks)]
-        return torch.cat([tokens for tokens, _, _ in parts]), parts[0][1], parts[0][2]
+        parts = [self._embed(part, bands) for part in x.tensor_split(groups)]
+        tokens = parts[0][0] if groups == 1 else torch.cat([tokens for tokens, _, _ in parts])
+        return tokens, parts[0][1], parts[0][2]
 
-    def _chunks(self, x: torch.Tensor) -> int:
-        """How many groups of images the stem runs in, eagerly: each group's first-stage map within
-        :data:`STEM_CHUNK_BYTES` (one group under graph capture, where the batch may be symbolic)."""
+    def _split(self, x: torch.Tensor) -> tuple[int, int]:
+        """(groups of images, bands of rows per image) the stem runs in, eagerly: each piece's first-stage
+        map within :data:`STEM_CHUNK_BYTES`; rows are split only when one image's map is larger. One piece
+        under graph capture, where sizes may be symbolic."""
         if K.graph_capture() or x.dim() != 4:
-            return 1
+            return 1, 1
+        batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
         weight = self.weight0
-        per_image = weight.shape[0] * -(-x.shape[-2] // 2) * -(-x.shape[-1] // 2) * weight.element_size()
-        return max(1, min(x.shape[0], -(-per_image * x.shape[0] // STEM_CHUNK_BYTES)))
+        per_image = weight.shape[0] * -(-height // 2) * -(-width // 2) * weight.element_size()
+        if per_image <= STEM_CHUNK_BYTES:
+            return max(1, min(batch, -(-per_image * batch // STEM_CHUNK_BYTES))), 1
+        out_rows = height
+        for _ in range(self.num_stages):
+            out_rows = -(-out_rows // 2)
+        return batch, max(1, min(out_rows, -(-per_image // STEM_CHUNK_BYTES)))
 
-    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    def _embed(self, x: torch.Tensor, bands: int = 1) -> tuple[torch.Tensor, int, int]:
+        """Tokens of images ``x``; with ``bands`` > 1 (one image) band by band of output rows."""
         x = x.contiguous(memory_format=torch.channels_last)
         with self._precision(x):
-            for i in range(self.num_stages):
-                x = K.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), 2, 1, 1,
-                             gelu=i < self.num_stages - 1, dnn=self.dnn)
-        hp, wp = x.shape[-2], x.shape[-1]
-        return map_to_tokens(x), hp, wp
+            if bands == 1:
+                x = self._stages(x, [(0, 0)] * (self.num_stages + 1))
+                return map_to_tokens(x), x.shape[-2], x.shape[-1]
+            heights, width = [x.shape[-2]], x.shape[-1]
+            for _ in range(self.num_stages):
+                heights.append(-(-heights[-1] // 2))
+                width = -(-width // 2)
+            pieces = []
+            for band in torch.arange(heights[-1]).tensor_split(bands):
+                needed = [(int(band[0]), int(band[-1]) + 1)]  # rows [a, b) of each stage's output, last stage first
+                for height in reversed(heights[:-1]):
+                    a, b = needed[-1]
+                    needed.append((max(0, 2 * a - 2), min(height, 2 * b)))
+                needed.reverse()
+                lo, hi = needed[0]
+                pieces.append(map_to_tokens(self._stages(x[:, :, lo:hi], needed)))
+        return torch.cat(pieces, dim=1), heights[-1], width
+
+    def _stages(self, x: torch.Tensor, needed: list[tuple[int, int]]) -> torch.Tensor:
+        """The stem's convolutions (stride 2, zero padding 1) on input rows ``needed[0]`` = [lo, hi), keeping
+        output rows ``needed[i + 1]`` of stage i. Output row j of a band starting at an even row lo is row
+        lo / 2 + j of the whole map; a band that starts below the top (lo > 0) also makes row lo / 2, which
+        read the zero padding above the band and is dropped. ``(0, 0)`` everywhere: the whole map."""
+        for i in range(self.num_stages):
+            x = K.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), 2, 1, 1,
+                         gelu=i < self.num_stages - 1, dnn=self.dnn)
+            (lo, _), (a, b) = needed[i], needed[i + 1]
+            if b:
+                x = x[:, :, a - lo // 2: b - lo // 2]
+        return x
 
 
 class OptimizedXCABlock(_InferenceOnly):
