@@ -33,7 +33,6 @@ import contextlib
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels as K
