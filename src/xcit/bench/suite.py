@@ -51,6 +51,7 @@ PRESETS = {
     "roofline": dict(kind="roofline", sizes=[1024], repeats=5, compile=True, train=True, batch=16, plot=False),
 }
 LARGE_TOKENS = 8192  # configurations with more tokens than this use ``large_repeats``
+ROOFLINE_PEAK_REPEATS = 9  # calls per matmul peak in the roofline preset (the median of them is the peak)
 
 
 @dataclass
@@ -254,7 +255,9 @@ class Bench:
         self.log(f"machine: {m['cpu']} ({m['cpu_id']}; {', '.join(m['cpu_flags']) or 'no avx512 / amx flags'}), "
                  f"{threads} threads")
         self.log("matmul peaks, n = 2048")
-        self.results["peak"] = measure_peaks(repeats=max(3, self.repeats), sizes=(2048,), clock=self.clock)
+        # a median of three calls once let one slow moment set the int8 peak 15 % low; nine take about 4 s
+        self.results["peak"] = measure_peaks(repeats=max(ROOFLINE_PEAK_REPEATS, self.repeats), sizes=(2048,),
+                                             clock=self.clock)
         self.log(f"  {json.dumps({k: round(v, 1) for k, v in self.results['peak']['gflops'].items()})}")
         roof = self.results["roofline"] = {"rows": {}, "calibration": {}, "exports": {}, "versions": _versions(),
                                            "notes": []}
