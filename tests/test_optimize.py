@@ -59,6 +59,7 @@ def test_stem_in_groups_and_bands_equals_one_call(nano, monkeypatch, size):
             assert (hp, wp) == whole[1:] and tokens.shape == whole[0].shape
             assert _max_diff(tokens, whole[0]) <= 1e-5, (limit, split)
         assert _max_diff(model(x), nano(x)) <= 1e-4
+        assert stem._split(x[:0]) == (1, 1) and stem(x[:0])[0].shape == (0, *whole[0].shape[1:])
         monkeypatch.setattr(module, "STEM_CHUNK_BYTES", 1)
         bf16 = optimize(nano, dtype=torch.bfloat16)
         banded = bf16.patch_embed(x[:1])[0]

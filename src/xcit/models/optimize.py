@@ -162,7 +162,7 @@ class OptimizedPatchEmbed(_InferenceOnly):
         """(groups of images, bands of rows per image) the stem runs in, eagerly: each piece's first-stage
         map within :data:`STEM_CHUNK_BYTES`; rows are split only when one image's map is larger. One piece
         under graph capture, where sizes may be symbolic."""
-        if K.graph_capture() or x.dim() != 4:
+        if K.graph_capture() or x.dim() != 4 or x.shape[0] == 0:
             return 1, 1
         batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
         weight = self.weight0
