@@ -47,7 +47,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 #: allocations above its mmap ceiling (32 MiB on 64-bit Linux) with fresh pages and returns them when
 #: freed, so a larger map is faulted in page by page on every call (38.5 MB in fp32 at 224 px batch 16:
 #: 9.4 thousand faults, a third of the first convolution's time); the stem runs per group of images
-#: instead, which is exact (every image is convolved on its own).
+#: instead, or one image per band of rows, which is exact (every output row is convolved on its own).
 STEM_CHUNK_BYTES = 32 * 2**20
 
 
@@ -169,43 +169,45 @@ class OptimizedPatchEmbed(_InferenceOnly):
         per_image = weight.shape[0] * -(-height // 2) * -(-width // 2) * weight.element_size()
         if per_image <= STEM_CHUNK_BYTES:
             return max(1, min(batch, -(-per_image * batch // STEM_CHUNK_BYTES))), 1
-        out_rows = height
+        return batch, max(1, min(self._sizes(height)[-1], -(-per_image // STEM_CHUNK_BYTES)))
+
+    def _sizes(self, n: int) -> list[int]:
+        """A side of ``n`` pixels after each stride-2 stage of the stem: [n, ceil(n / 2), ...]."""
+        sizes = [n]
         for _ in range(self.num_stages):
-            out_rows = -(-out_rows // 2)
-        return batch, max(1, min(out_rows, -(-per_image // STEM_CHUNK_BYTES)))
+            sizes.append(-(-sizes[-1] // 2))
+        return sizes
 
     def _embed(self, x: torch.Tensor, bands: int = 1) -> tuple[torch.Tensor, int, int]:
         """Tokens of images ``x``; with ``bands`` > 1 (one image) band by band of output rows."""
         x = x.contiguous(memory_format=torch.channels_last)
         with self._precision(x):
             if bands == 1:
-                x = self._stages(x, [(0, 0)] * (self.num_stages + 1))
+                x = self._stages(x)
                 return map_to_tokens(x), x.shape[-2], x.shape[-1]
-            heights, width = [x.shape[-2]], x.shape[-1]
-            for _ in range(self.num_stages):
-                heights.append(-(-heights[-1] // 2))
-                width = -(-width // 2)
+            heights = self._sizes(x.shape[-2])
+            rows = heights[-1]
             pieces = []
-            for band in torch.arange(heights[-1]).tensor_split(bands):
-                needed = [(int(band[0]), int(band[-1]) + 1)]  # rows [a, b) of each stage's output, last stage first
+            for i in range(bands):
+                needed = [(i * rows // bands, (i + 1) * rows // bands)]  # rows [a, b) of each stage, last stage first
                 for height in reversed(heights[:-1]):
                     a, b = needed[-1]
                     needed.append((max(0, 2 * a - 2), min(height, 2 * b)))
                 needed.reverse()
                 lo, hi = needed[0]
                 pieces.append(map_to_tokens(self._stages(x[:, :, lo:hi], needed)))
-        return torch.cat(pieces, dim=1), heights[-1], width
+        return torch.cat(pieces, dim=1), rows, self._sizes(x.shape[-1])[-1]
 
-    def _stages(self, x: torch.Tensor, needed: list[tuple[int, int]]) -> torch.Tensor:
+    def _stages(self, x: torch.Tensor, needed: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """The stem's convolutions (stride 2, zero padding 1) on input rows ``needed[0]`` = [lo, hi), keeping
         output rows ``needed[i + 1]`` of stage i. Output row j of a band starting at an even row lo is row
         lo / 2 + j of the whole map; a band that starts below the top (lo > 0) also makes row lo / 2, which
-        read the zero padding above the band and is dropped. ``(0, 0)`` everywhere: the whole map."""
+        read the zero padding above the band and is dropped. ``None``: the whole map."""
         for i in range(self.num_stages):
             x = K.conv2d(x, getattr(self, f"weight{i}"), getattr(self, f"bias{i}"), 2, 1, 1,
                          gelu=i < self.num_stages - 1, dnn=self.dnn)
-            (lo, _), (a, b) = needed[i], needed[i + 1]
-            if b:
+            if needed is not None:
+                (lo, _), (a, b) = needed[i], needed[i + 1]
                 x = x[:, :, a - lo // 2: b - lo // 2]
         return x
 
