@@ -98,6 +98,13 @@ def test_roofline_report_has_the_table_the_machine_and_the_command(roofline_resu
     assert table[2].endswith(f"| {2 * 4.6e9 * 16 / 1.65 / 1e9 / 108:.0%} | {2 * 4.6e9 * 16 / 1.69 / 1e9 / 108:.0%} | "
                              f"1.32 s ({2 * 4.6e9 * 16 / 1.32 / 1e9 / 108:.0%}) |")
     assert next(line for line in table if "int8" in line).endswith("| - |")  # no ceiling recorded: none shown
+    # fp32 shares of torch.mm's own peak (lower than oneDNN's here) ride beside the stricter share, in brackets
+    fp32 = roofline_results["roofline"]["rows"]["infer_224_b16_fp32"]["contenders"]
+    for c in fp32.values():
+        c["share_of_mm_peak"] = c["gflops_per_s"] / 97.0
+    line = report.roofline_table(roofline_results)[2]
+    assert f"| {2 * 4.6e9 * 16 / 1.65 / 1e9 / 108:.0%} ({2 * 4.6e9 * 16 / 1.65 / 1e9 / 97:.0%} of torch.mm) |" in line
+    assert "of torch.mm" not in report.roofline_table(roofline_results)[3]  # bf16: one peak, one share
     roofline_results["roofline"]["rows"]["train_224_b16_bf16"]["this_products"] = {"error": "RuntimeError: profiler"}
     assert report.roofline_table(roofline_results)[-1].endswith("| - |")  # a failed profile: none shown either
 

@@ -62,6 +62,20 @@ def test_onnx_parity_at_three_sizes(tmp_path):
     assert max(r["max_abs_diff"] for r in rows) < ATOL, rows
 
 
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_xca_attention_times_values_is_one_einsum_node(tmp_path, exporter):
+    """Each XCA block's attn @ v is exported as an ONNX Einsum (NNCF leaves it in float; as a MatMul on the
+    transposed v, OpenVINO's int8 graph transposed int8 data slowly), while PyTorch keeps the matmul."""
+    model = _model()
+    path = ex.export_onnx(model, tmp_path / "m.onnx", example_size=(28, 28), exporter=exporter)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Einsum") == len(model.blocks), ops
+    assert max(r["max_abs_diff"] for r in ex.check_onnx(model, path, SIZES[:2])) < ATOL
+    traced = torch.fx.symbolic_trace(model.blocks[0].attn)
+    assert any(n.target is torch.matmul for n in traced.graph.nodes)
+    assert not any(n.target is torch.einsum for n in traced.graph.nodes)
+
+
 def test_prepare_for_export_optimize_gives_the_same_logits():
     model = _model()
     optimized = ex.prepare_for_export(_model(), optimize=True)

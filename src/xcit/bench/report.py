@@ -369,7 +369,11 @@ def _fmt_s(s: float) -> str:
 
 
 def _share(c: dict) -> str:
-    return f"{c['share_of_peak']:.0%}" if "share_of_peak" in c else "-"
+    """The share of the row's peak; fp32 rows add the share of torch.mm's peak where it is the lower one."""
+    if "share_of_peak" not in c:
+        return "-"
+    mm = f" ({c['share_of_mm_peak']:.0%} of torch.mm)" if "share_of_mm_peak" in c else ""
+    return f"{c['share_of_peak']:.0%}{mm}"
 
 
 def roofline_table(results: dict) -> list[str]:
@@ -477,7 +481,9 @@ def roofline_section(results: dict) -> list[str]:
               f"measured in this run: fp32 {peak.get('fp32', float('nan')):.0f} GFLOP/s (torch.mm "
               f"{peak.get('fp32_blas', float('nan')):.0f}, oneDNN {peak.get('fp32_onednn', float('nan')):.0f}), bf16 "
               f"{peak.get('bf16', float('nan')):.0f} GFLOP/s, int8 {peak.get('int8', float('nan')):.0f} GOP/s"
-              + (f" ({results['peak']['int8_error']})" if "int8_error" in results["peak"] else "") + ".",
+              + (f" ({results['peak']['int8_error']})" if "int8_error" in results["peak"] else "") + ". "
+              "Where torch.mm's fp32 peak is the lower one, fp32 shares also give the share of it in brackets "
+              "(the peak defined as single-thread torch.mm at 2048^3 alone, whatever library serves it).",
               "- FLOPs: 2 x the multiply-accumulates of the reference computation (`xcit.models.complexity.count_macs`, "
               "the same count as `torch.utils.flop_counter` on the plain model); training step: 3 x the forward.",
               "- Contenders of a row run in turn in one process (A, B, C, A, B, C, ...); times are medians.", ""]

@@ -204,7 +204,14 @@ class XCA(nn.Module):
         b, n, c = x.shape
         q, k, v = self._qkv(x)
         attn = self.attn_drop(channel_attention(q, k, self.temperature)).to(v.dtype)
-        out = torch.matmul(v, attn.transpose(-2, -1))  # (B, h, N, d): out[n, i] = sum_j attn[i, j] v[n, j]
+        if torch.onnx.is_in_onnx_export():
+            # The same product as one ONNX Einsum node. NNCF leaves it in float; as MatMul(v, attn^T) it quantised
+            # the transposed v, which OpenVINO then transposed as int8 data slowly (0.88-0.92x timm's graph at
+            # 224 px, level with it as an Einsum; benchmarks/RESULTS.md). Elsewhere the matmul: Inductor's int8
+            # graph copies v unfused before an einsum's bmm (2-3 % slower int8).
+            out = torch.einsum("bhnd,bhed->bhne", v, attn)
+        else:
+            out = torch.matmul(v, attn.transpose(-2, -1))  # (B, h, N, d): out[n, i] = sum_j attn[i, j] v[n, j]
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
 
 
