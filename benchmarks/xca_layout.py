@@ -1,6 +1,7 @@
-"""Which XCA layout the runtimes run fastest: our export (token-major q / k / v, (B, h, N, d), what
-`xcit export` writes), the same model traced with XCA channel-major ((B, h, d, N), the official and
-timm's layout; defined here, not in the package) and timm's export, in OpenVINO / OpenVINO + NNCF
+"""Which XCA layout the runtimes run fastest: our export (token-major q / k / v, (B, h, N, d), attn @ v as
+one Einsum node: what `xcit export` writes), the same with attn @ v as a MatMul (what it wrote before), the
+same model traced with XCA channel-major ((B, h, d, N), the official and timm's layout; both defined here, not
+in the package) and timm's export, in OpenVINO / OpenVINO + NNCF
 int8 / ONNX Runtime, interleaved in one process, one thread, process CPU time.
 
     taskset -c 0 .venv/bin/python benchmarks/xca_layout.py 224:int8 1024:fp32 --json benchmarks/xca_layout.json
@@ -35,19 +36,30 @@ def channel_major_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.proj_drop(self.proj(out.reshape(b, n, c)))
 
 
+def matmul_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """XCA as the package computes it, with attn @ v exported as a MatMul on the transposed values."""
+    b, n, c = x.shape
+    q, k, v = self._qkv(x)
+    attn = self.attn_drop(layers.channel_attention(q, k, self.temperature)).to(v.dtype)
+    out = torch.matmul(v, attn.transpose(-2, -1))
+    return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+
 def exports(workdir: Path) -> dict[str, Path]:
     model = build("this", "xcit_small_12_p16").eval()
     paths = {"token-major (ours)": ex.export_onnx(model, workdir / "token_major.onnx", exporter="torchscript")}
     token_major = layers.XCA.forward
-    layers.XCA.forward = channel_major_forward
-    try:
-        x = torch.randn(2, 3, 224, 224)
-        with torch.no_grad():
-            diff = (model(x) - build("this", "xcit_small_12_p16").eval()(x)).abs().max().item()
-        assert diff < 1e-4, f"the channel-major forward differs from the model by {diff}"
-        paths["channel-major"] = ex.export_onnx(model, workdir / "channel_major.onnx", exporter="torchscript")
-    finally:
-        layers.XCA.forward = token_major
+    x = torch.randn(2, 3, 224, 224)
+    for name, forward in (("token-major, MatMul", matmul_forward), ("channel-major", channel_major_forward)):
+        layers.XCA.forward = forward
+        try:
+            with torch.no_grad():
+                diff = (model(x) - build("this", "xcit_small_12_p16").eval()(x)).abs().max().item()
+            assert diff < 1e-4, f"the {name} forward differs from the model by {diff}"
+            paths[name] = ex.export_onnx(model, workdir / f"{name.replace(', ', '_').replace('-', '_')}.onnx",
+                                         exporter="torchscript")
+        finally:
+            layers.XCA.forward = token_major
     paths["timm"] = export_timm_onnx(build("timm", "xcit_small_12_p16").eval(), workdir / "timm.onnx")
     return paths
 
