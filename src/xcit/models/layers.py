@@ -168,6 +168,13 @@ def attention_from_gram(gram: torch.Tensor, q_norms: torch.Tensor, k_norms: torc
     return (gram.to(dtype) * row.unsqueeze(-1) / nk.unsqueeze(-2)).softmax(dim=-1)
 
 
+def _onnx_exporting() -> bool:
+    """Whether ``torch.onnx.export`` is capturing the model (TorchScript, which cannot compile the query, gets False)."""
+    if not torch.jit.is_scripting():
+        return torch.onnx.is_in_onnx_export()
+    return False
+
+
 class XCA(nn.Module):
     """Cross-covariance attention: a d x d softmax attention between channels per head.
 
@@ -204,7 +211,7 @@ class XCA(nn.Module):
         b, n, c = x.shape
         q, k, v = self._qkv(x)
         attn = self.attn_drop(channel_attention(q, k, self.temperature)).to(v.dtype)
-        if torch.onnx.is_in_onnx_export():
+        if _onnx_exporting():
             # The same product as one ONNX Einsum node. NNCF leaves it in float; as MatMul(v, attn^T) it quantised
             # the transposed v, which OpenVINO then transposed as int8 data slowly (0.88-0.92x timm's graph at
             # 224 px, level with it as an Einsum; benchmarks/RESULTS.md). Elsewhere the matmul: Inductor's int8
