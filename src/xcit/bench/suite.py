@@ -357,8 +357,8 @@ class Bench:
             contenders[label] = run
         flops = self.flops("xcit", res, batch) * (3 if workload == "train" else 1)
         peak = self.results["peak"]["gflops"].get(precision)
-        # fp32: the peak is the faster of torch.mm (BLAS) and oneDNN; the share against torch.mm alone (how the
-        # issue that asked for this table defines the peak) is recorded beside it where the two differ
+        # fp32: the peak is the faster of torch.mm (BLAS) and oneDNN; where torch.mm is the slower one, the share of
+        # its peak (a peak defined as torch.mm alone) is recorded beside it
         mm_peak = self.results["peak"]["gflops"].get("fp32_blas") if precision == "fp32" else None
         mm_peak = mm_peak if mm_peak and peak and mm_peak < peak else None
         load0 = os.getloadavg()[0]
