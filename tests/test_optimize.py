@@ -165,6 +165,37 @@ def test_channel_attention_equals_normalised_queries_and_keys():
                                ref, atol=1e-6, rtol=1e-5)
 
 
+def test_bf16_eager_attention_and_lpi_kernels_against_float64():
+    """Eager bf16 routes of the kernels (Gram from rows copied per head, bf16 norms, the LPI addition fused)
+    compute the float64 result to bf16 rounding, and their graph-capture spelling to a few bf16 ulps."""
+    torch.manual_seed(11)
+    b, h, d, n = 3, 4, 8, 37
+    qk = torch.randn(2 * h * d, b * n) + torch.randn(2 * h * d, 1)  # rows with a shared offset, like real queries
+    temperature = torch.rand(h, 1, 1) + 0.5
+    rows = qk.double().view(2, h, d, b, n).permute(0, 3, 1, 4, 2)  # (2, B, h, N, d)
+    ref = channel_attention(rows[0], rows[1], temperature.double())
+    low = qk.bfloat16()
+    gram = K._channel_gram(low, b, h, d, n)
+    norms = K._token_norms(low, b, h, d, n)
+    assert gram.dtype == torch.bfloat16 and all(t.dtype == torch.bfloat16 for t in norms)  # the eager bf16 route
+    attn = K.attention_from_gram(gram, *norms, temperature)
+    assert attn.dtype == torch.float32
+    assert _max_diff(attn, ref) < 2e-2 * ref.abs().max().item()
+    assert _max_diff(attn, ref) > 1e-7  # bf16 really
+    q, k = low.view(2, h, d, b, n).permute(0, 3, 1, 4, 2).unbind(0)
+    assert _max_diff(gram, q.transpose(-2, -1) @ k) <= 2 ** -7 * gram.abs().max().item()  # the product on the views
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 6, 5, 7).bfloat16().contiguous(memory_format=torch.channels_last)
+    w, bias = torch.randn(6, 1, 3, 3).bfloat16(), torch.randn(6).bfloat16()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = K.conv2d_add(x, w, bias, 1, 6, other)
+        unfused = K.conv2d_add(x, w, bias, 1, 6, other, dnn=False)
+    assert fused.dtype == unfused.dtype == torch.bfloat16
+    assert _max_diff(fused, unfused) <= 2 ** -7 * unfused.abs().max().item()
+    exact = other.double() + F.conv2d(x.bfloat16().double(), w.double(), bias.double(), 1, 1, 1, 6)
+    assert _max_diff(fused, exact) <= 2 ** -7 * exact.abs().max().item()
+
+
 def test_xca_matches_the_official_transcription_with_attention_dropout():
     """XCA in training mode, attention dropout on, against a line-by-line official forward (same RNG)."""
     torch.manual_seed(5)

@@ -176,12 +176,15 @@ def conv2d_add(
 ) -> torch.Tensor:
     """``other + F.conv2d(x, ...)`` (stride 1), one fused oneDNN kernel where it applies."""
     channels_last = torch.channels_last
-    if (
-        _dnn_fp32(dnn, x, weight, bias, other) and other.is_contiguous(memory_format=channels_last)
-        and x.is_contiguous(memory_format=channels_last)
-    ):
+    fusable = other.is_contiguous(memory_format=channels_last) and x.is_contiguous(memory_format=channels_last)
+    if fusable and _dnn_fp32(dnn, x, weight, bias, other):
         return torch.ops.mkldnn._convolution_pointwise.binary(
             x, other, weight, bias, [padding, padding], [1, 1], [1, 1], groups, "add", None, None, [], None
+        )
+    if fusable and _dnn_bf16_autocast(dnn, x) and other.dtype == torch.bfloat16:  # autocast's bf16 conv, add fused
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            _bf16(x), other, _bf16(weight), _bf16(bias), [padding, padding], [1, 1], [1, 1], groups, "add", None,
+            None, [], None
         )
     return other + F.conv2d(x, weight, bias, 1, padding, 1, groups)
 
@@ -192,8 +195,11 @@ def plain_layer_norm(x: torch.Tensor, shape: tuple[int, ...], unit: torch.Tensor
 
     ``unit`` / ``zero``: ones and zeros of the normalised ``shape``. The values are those of
     ``F.layer_norm(x, shape, None, None, eps)`` bit for bit, but PyTorch's CPU kernel without a
-    weight and bias runs 3-4x slower than with them (measured at (16, 196, 384), fp32 and autocast).
+    weight and bias runs 3-4x slower than with them on float32 input (measured at (16, 196, 384),
+    fp32 and autocast). On bf16 input it is the other way round (0.50 vs 0.52-0.58 ms).
     """
+    if x.dtype == torch.bfloat16:
+        return F.layer_norm(x, shape, None, None, eps)
     if unit.dtype != x.dtype and not autocast_enabled(x.device.type):
         unit, zero = unit.to(x.dtype), zero.to(x.dtype)
     return F.layer_norm(x, shape, unit, zero, eps)
@@ -244,10 +250,7 @@ def xca(
     if b_qkv is not None:
         bias = b_qkv[: 2 * c, None].to(qk.dtype)
         qk = qk + bias if graph_capture() else qk.add_(bias)
-    # token-axis norms along the contiguous rows, (2, C, B) -> (2, B, h, d)
-    norms = torch.linalg.vector_norm(qk.view(2, c, b, n), dim=-1, dtype=torch.promote_types(qk.dtype, torch.float32))
-    norms = norms.view(2, h, d, b).permute(0, 3, 1, 2)
-    attn = attention_from_gram(_channel_gram(qk, b, h, d, n), norms[0], norms[1], temperature)  # (B, h, d, d)
+    attn = attention_from_gram(_channel_gram(qk, b, h, d, n), *_token_norms(qk, b, h, d, n), temperature)  # (B, h, d, d)
     w_v = w_qkv[2 * c:]
     b_v = b_qkv[2 * c:] if b_qkv is not None else None
     if fold_choice(fold, n, c):
@@ -260,17 +263,39 @@ def xca(
     return linear_add(out, w_proj, b_proj, residual, dnn=dnn, packed=packed)
 
 
+def _eager_bf16(qk: torch.Tensor) -> bool:
+    return qk.dtype == torch.bfloat16 and not graph_capture()
+
+
+def _token_norms(qk: torch.Tensor, b: int, h: int, d: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token-axis norms of queries and keys, (B, h, d) each, from channel-major rows (2C, B*N).
+
+    At least float32, except eager bf16: there the reduction accumulates in float32 and rounds the
+    norm once to bf16 (as ``F.normalize`` in the official code does under autocast), since a float32
+    result would first copy all of ``qk`` into float32 (3.5x the reduction's time at 224 px batch 16).
+    """
+    dtype = qk.dtype if _eager_bf16(qk) else torch.promote_types(qk.dtype, torch.float32)
+    norms = torch.linalg.vector_norm(qk.view(2, h, d, b, n), dim=-1, dtype=dtype)  # along the contiguous rows
+    q_norms, k_norms = norms.permute(0, 3, 1, 2).unbind(0)
+    return q_norms, k_norms
+
+
 def _channel_gram(qk: torch.Tensor, b: int, h: int, d: int, n: int) -> torch.Tensor:
     """The per-head Gram matrices q^T k (B, h, d, d) from channel-major queries and keys (2C, B*N).
 
     Eager fp32 on CPU runs one strided batched product per head straight from the rows (1.6x faster
     than one product on the permuted view, which copies it first; 1.02x the whole model at 224 px
-    batch 16, XCiT-S12). bf16 gains nothing that way; it and graph capture take the single product.
+    batch 16, XCiT-S12). Eager bf16 copies the rows once into per-head order (B*h, d, N) and runs one
+    product of row-major operands (1.4x faster than the product on the permuted view, which copies
+    the keys column by column). Graph capture takes the single product.
     """
     rows = qk.view(2, h, d, b, n)
     if qk.dtype == torch.float32 and qk.device.type == "cpu" and not graph_capture():
         return torch.stack([torch.bmm(rows[0, i].transpose(0, 1), rows[1, i].permute(1, 2, 0)) for i in range(h)],
                            dim=1)
+    if _eager_bf16(qk):
+        q, k = rows.permute(0, 3, 1, 2, 4).reshape(2, b * h, d, n).unbind(0)
+        return torch.bmm(q, k.transpose(1, 2)).view(b, h, d, d)
     q, k = rows.permute(0, 3, 1, 4, 2).unbind(0)  # (B, h, N, d) views of the rows
     return torch.matmul(q.transpose(-2, -1), k)
 
