@@ -76,6 +76,29 @@ def test_xca_attention_times_values_is_one_einsum_node(tmp_path, exporter):
     assert not any(n.target is torch.einsum for n in traced.graph.nodes)
 
 
+def test_exported_attention_splits_qkv_and_projects_the_cls_query_alone(monkeypatch):
+    """Under ONNX export, XCA unbinds q, k, v (one Split, not a Slice OpenVINO runs on its reference kernel) and
+    class attention projects the cls token's query alone: the same values. A hooked or replaced qkv still runs
+    as a module (its hook fires)."""
+    from xcit.models import layers
+
+    model = _model()
+    block, cls_attn = model.blocks[0], model.cls_attn_blocks[0].attn
+    x = torch.randn(2, 17, model.embed_dim)
+    with torch.no_grad():
+        ref_block, ref_cls = block(x[:, 1:], 4, 4), cls_attn(x)
+        monkeypatch.setattr(layers, "_onnx_exporting", lambda: True)
+        calls = []
+        run = torch.nn.Linear.forward
+        monkeypatch.setattr(cls_attn.qkv, "forward", lambda t: calls.append(1) or run(cls_attn.qkv, t))
+        torch.testing.assert_close(block(x[:, 1:], 4, 4), ref_block, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(cls_attn(x), ref_cls, atol=1e-6, rtol=1e-5)
+        assert calls == []  # the weights' rows, not the module over every token
+        cls_attn.qkv.register_forward_hook(lambda m, i, o: calls.append(2))
+        torch.testing.assert_close(cls_attn(x), ref_cls, atol=1e-6, rtol=1e-5)
+        assert calls == [1, 2]
+
+
 def test_prepare_for_export_optimize_gives_the_same_logits():
     model = _model()
     optimized = ex.prepare_for_export(_model(), optimize=True)

@@ -250,7 +250,8 @@ def xca(
     if b_qkv is not None:
         bias = b_qkv[: 2 * c, None].to(qk.dtype)
         qk = qk + bias if graph_capture() else qk.add_(bias)
-    attn = attention_from_gram(_channel_gram(qk, b, h, d, n), *_token_norms(qk, b, h, d, n), temperature)  # (B, h, d, d)
+    gram = _channel_gram(qk, b, h, d, n)
+    attn = attention_from_gram(gram, *_token_norms(qk, b, h, d, n), temperature)  # (B, h, d, d)
     w_v = w_qkv[2 * c:]
     b_v = b_qkv[2 * c:] if b_qkv is not None else None
     if fold_choice(fold, n, c):

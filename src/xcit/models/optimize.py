@@ -56,7 +56,8 @@ class _InferenceOnly(nn.Module):
 
     ``dtype`` is what the products run in. bf16 stores the product weights in bf16 (pre-packed for
     oneDNN on first eager use) and runs the block under bf16 autocast whether or not the caller
-    asked for it: norms and softmax compute in float32; the tokens between the XCA blocks are bf16 (the
+    asked for it: norms and softmax accumulate in float32 (XCA's token-axis norms are then rounded to bf16,
+    as ``F.normalize`` does under autocast); the tokens between the XCA blocks are bf16 (the
     stem writes them in bf16), the class-attention blocks and the logits float32.
     """
 
@@ -345,7 +346,7 @@ def optimize(model: nn.Module, *, fold: str = "auto", dnn: bool = True, dtype: t
         dtype: what the products run in. ``torch.float32`` (default; bf16 autocast around the call
             still works); ``torch.bfloat16``: the weights of the products stored in bf16 and, in
             eager CPU execution, pre-packed for oneDNN; the blocks run under bf16 autocast without
-            the caller setting it (float32 in and out; norms and softmax in float32, the patch tokens
+            the caller setting it (float32 in and out; norms and softmax accumulated in float32, the patch tokens
             between the XCA blocks in bf16).
             The fastest CPU path where the CPU has bf16 instructions (AVX512-BF16, AMX).
 
